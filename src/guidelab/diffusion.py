@@ -1,0 +1,108 @@
+"""Gaussian diffusion: noise schedules, the forward process q(x_t | x_0), the eps loss and the posterior.
+
+Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", DDPM): beta_t, alpha_t = 1 - beta_t,
+abar_t = prod_{s<=t} alpha_s. Index t runs over 0..T-1 (the paper's 1..T). A respaced process (Nichol & Dhariwal
+2021, "Improved DDPM", Sec. 4) keeps a subsequence of the original timesteps; `model_t` maps its indices back to the
+original timesteps the networks were trained on.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from guidelab.errors import GuidelabError
+
+SCHEDULES = ("linear", "cosine")
+
+
+def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Linear schedule of Ho et al. 2020, Sec. 4 (beta_1 = 1e-4 .. beta_T = 0.02 at T = 1000), scaled with T as in
+    Nichol & Dhariwal 2021 so that other T keep the same total noise."""
+    scale = 1000 / num_steps
+    return torch.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=torch.float64)
+
+
+def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule of Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2),
+    beta_t = 1 - abar_t / abar_{t-1}, clipped at 0.999 (their Sec. 3.2)."""
+    steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    abar = f / f[0]
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def make_betas(schedule: str, num_steps: int) -> torch.Tensor:
+    if schedule == "linear":
+        return linear_betas(num_steps)
+    if schedule == "cosine":
+        return cosine_betas(num_steps)
+    raise GuidelabError(f"unknown noise schedule {schedule!r}; use diffusion=linear or diffusion=cosine")
+
+
+def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a[t] as a float32 tensor on x's device, shaped to broadcast over x's (B, C, H, W)."""
+    return a.to(x.device)[t.to(x.device)].to(torch.float32).view(-1, *([1] * (x.dim() - 1)))
+
+
+class Diffusion:
+    """A discrete Gaussian diffusion process with T steps (buffers in float64 on the CPU, gathered per batch)."""
+
+    def __init__(self, betas: torch.Tensor, model_t: torch.Tensor | None = None):
+        self.betas = betas.to(torch.float64)
+        self.num_steps = len(betas)
+        self.alphas = 1 - self.betas
+        self.abar = torch.cumprod(self.alphas, 0)
+        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        # Ho et al. 2020, Eq. 7: variance and mean coefficients of q(x_{t-1} | x_t, x_0).
+        self.posterior_var = self.betas * (1 - self.abar_prev) / (1 - self.abar)
+        self.posterior_coef_x0 = self.betas * self.abar_prev.sqrt() / (1 - self.abar)
+        self.posterior_coef_xt = (1 - self.abar_prev) * self.alphas.sqrt() / (1 - self.abar)
+        # the timestep the networks see for each index of this (possibly respaced) process
+        self.model_t = torch.arange(self.num_steps) if model_t is None else model_t
+
+    @classmethod
+    def from_config(cls, cfg) -> "Diffusion":
+        """Build from a `diffusion` config group: {schedule, num_steps}."""
+        if int(cfg["num_steps"]) < 2:
+            raise GuidelabError(f"diffusion.num_steps must be at least 2, got {cfg['num_steps']}")
+        return cls(make_betas(cfg["schedule"], int(cfg["num_steps"])))
+
+    def respace(self, steps: int | None) -> "Diffusion":
+        """Keep `steps` evenly spaced timesteps (first and last included) and recompute betas so that abar is unchanged
+        on them: beta_i = 1 - abar_{S_i} / abar_{S_{i-1}} (Nichol & Dhariwal 2021, Sec. 4). None or T: unchanged."""
+        if steps is None or steps == self.num_steps:
+            return self
+        if not 1 <= steps <= self.num_steps:
+            raise GuidelabError(f"sampler.steps must be in [1, {self.num_steps}], got {steps}")
+        keep = torch.linspace(0, self.num_steps - 1, steps).round().long().unique()
+        abar = self.abar[keep]
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        return Diffusion(1 - abar / abar_prev, model_t=self.model_t[keep])
+
+    # forward process
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, Eq. 4)."""
+        return _gather(self.abar.sqrt(), t, x0) * x0 + _gather((1 - self.abar).sqrt(), t, x0) * noise
+
+    def eps_loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """L_simple = E_{t, eps} || eps - eps_theta(x_t, t, y) ||^2 with t uniform (Ho et al. 2020, Eq. 14)."""
+        t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        eps = model(self.q_sample(x0, t, noise), t, y)
+        return F.mse_loss(eps.float(), noise.float())
+
+    # reverse process
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Ho et al. 2020, Eq. 4 solved for x_0)."""
+        return (x_t - _gather((1 - self.abar).sqrt(), t, x_t) * eps) / _gather(self.abar.sqrt(), t, x_t)
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The inverse of `predict_x0`: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+        return (x_t - _gather(self.abar.sqrt(), t, x_t) * x0) / _gather((1 - self.abar).sqrt(), t, x_t)
+
+    def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, Eqs. 6-7)."""
+        mean = _gather(self.posterior_coef_x0, t, x_t) * x0 + _gather(self.posterior_coef_xt, t, x_t) * x_t
+        return mean, _gather(self.posterior_var, t, x_t)

@@ -1,0 +1,143 @@
+"""What `sample.py` does: load the networks from their checkpoints, build the guidance eps-function, run the sampler
+in batches, and write samples.npz, grid.png and (with an evaluator) metrics.json into the run dir."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from guidelab import checkpoint, sampling
+from guidelab.diffusion import Diffusion
+from guidelab.errors import GuidelabError
+from guidelab.guidance import make_eps_fn
+from guidelab.images import save_class_grid, to_uint8
+from guidelab.models import build_classifier, build_unet
+from guidelab.train import select_device
+
+
+def load_network(path: str, kind: str, device: torch.device):
+    """Rebuild a network from the config embedded in its checkpoint and load its EMA weights (eval mode)."""
+    ckpt = checkpoint.load(path, kind=kind)
+    cfg, info = ckpt["config"], ckpt["config"]["data_info"]
+    build = build_unet if kind == "diffusion" else build_classifier
+    net = build(cfg["model"] if kind == "diffusion" else cfg["classifier"], info["channels"],
+                cfg["dataset"]["image_size"], info["num_classes"])
+    try:
+        net.load_state_dict(ckpt["ema"])
+    except RuntimeError:
+        raise GuidelabError(f"the weights in {path} do not fit the network its own config describes; the checkpoint "
+                            "was written by another version of guidelab or edited; retrain it") from None
+    return net.to(device).eval(), ckpt
+
+
+def sample_grid(unet, diffusion: Diffusion, num_classes: int, path: Path, scale: float, steps: int,
+                device: torch.device, seed: int, per_class: int = 8) -> None:
+    """A quick CFG sample grid (DDIM, one row per class) for monitoring a training run."""
+    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (len(y), unet.in_channels, unet.image_size, unet.image_size)
+    noise = torch.randn(shape, device=device, generator=gen)
+    x = sampling.ddim(make_eps_fn("cfg", unet, y, scale), diffusion, noise, steps=steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_class_grid(to_uint8(x), y.cpu().numpy(), num_classes, path, per_row=per_class)
+
+
+def requested_labels(labels, num_samples: int, num_classes: int) -> torch.Tensor:
+    """`labels=null`: all classes, evenly (sample i gets class i % K); otherwise the listed classes in turn."""
+    classes = list(range(num_classes)) if labels is None else [labels] if isinstance(labels, int) else list(labels)
+    for c in classes:
+        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < num_classes:
+            raise GuidelabError(f"labels must be class indices in [0, {num_classes}); got {c!r}; "
+                                f"e.g. labels=[0,3] or labels=null for all classes")
+    return torch.tensor(classes, dtype=torch.long).repeat(num_samples // len(classes) + 1)[:num_samples]
+
+
+def validate(cfg) -> None:
+    """Range checks of the sampling options, before any network is loaded."""
+    def number(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GuidelabError(f"{key} must be a number, got {value!r}; e.g. {key}=3.0")
+        return value
+
+    if number("scale", cfg.scale) < 0:
+        raise GuidelabError(f"scale must be >= 0, got {cfg.scale}; 0 = unconditional, 1 = conditional, >1 = guided")
+    if cfg.guidance.name == "cfg_cg" and number("guidance.classifier_scale", cfg.guidance.classifier_scale) < 0:
+        raise GuidelabError(f"guidance.classifier_scale must be >= 0, got {cfg.guidance.classifier_scale}")
+    for key in ("num_samples", "batch_size"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise GuidelabError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    steps = cfg.sampler.steps
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise GuidelabError(f"sampler.steps must be a positive integer or null (all steps), got {steps!r}")
+    if not 0 <= number("sampler.eta", cfg.sampler.eta) <= 1:
+        raise GuidelabError(f"sampler.eta must be in [0, 1], got {cfg.sampler.eta}; 0 = deterministic DDIM")
+    if cfg.guidance.name in ("cg", "cfg_cg") and not cfg.classifier_ckpt:
+        raise GuidelabError(f"guidance={cfg.guidance.name} needs classifier_ckpt=PATH to a noisy classifier; train one "
+                            "with `python train_classifier.py dataset=...` (its run dir holds checkpoints/last.pt)")
+    if not cfg.ckpt:
+        raise GuidelabError("ckpt=PATH is required: the diffusion checkpoint to sample from "
+                            "(RUN_DIR/checkpoints/last.pt of `python train_diffusion.py`)")
+
+
+def generate(cfg, run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    validate(cfg)
+    device = select_device(cfg.device)
+    unet, unet_ckpt = load_network(cfg.ckpt, "diffusion", device)
+    train_cfg = unet_ckpt["config"]
+    num_classes = train_cfg["data_info"]["num_classes"]
+    diffusion = Diffusion.from_config(train_cfg["diffusion"])
+    classifier = None
+    if cfg.guidance.name in ("cg", "cfg_cg"):
+        classifier, cls_ckpt = load_network(cfg.classifier_ckpt, "classifier", device)
+        checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", cls_ckpt, "classifier")
+        if not cls_ckpt["config"]["classifier"]["noisy"]:
+            raise GuidelabError(f"{cfg.classifier_ckpt} is a clean-image evaluator, not a noisy classifier; train one "
+                                "with `python train_classifier.py classifier=noisy` for guidance")
+        if cls_ckpt["config"]["diffusion"] != train_cfg["diffusion"]:
+            raise GuidelabError("the classifier was trained on another noise schedule than the diffusion model "
+                                f"({cls_ckpt['config']['diffusion']} vs {train_cfg['diffusion']}); retrain it with "
+                                "the same diffusion= settings")
+    evaluator = None
+    if cfg.evaluator_ckpt:
+        evaluator, ev_ckpt = load_network(cfg.evaluator_ckpt, "classifier", device)
+        checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", ev_ckpt, "evaluator")
+
+    y_all = requested_labels(OmegaConf.to_object(cfg.labels) if cfg.labels is not None else None,
+                             cfg.num_samples, num_classes)
+    g = cfg.guidance
+    images, t0 = [], time.perf_counter()
+    for b, start in enumerate(tqdm(range(0, len(y_all), cfg.batch_size), desc=f"sample {g.name} s={cfg.scale}",
+                                   dynamic_ncols=True, disable=not cfg.progress)):
+        y = y_all[start:start + cfg.batch_size].to(device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)  # each batch its own stream
+        noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
+        eps_fn = make_eps_fn(g.name, unet, y, float(cfg.scale), classifier, g.get("classifier_scale"),
+                             g.get("base", "uncond"))
+        x = sampling.sample(cfg.sampler.name, eps_fn, diffusion, noise, cfg.sampler.steps, cfg.sampler.eta,
+                            cfg.sampler.clip_x0, generator=gen)
+        images.append(to_uint8(x))
+    seconds = time.perf_counter() - t0
+    images_np, labels_np = np.concatenate(images), y_all.numpy().astype(np.int64)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".samples.tmp.npz"
+    np.savez(tmp, images=images_np, labels=labels_np)
+    os.replace(tmp, run_dir / "samples.npz")
+    save_class_grid(images_np, labels_np, num_classes, run_dir / "grid.png")
+    result = {"guidance": g.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1, "sampler": cfg.sampler.name,
+              "steps": cfg.sampler.steps or diffusion.num_steps, "num_samples": len(labels_np), "seconds": seconds}
+    if evaluator is not None:
+        from guidelab.metrics import class_accuracy
+
+        result.update(class_accuracy(evaluator, images_np, labels_np, num_classes, device))
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(labels_np)} samples, {seconds:.1f} s)"
+          + (f"; evaluator accuracy {result['accuracy']:.3f}" if evaluator is not None else ""))
+    return result

@@ -1,0 +1,153 @@
+"""Class-conditional eps-prediction UNet.
+
+Layout of DDPM (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", App. B: the 35.7M-parameter
+CIFAR-10 network); class conditioning and label dropout of classifier-free guidance (Ho & Salimans 2022,
+"Classifier-Free Diffusion Guidance", Alg. 1). The `Encoder` trunk is shared with `NoisyClassifier`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guidelab.models.layers import (
+    AttentionBlock,
+    Downsample,
+    EmbedSequential,
+    ResBlock,
+    TimestepEmbedder,
+    Upsample,
+    group_norm,
+    zero_module,
+)
+
+
+def res_block(
+    in_ch: int, out_ch: int, emb_dim: int, dropout: float, attn: bool, num_heads: int, use_scale_shift_norm: bool
+) -> EmbedSequential:
+    """ResBlock, followed by self-attention when `attn` (DDPM: at the attention resolutions)."""
+    layers = [ResBlock(in_ch, out_ch, emb_dim, dropout, use_scale_shift_norm)]
+    if attn:
+        layers.append(AttentionBlock(out_ch, num_heads))
+    return EmbedSequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Downsampling half of the UNet plus its middle block (ResBlock, attention, ResBlock).
+
+    forward(x, emb) -> (h, skips): h is the middle block's output, skips the activations the decoder
+    concatenates (conv_in's output, every block's output, every downsample's output; DDPM's `hs`).
+    Attributes for building a decoder or a head: `skip_channels` (per skip), `resolutions` (the spatial
+    size at each level for an image_size input), `out_channels` (of h).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        channels: int,
+        channel_mult: tuple,
+        num_res_blocks: int,
+        attn_resolutions: tuple,
+        dropout: float,
+        num_heads: int,
+        emb_dim: int,
+        use_scale_shift_norm: bool,
+    ):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.skip_channels = [channels]
+        self.resolutions = []
+        ch, res = channels, image_size
+        for level, mult in enumerate(channel_mult):
+            self.resolutions.append(res)
+            for _ in range(num_res_blocks):
+                attn = res in attn_resolutions
+                self.blocks.append(res_block(ch, channels * mult, emb_dim, dropout, attn, num_heads, use_scale_shift_norm))
+                ch = channels * mult
+                self.skip_channels.append(ch)
+            if level < len(channel_mult) - 1:
+                self.blocks.append(EmbedSequential(Downsample(ch)))
+                self.skip_channels.append(ch)
+                res = (res + 1) // 2  # stride-2 conv3x3 with padding 1 gives ceil(res / 2)
+        self.mid = EmbedSequential(
+            ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm),
+            AttentionBlock(ch, num_heads),
+            ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm),
+        )
+        self.out_channels = ch
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.blocks:
+            h = block(h, emb)
+            skips.append(h)
+        return self.mid(h, emb), skips
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, y): predicts the noise in x_t given timestep t and class y (y = null_class: none).
+
+    Defaults are the DDPM CIFAR-10 network (35.7M parameters at in_channels=3, image_size=32).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        channels: int = 128,  # base width; DDPM CIFAR-10: 128
+        channel_mult: tuple = (1, 2, 2, 2),  # width multiplier per resolution level (32, 16, 8, 4 on CIFAR)
+        num_res_blocks: int = 2,  # ResBlocks per encoder level (decoder: one more, as in DDPM)
+        attn_resolutions: tuple = (16,),  # spatial sizes that get self-attention after each ResBlock
+        dropout: float = 0.1,  # ResBlock dropout; DDPM CIFAR-10: 0.1
+        num_heads: int = 4,  # attention heads (parameter count does not depend on it)
+        p_uncond: float = 0.1,  # training-time probability of replacing a label by the null label (CFG)
+        use_scale_shift_norm: bool = False,  # ADM AdaGN; False keeps DDPM's additive embedding and 35.7M params
+    ):
+        super().__init__()
+        self.null_class = num_classes
+        self.p_uncond = p_uncond
+        emb_dim = 4 * channels
+        self.time_embed = TimestepEmbedder(channels, emb_dim)
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim)  # last row: the null (unconditional) label
+        self.encoder = Encoder(
+            in_channels, image_size, channels, channel_mult, num_res_blocks, attn_resolutions, dropout, num_heads,
+            emb_dim, use_scale_shift_norm,
+        )  # fmt: skip
+
+        skip_channels = list(self.encoder.skip_channels)
+        ch = self.encoder.out_channels
+        self.up = nn.ModuleList()  # per level, from the lowest resolution up: num_res_blocks + 1 blocks
+        self.upsample = nn.ModuleList()  # between levels
+        for level in reversed(range(len(channel_mult))):
+            attn = self.encoder.resolutions[level] in attn_resolutions
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                in_ch = ch + skip_channels.pop()
+                ch = channels * channel_mult[level]
+                blocks.append(res_block(in_ch, ch, emb_dim, dropout, attn, num_heads, use_scale_shift_norm))
+            self.up.append(blocks)
+            if level > 0:
+                self.upsample.append(Upsample(ch))
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """In training mode, replace each label by null_class with probability p_uncond (Ho & Salimans 2022)."""
+        if not self.training or self.p_uncond <= 0:
+            return y
+        drop = torch.rand(y.shape[0], device=y.device) < self.p_uncond
+        return torch.where(drop, torch.full_like(y, self.null_class), y)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) timesteps (int or float), y (B,) int64 in [0, num_classes] -> eps (B, C, H, W)."""
+        emb = self.time_embed(t) + self.class_embed(self.drop_labels(y))
+        h, skips = self.encoder(x, emb)
+        for level, blocks in enumerate(self.up):
+            for block in blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            if level < len(self.upsample):
+                h = self.upsample[level](h, size=skips[-1].shape[-2:])
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,276 @@
+"""One training loop for both networks: the diffusion UNet (eps loss) and the classifiers (cross-entropy).
+
+AdamW with linear warm-up (then constant or cosine), gradient clipping, EMA weights with warm-up, bf16 autocast on
+CUDA, seeded RNGs, tqdm with loss and images/s, periodic evaluation (sample grids / accuracy), atomic checkpoints
+every N steps and at the end, and `resume=true` from `checkpoints/last.pt` with optimizer, EMA, step, data order
+and RNG state.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from guidelab import checkpoint
+from guidelab.data import ImageData, load_dataset
+from guidelab.diffusion import Diffusion
+from guidelab.errors import GuidelabError
+from guidelab.log import Logger
+from guidelab.models import build_classifier, build_unet
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GuidelabError("device=cuda was asked for but no CUDA device is visible; use device=cpu or device=auto")
+    if name not in ("cpu", "cuda"):
+        raise GuidelabError(f"unknown device {name!r}; use device=auto, device=cpu or device=cuda")
+    return torch.device(name)
+
+
+@dataclass
+class Task:
+    """What differs between the two trainings: the network, its loss and its periodic evaluation."""
+
+    kind: str  # "diffusion" or "classifier": stored in the checkpoint
+    model: torch.nn.Module
+    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]  # (model, x0, y)
+    evaluate: Callable[[torch.nn.Module, int, Path], dict]  # (ema model, step, run dir) -> metrics
+
+
+class EMA:
+    """Exponential moving average of the weights, decay min(decay, (1 + n) / (10 + n)) after n updates: the warm-up
+    of TensorFlow's ExponentialMovingAverage, so short runs are not dominated by the random initialisation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, num_updates: int) -> None:
+        decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        ema_p, p = list(self.model.parameters()), list(model.parameters())
+        torch._foreach_lerp_(ema_p, p, 1 - decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def data_info(data: ImageData) -> dict:
+    return {"num_classes": data.num_classes, "channels": int(data.images.shape[1]), "class_names": list(data.class_names)}
+
+
+def load_data(cfg, split: str) -> ImageData:
+    d = cfg.dataset
+    return load_dataset(d.name, split=split, root=d.root, image_size=d.image_size, download=d.download, seed=cfg.seed)
+
+
+# ---------------------------------------------------------------- tasks
+def diffusion_task(cfg, data: ImageData, device: torch.device) -> Task:
+    """eps_theta(x_t, t, y) trained with L_simple (Ho et al. 2020) and label dropout (Ho & Salimans 2022, Alg. 1)."""
+    info = data_info(data)
+    model = build_unet(cfg.model, info["channels"], cfg.dataset.image_size, info["num_classes"])
+    diffusion = Diffusion.from_config(cfg.diffusion)
+
+    def loss(net, x0, y):
+        return diffusion.eps_loss(net, x0, y), {}
+
+    def evaluate(ema_model, step, run_dir):
+        from guidelab.generate import sample_grid  # the sampler stack, only needed for periodic grids
+
+        path = run_dir / "samples" / f"{step:07d}.png"
+        sample_grid(ema_model, diffusion, info["num_classes"], path, scale=cfg.train.eval_scale,
+                    steps=cfg.train.eval_steps, device=device, seed=cfg.seed)
+        return {"_image": path}
+
+    return Task("diffusion", model, loss, evaluate)
+
+
+def classifier_task(cfg, data: ImageData, device: torch.device) -> Task:
+    """Noisy classifier p_phi(y | x_t, t) on q_sample(x_0, t) with t uniform (Dhariwal & Nichol 2021, Sec. 4.1), or,
+    with classifier.noisy=false, the clean-image evaluator (t = 0 always)."""
+    info = data_info(data)
+    model = build_classifier(cfg.classifier, info["channels"], cfg.dataset.image_size, info["num_classes"])
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    noisy = bool(cfg.classifier.noisy)
+    T = diffusion.num_steps
+    test = load_data(cfg, "test")
+
+    def noised(x0, t):
+        return diffusion.q_sample(x0, t, torch.randn_like(x0)) if noisy else x0
+
+    def loss(net, x0, y):
+        t = torch.randint(0, T, (len(y),), device=x0.device) if noisy else torch.zeros_like(y)
+        logits = net(noised(x0, t), t)
+        correct = (logits.argmax(-1) == y).float()
+        stats = {"acc": correct.mean()}
+        if noisy:  # accuracy per quarter of the time range: 0 = least noise
+            q = (t * 4) // T
+            for i in range(4):
+                stats[f"acc_q{i}"] = correct[q == i].mean() if (q == i).any() else torch.tensor(float("nan"))
+        return F.cross_entropy(logits.float(), y), stats
+
+    @torch.no_grad()
+    def evaluate(ema_model, step, run_dir):
+        gen = torch.Generator(device="cpu").manual_seed(1234)  # the same noise at every evaluation
+        ts = [0] if not noisy else [int((i + 0.5) * T / 4) for i in range(4)]
+        metrics = {}
+        for i, t_val in enumerate(ts):
+            correct = 0
+            for start in range(0, len(test.labels), 500):
+                x0 = test.images[start:start + 500]
+                y = test.labels[start:start + 500].to(device)
+                t = torch.full((len(x0),), t_val, dtype=torch.long)
+                x = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen)) if noisy else x0
+                correct += (ema_model(x.to(device), t.to(device)).argmax(-1) == y).sum().item()
+            metrics["test_acc" if not noisy else f"test_acc_t{t_val}"] = correct / len(test.labels)
+        return metrics
+
+    return Task("classifier", model, loss, evaluate)
+
+
+# ---------------------------------------------------------------- the loop
+def lr_factor(step: int, cfg) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to 0 at `steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Return last.pt to resume from, or None to start fresh; never train over another run's checkpoints."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume:
+        if last.exists():
+            return last
+        print(f"resume=true but {last} does not exist: starting from step 0")
+        return None
+    if any((run_dir / "checkpoints").glob("*.pt")):
+        raise GuidelabError(f"{run_dir} already holds checkpoints of a run; pass resume=true to continue it, "
+                            "or choose another hydra.run.dir")
+    return None
+
+
+def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
+    """Train the diffusion UNet (kind="diffusion") or a classifier (kind="classifier") as `cfg` says."""
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    device = select_device(cfg.device)
+    resume_from = check_run_dir(run_dir, cfg.resume)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg, "train")
+    task = (diffusion_task if kind == "diffusion" else classifier_task)(cfg, data, device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data_info"] = data_info(data)
+
+    model = task.model.to(device)
+    ema = EMA(model, tc.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999),
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
+    images, labels = data.images.to(device), data.labels.to(device)  # small data sets live on the device
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    perm, cursor, step = torch.randperm(len(labels), generator=data_gen), 0, 0
+
+    if resume_from is not None:
+        ckpt = checkpoint.load(resume_from, kind=kind)
+        for section in ("model", "classifier", "diffusion", "dataset"):
+            if section in config and ckpt["config"].get(section) != config[section]:
+                raise GuidelabError(f"resume=true but the {section} config differs from the checkpoint in "
+                                    f"{resume_from}; resume with the same {section} settings or use a new hydra.run.dir")
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, perm, cursor = ckpt["step"], ckpt["data"]["perm"], ckpt["data"]["cursor"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        print(f"resumed from {resume_from} at step {step}")
+
+    logger = Logger(run_dir, cfg.logger, config)
+
+    def save(final_metrics: dict | None = None) -> None:
+        state = {"kind": kind, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                 "data": {"perm": perm, "cursor": cursor},
+                 "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+                 "config": config, "metrics": final_metrics or {}}
+        ckpt_dir = run_dir / "checkpoints"
+        path = ckpt_dir / f"{step:07d}.pt"
+        checkpoint.save_atomic(state, path)
+        tmp = ckpt_dir / ".last.pt.link"
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)  # last.pt is a second name of the newest checkpoint, swapped in atomically
+        os.replace(tmp, ckpt_dir / "last.pt")
+        for old in sorted(ckpt_dir.glob("[0-9]" * 7 + ".pt"))[:-tc.keep_checkpoints]:
+            old.unlink()
+
+    def run_eval() -> dict:
+        metrics = task.evaluate(ema.model, step, run_dir)
+        image = metrics.pop("_image", None)
+        if image is not None:
+            logger.log_image("samples", image, step)
+        if metrics:
+            logger.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
+    model.train()
+    bar = tqdm(total=tc.steps, initial=step, desc=f"train {kind}", dynamic_ncols=True, disable=not tc.progress)
+    t_log, seen = time.perf_counter(), 0
+    while step < tc.steps:
+        if cursor + tc.batch_size > len(perm):  # a new epoch: a fresh permutation
+            perm, cursor = torch.randperm(len(labels), generator=data_gen), 0
+        idx = perm[cursor:cursor + tc.batch_size].to(device)
+        cursor += tc.batch_size
+        x0, y = images[idx], labels[idx]
+        if data.hflip:
+            flip = torch.rand(len(y), device=device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        with autocast:
+            loss, stats = task.loss(model, x0, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        ema.update(model, step)
+        seen += len(y)
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.steps:
+            loss_val = loss.item()  # the only host sync, at log intervals
+            if not math.isfinite(loss_val):
+                raise GuidelabError(f"loss is {loss_val} at step {step}; nothing was saved for it. Lower train.lr "
+                                    "or raise train.warmup_steps, then resume from the last good checkpoint")
+            rate = seen / (time.perf_counter() - t_log)
+            t_log, seen = time.perf_counter(), 0
+            bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}")
+            logger.log({"train/loss": loss_val, "train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0],
+                        "train/img_per_s": rate, **{f"train/{k}": v.item() for k, v in stats.items()}}, step)
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+            run_eval()
+        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+            save()
+    bar.close()
+    final = run_eval() if tc.eval_every else {}
+    save(final)
+    logger.close()
+    print(f"done: {run_dir / 'checkpoints' / 'last.pt'} (step {step})")
+    return final

@@ -45,15 +45,19 @@ def load(path: str | os.PathLike, kind: str | None = None) -> dict:
     if not path.is_file():
         raise GuidelabError(f"checkpoint {path} does not exist; pass the path of a .pt file written by a training run "
                             "(RUN_DIR/checkpoints/last.pt)")
+    corrupt = (f"checkpoint {path} is corrupt or truncated (not a complete torch.save archive); re-copy it or use "
+               "another checkpoint of the run (RUN_DIR/checkpoints/)")
+    if not zipfile.is_zipfile(path):
+        raise GuidelabError(corrupt)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GuidelabError(f"checkpoint {path} was refused: it holds objects that are not plain tensors and "
-                            f"containers ({first[:160]}); only load checkpoints written by guidelab") from None
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        raise GuidelabError(f"checkpoint {path} was refused: it holds pickled objects other than tensors and plain "
+                            f"containers ({reason or 'weights_only load failed'}); load only checkpoints written by "
+                            "guidelab") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise GuidelabError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); re-copy it or use "
-                            "another checkpoint of the run (RUN_DIR/checkpoints/)") from None
+        raise GuidelabError(f"{corrupt[:-1]} ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "kind" not in ckpt:
         raise GuidelabError(f"{path} is not a guidelab checkpoint (no kind/config entries); pass a file written by "
                             "train_diffusion.py or train_classifier.py")

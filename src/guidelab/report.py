@@ -52,14 +52,19 @@ def comparison_figure(runs: list[dict], path: Path) -> None:
         data = np.load(r["dir"] / "samples.npz")
         images, labels = data["images"], data["labels"]
         rows.append(grid([np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_row=1))], pad=1))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(0.5 * rows[0].shape[1] / 20 + 2.2, 0.62 * len(rows) + 0.3))
-    for ax, img, r in zip(np.atleast_1d(axes), rows, runs):
+    h, w = rows[0].shape[:2]
+    fig_w = 8.0
+    label_w = 1.6  # inches of left margin for the row labels
+    fig_h = len(rows) * (fig_w - label_w) * h / w * 1.04 + 0.35
+    fig, axes = plt.subplots(len(rows), 1, figsize=(fig_w, fig_h), squeeze=False)
+    fig.subplots_adjust(left=label_w / fig_w, right=0.99, top=1 - 0.3 / fig_h, bottom=0.01, hspace=0.08)
+    for ax, img, r in zip(axes[:, 0], rows, runs):
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_ylabel(f"{r['guidance']} s={r['scale']:g}\nacc {r['accuracy']:.2f}", rotation=0, ha="right",
-                      va="center", fontsize=8)
-    fig.tight_layout(pad=0.3)
+        ax.set_ylabel(f"{r['guidance']}  s={r['scale']:g}\naccuracy {r['accuracy']:.2f}", rotation=0, ha="right",
+                      va="center", fontsize=9)
+    axes[0, 0].set_title("requested class: one sample each, in class order", fontsize=9)
     fig.savefig(path, dpi=150)
     plt.close(fig)
 

@@ -163,9 +163,33 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+def validate(cfg, kind: str) -> None:
+    """Range checks of the training options, before anything is loaded or written."""
+    tc = cfg.train
+
+    def check(key: str, value, ok: bool, want: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+            raise GuidelabError(f"{key} must be {want}, got {value!r}")
+
+    for key in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+        check(f"train.{key}", tc[key], isinstance(tc[key], int) and tc[key] >= 1, "a positive integer")
+    for key in ("warmup_steps", "eval_every", "ckpt_every"):
+        check(f"train.{key}", tc[key], isinstance(tc[key], int) and tc[key] >= 0, "an integer >= 0")
+    check("train.lr", tc.lr, tc.lr > 0, "a positive number, e.g. train.lr=2e-4")
+    check("train.weight_decay", tc.weight_decay, tc.weight_decay >= 0, "a number >= 0")
+    check("train.grad_clip", tc.grad_clip, tc.grad_clip > 0, "a positive number")
+    check("train.ema_decay", tc.ema_decay, 0 <= tc.ema_decay < 1, "in [0, 1), e.g. train.ema_decay=0.9999")
+    if tc.lr_schedule not in ("constant", "cosine"):
+        raise GuidelabError(f"unknown train.lr_schedule {tc.lr_schedule!r}; use constant or cosine")
+    if kind == "diffusion":
+        p = cfg.model.p_uncond
+        check("model.p_uncond", p, 0 <= p <= 1, "in [0, 1] (the label-dropout rate; 0.1 in Ho & Salimans 2022)")
+
+
 def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
     """Train the diffusion UNet (kind="diffusion") or a classifier (kind="classifier") as `cfg` says."""
     run_dir = Path(run_dir)
+    validate(cfg, kind)
     tc = cfg.train
     device = select_device(cfg.device)
     resume_from = check_run_dir(run_dir, cfg.resume)
@@ -269,7 +293,7 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
             save()
     bar.close()
-    final = run_eval() if tc.eval_every else {}
+    final = run_eval()
     save(final)
     logger.close()
     print(f"done: {run_dir / 'checkpoints' / 'last.pt'} (step {step})")

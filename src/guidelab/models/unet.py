@@ -107,6 +107,7 @@ class UNet(nn.Module):
         use_scale_shift_norm: bool = False,  # ADM AdaGN; False keeps DDPM's additive embedding and 35.7M params
     ):
         super().__init__()
+        self.in_channels, self.image_size = in_channels, image_size  # the shape samplers draw x_T in
         self.null_class = num_classes
         self.p_uncond = p_uncond
         emb_dim = 4 * channels

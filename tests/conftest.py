@@ -1,0 +1,49 @@
+"""Shared helpers: run the real entry points in a subprocess, and hash a directory to prove nothing changed."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def run_script(script: str, *overrides: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """python SCRIPT overrides... in `cwd`, offline wandb, no progress bars; returns the finished process."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `path` (empty if it does not exist)."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Non-zero exit, and the last stderr line is one `error: ...` line holding every fragment."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """The command contract with experiment=smoke: a diffusion UNet, a noisy classifier and an evaluator."""
+    root = tmp_path_factory.mktemp("smoke")
+    runs = {"diffusion": root / "RUN1", "classifier": root / "RUN2", "evaluator": root / "EVAL"}
+    for script, run_dir, extra in [("train_diffusion.py", runs["diffusion"], []),
+                                   ("train_classifier.py", runs["classifier"], []),
+                                   ("train_classifier.py", runs["evaluator"], ["classifier=evaluator"])]:
+        proc = run_script(script, "experiment=smoke", f"hydra.run.dir={run_dir}", *extra, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, **{k: v / "checkpoints" / "last.pt" for k, v in runs.items()}}

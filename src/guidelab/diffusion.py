@@ -54,13 +54,20 @@ class Diffusion:
         self.num_steps = len(betas)
         self.alphas = 1 - self.betas
         self.abar = torch.cumprod(self.alphas, 0)
-        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        self.abar_prev = torch.cat([self.abar.new_ones(1), self.abar[:-1]])
         # Ho et al. 2020, Eq. 7: variance and mean coefficients of q(x_{t-1} | x_t, x_0).
         self.posterior_var = self.betas * (1 - self.abar_prev) / (1 - self.abar)
         self.posterior_coef_x0 = self.betas * self.abar_prev.sqrt() / (1 - self.abar)
         self.posterior_coef_xt = (1 - self.abar_prev) * self.alphas.sqrt() / (1 - self.abar)
         # the timestep the networks see for each index of this (possibly respaced) process
-        self.model_t = torch.arange(self.num_steps) if model_t is None else model_t
+        self.model_t = torch.arange(self.num_steps, device=betas.device) if model_t is None else model_t
+
+    def to(self, device: torch.device | str) -> "Diffusion":
+        """Move the schedule buffers to `device` once, so gathering them in the training step copies nothing."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
 
     @classmethod
     def from_config(cls, cfg) -> "Diffusion":
@@ -76,9 +83,9 @@ class Diffusion:
             return self
         if not 1 <= steps <= self.num_steps:
             raise GuidelabError(f"sampler.steps must be in [1, {self.num_steps}], got {steps}")
-        keep = torch.linspace(0, self.num_steps - 1, steps).round().long().unique()
+        keep = torch.linspace(0, self.num_steps - 1, steps).round().long().unique().to(self.abar.device)
         abar = self.abar[keep]
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         return Diffusion(1 - abar / abar_prev, model_t=self.model_t[keep])
 
     # forward process

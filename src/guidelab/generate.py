@@ -92,7 +92,7 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     unet, unet_ckpt = load_network(cfg.ckpt, "diffusion", device)
     train_cfg = unet_ckpt["config"]
     num_classes = train_cfg["data_info"]["num_classes"]
-    diffusion = Diffusion.from_config(train_cfg["diffusion"])
+    diffusion = Diffusion.from_config(train_cfg["diffusion"]).to(device)
     classifier = None
     if cfg.guidance.name in ("cg", "cfg_cg"):
         classifier, cls_ckpt = load_network(cfg.classifier_ckpt, "classifier", device)
@@ -109,8 +109,8 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
         evaluator, ev_ckpt = load_network(cfg.evaluator_ckpt, "classifier", device)
         checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", ev_ckpt, "evaluator")
 
-    y_all = requested_labels(OmegaConf.to_object(cfg.labels) if cfg.labels is not None else None,
-                             cfg.num_samples, num_classes)
+    labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
+    y_all = requested_labels(labels, cfg.num_samples, num_classes)
     g = cfg.guidance
     images, t0 = [], time.perf_counter()
     for b, start in enumerate(tqdm(range(0, len(y_all), cfg.batch_size), desc=f"sample {g.name} s={cfg.scale}",

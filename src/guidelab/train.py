@@ -79,7 +79,7 @@ def diffusion_task(cfg, data: ImageData, device: torch.device) -> Task:
     """eps_theta(x_t, t, y) trained with L_simple (Ho et al. 2020) and label dropout (Ho & Salimans 2022, Alg. 1)."""
     info = data_info(data)
     model = build_unet(cfg.model, info["channels"], cfg.dataset.image_size, info["num_classes"])
-    diffusion = Diffusion.from_config(cfg.diffusion)
+    diffusion = Diffusion.from_config(cfg.diffusion).to(device)
 
     def loss(net, x0, y):
         return diffusion.eps_loss(net, x0, y), {}
@@ -100,7 +100,7 @@ def classifier_task(cfg, data: ImageData, device: torch.device) -> Task:
     with classifier.noisy=false, the clean-image evaluator (t = 0 always)."""
     info = data_info(data)
     model = build_classifier(cfg.classifier, info["channels"], cfg.dataset.image_size, info["num_classes"])
-    diffusion = Diffusion.from_config(cfg.diffusion)
+    diffusion = Diffusion.from_config(cfg.diffusion).to(device)
     noisy = bool(cfg.classifier.noisy)
     T = diffusion.num_steps
     test = load_data(cfg, "test")
@@ -127,11 +127,11 @@ def classifier_task(cfg, data: ImageData, device: torch.device) -> Task:
         for i, t_val in enumerate(ts):
             correct = 0
             for start in range(0, len(test.labels), 500):
-                x0 = test.images[start:start + 500]
+                x0 = test.images[start:start + 500].to(device)
                 y = test.labels[start:start + 500].to(device)
-                t = torch.full((len(x0),), t_val, dtype=torch.long)
-                x = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen)) if noisy else x0
-                correct += (ema_model(x.to(device), t.to(device)).argmax(-1) == y).sum().item()
+                t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
+                x = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen).to(device)) if noisy else x0
+                correct += (ema_model(x, t).argmax(-1) == y).sum().item()
             metrics["test_acc" if not noisy else f"test_acc_t{t_val}"] = correct / len(test.labels)
         return metrics
 

@@ -10,4 +10,4 @@ from guidelab.generate import generate
 
 if __name__ == "__main__":
     main(Path(__file__).parent / "configs", "sample", generate,
-         groups=("guidance", "sampler", "experiment"), protect="samples")
+         groups=("guidance", "sampler", "logger", "experiment"), protect="samples", aliases={"eval": "eval.enabled"})

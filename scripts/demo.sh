@@ -11,5 +11,5 @@ $PY train_classifier.py experiment=demo classifier=evaluator hydra.run.dir="$OUT
 $PY sample.py -m experiment=demo guidance=cfg,cg scale=0,1,3 \
     ckpt="$OUT/diffusion/checkpoints/last.pt" classifier_ckpt="$OUT/classifier/checkpoints/last.pt" \
     evaluator_ckpt="$OUT/evaluator/checkpoints/last.pt" hydra.sweep.dir="$OUT/samples"
-$PY -m guidelab.report "$OUT/samples"
-echo "demo finished in $(( $(date +%s) - start )) s; figure: $OUT/samples/comparison.png"
+# the sweep's report callback has written comparison.png, results.md / results.csv and the plots
+echo "demo finished in $(( $(date +%s) - start )) s; figure: $OUT/samples/comparison.png, table: $OUT/samples/results.md"

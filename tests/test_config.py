@@ -8,7 +8,7 @@ from conftest import CONFIGS
 GROUPS = {
     "train_diffusion": ["dataset", "model", "diffusion", "logger", "experiment"],
     "train_classifier": ["dataset", "classifier", "diffusion", "logger", "experiment"],
-    "sample": ["guidance", "sampler", "experiment"],
+    "sample": ["guidance", "sampler", "logger", "experiment"],
 }
 CASES = [(script, group, p.stem) for script, groups in GROUPS.items() for group in groups
          for p in sorted((CONFIGS / group).glob("*.yaml"))]

@@ -1,4 +1,5 @@
 """The real entry points, run as a user runs them: the command contract, outputs, sweeps, wandb, resume."""
+import csv
 import json
 import shutil
 import subprocess
@@ -8,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import run_script
+from guidelab.report import COLUMNS
 
 
 def test_command_contract_writes_samples_and_grid(smoke_runs, tmp_path):
@@ -67,18 +69,43 @@ def test_sampling_is_reproducible_for_a_seed(smoke_runs, tmp_path):
     assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
 
 
-def test_multirun_sweep_and_report(smoke_runs, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_script("sample.py", "-m", "experiment=smoke", "guidance=cfg,cg", "scale=0,3",
+def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp_path):
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    proc = run_script("sample.py", "-m", "experiment=smoke", "guidance=cfg,cg", "scale=0,3", "eval=true",
+                      "eval.num_samples=40", "batch_size=40", "metrics.is_splits=2", f"metrics.cache_dir={cache}",
                       f"ckpt={smoke_runs['diffusion']}", f"classifier_ckpt={smoke_runs['classifier']}",
                       f"evaluator_ckpt={smoke_runs['evaluator']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list(sweep.glob("*/metrics.json"))) == 4
+    with open(sweep / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS and len(rows) == 4
+    assert [(r["guidance"], r["s"], r["w"], r["nfe"], r["classifier_nfe"]) for r in rows] == [
+        ("cfg", "0", "-1", "5", "0"), ("cfg", "3", "2", "10", "0"), ("cg", "0", "-1", "5", "0"), ("cg", "3", "2", "5", "5")]
+    for r in rows:
+        assert r["features"] == "evaluator" and r["num_samples"] == "40"
+        for c in ("fid", "is", "precision", "recall", "accuracy", "seconds"):
+            assert float(r[c]) >= 0, (c, r)
+    metrics = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+    assert [m["reference_reused"] for m in metrics] == [False, True, True, True]  # computed once, then cached
+    assert len(list(cache.glob("*.pt"))) == 1
+    for name in ("fid_vs_scale", "is_vs_scale", "fid_vs_is", "precision_vs_recall", "accuracy_vs_scale", "grid_cfg",
+                 "grid_cg", "comparison"):
+        assert Image.open(sweep / f"{name}.png").size[0] > 50, name
+    md = (sweep / "results.md").read_text()
+    assert "evaluator** features" in md and md.count("\n| c") == 4
+    # the report command rebuilds the same table by hand
     report = subprocess.run([sys.executable, "-m", "guidelab.report", str(sweep)], capture_output=True, text=True)
-    assert report.returncode == 0, report.stderr
-    table = (sweep / "accuracy.md").read_text().splitlines()
-    assert len(table) == 2 + 4 and table[2].startswith("| cfg | 0 | -1 |") and table[-1].startswith("| cg | 3 | 2 |")
-    assert Image.open(sweep / "comparison.png").size[0] > 100
+    assert report.returncode == 0 and (sweep / "results.md").read_text() == md, report.stderr
+
+
+def test_sweep_without_evaluator_still_reports_scales(smoke_runs, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_script("sample.py", "-m", "experiment=smoke", "scale=1,2", f"ckpt={smoke_runs['diffusion']}",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(sweep / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["guidance"], r["s"], r["fid"]) for r in rows] == [("cfg", "1", ""), ("cfg", "2", "")]
 
 
 def test_wandb_offline_run_is_written_by_the_real_client(tmp_path):

@@ -45,8 +45,19 @@ def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protec
             fail(f"{run_dir} already holds samples.npz of another sampling run; choose another hydra.run.dir")
 
 
-def main(config_dir: Path, config_name: str, task: Callable, groups: tuple[str, ...], protect: str) -> None:
+def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
+    """`eval=true` -> `eval.enabled=true`: a switch that also has sub-keys (eval.num_samples) stays short to type."""
+    out = []
+    for arg in argv:
+        m = _OVERRIDE.match(arg)
+        out.append(f"{aliases[m.group(1)]}={m.group(2)}" if m and m.group(1) in aliases else arg)
+    return out
+
+
+def main(config_dir: Path, config_name: str, task: Callable, groups: tuple[str, ...], protect: str,
+         aliases: dict[str, str] | None = None) -> None:
     """Run `task(cfg, run_dir)` under Hydra with the primary config `config_name` from `config_dir`."""
+    sys.argv[1:] = expand_aliases(sys.argv[1:], aliases or {})
     preflight(sys.argv[1:], config_dir, groups, protect)
 
     @hydra.main(config_path=str(config_dir.resolve()), config_name=config_name, version_base="1.3")

@@ -17,6 +17,7 @@ from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
 from guidelab.guidance import make_eps_fn
 from guidelab.images import save_class_grid, to_uint8
+from guidelab.metrics import EvaluatorFeatures, class_accuracy, evaluate_samples, extract
 from guidelab.models import build_classifier, build_unet
 from guidelab.train import select_device
 
@@ -105,12 +106,18 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
                                 f"({cls_ckpt['config']['diffusion']} vs {train_cfg['diffusion']}); retrain it with "
                                 "the same diffusion= settings")
     evaluator = None
+    if cfg.eval.enabled and not cfg.evaluator_ckpt:
+        raise GuidelabError("eval=true needs evaluator_ckpt=PATH (accuracy and evaluator features); train one with "
+                            "`python train_classifier.py classifier=evaluator dataset=...`")
     if cfg.evaluator_ckpt:
         evaluator, ev_ckpt = load_network(cfg.evaluator_ckpt, "classifier", device)
         checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", ev_ckpt, "evaluator")
+        if ev_ckpt["config"]["classifier"]["noisy"]:
+            raise GuidelabError(f"{cfg.evaluator_ckpt} is a noisy guidance classifier; judge samples with a clean-image "
+                                "evaluator (`python train_classifier.py classifier=evaluator`) instead")
 
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
-    y_all = requested_labels(labels, cfg.num_samples, num_classes)
+    y_all = requested_labels(labels, cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples, num_classes)
     g = cfg.guidance
     images, t0 = [], time.perf_counter()
     for b, start in enumerate(tqdm(range(0, len(y_all), cfg.batch_size), desc=f"sample {g.name} s={cfg.scale}",
@@ -131,13 +138,29 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     np.savez(tmp, images=images_np, labels=labels_np)
     os.replace(tmp, run_dir / "samples.npz")
     save_class_grid(images_np, labels_np, num_classes, run_dir / "grid.png")
+    steps = diffusion.respace(cfg.sampler.steps).num_steps
     result = {"guidance": g.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1, "sampler": cfg.sampler.name,
-              "steps": cfg.sampler.steps or diffusion.num_steps, "num_samples": len(labels_np), "seconds": seconds}
+              "steps": steps, **network_evaluations(g, float(cfg.scale), steps), "num_samples": len(labels_np),
+              "seconds": seconds, "seconds_per_sample": seconds / len(labels_np), "seed": cfg.seed,
+              "classifier_scale": g.get("classifier_scale"), "base": g.get("base"),
+              "p_uncond": train_cfg["model"].get("p_uncond"), "ckpt": str(cfg.ckpt)}
+    if cfg.eval.enabled:
+        result.update(evaluate_samples(images_np, labels_np, cfg.metrics, train_cfg["dataset"], evaluator,
+                                       cfg.evaluator_ckpt, device))
+    elif evaluator is not None:
+        result.update(class_accuracy(extract(EvaluatorFeatures(evaluator), images_np, device).logits, labels_np))
     if evaluator is not None:
-        from guidelab.metrics import class_accuracy
-
-        result.update(class_accuracy(evaluator, images_np, labels_np, num_classes, device))
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    shown = {k: result[k] for k in ("fid", "is", "precision", "recall", "accuracy") if k in result}
     print(f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(labels_np)} samples, {seconds:.1f} s)"
-          + (f"; evaluator accuracy {result['accuracy']:.3f}" if evaluator is not None else ""))
+          + "".join(f"; {k} {v:.3f}" for k, v in shown.items()))
     return result
+
+
+def network_evaluations(guidance, scale: float, steps: int) -> dict:
+    """Network passes per sample: `nfe` UNet forwards (CFG at s not in {0, 1}: two per step, the doubled batch),
+    `classifier_nfe` classifier forward+backward passes (CG: one per step)."""
+    doubled = guidance.name in ("cfg", "cfg_cg") and scale not in (0.0, 1.0)
+    cls_scale = scale if guidance.name == "cg" else guidance.get("classifier_scale", 0)
+    with_classifier = guidance.name in ("cg", "cfg_cg") and cls_scale != 0
+    return {"nfe": steps * (2 if doubled else 1), "classifier_nfe": steps if with_classifier else 0}

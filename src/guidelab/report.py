@@ -1,87 +1,230 @@
-"""Collect a `sample.py -m` sweep: one row of samples per (guidance, scale) in a comparison figure, and a table of
-the evaluator accuracy.
+"""Collect a `sample.py -m` sweep into tables and figures, in the sweep dir:
 
-    python -m guidelab.report SWEEP_DIR      # -> SWEEP_DIR/comparison.png, SWEEP_DIR/accuracy.md
+  results.csv       one row per job: guidance, s, w, sampler, steps, NFE, FID, IS, precision, recall, accuracy, seconds
+  results.md        the same as a markdown table, naming the feature space of FID / IS / precision / recall
+  plots             fid_vs_scale.png, is_vs_scale.png, fid_vs_is.png, precision_vs_recall.png, accuracy_vs_scale.png
+  grids             grid_<guidance>.png: rows = scales, columns = classes
+  comparison.png    one row of samples per (guidance, scale), one sample per class, labelled with the accuracy
+
+It runs by itself at the end of every `sample.py -m` sweep (a Hydra callback, configured in configs/sample.yaml), and
+by hand:   python -m guidelab.report SWEEP_DIR
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
+from hydra.experimental.callback import Callback
 
 from guidelab.errors import GuidelabError
+from guidelab.images import class_rows, grid, save_png
 
 MODE_ORDER = {"none": 0, "cfg": 1, "cg": 2, "cfg_cg": 3}
+COLUMNS = ["guidance", "base", "p_uncond", "s", "w", "classifier_scale", "sampler", "steps", "nfe", "classifier_nfe", "features",
+           "fid", "is", "precision", "recall", "accuracy", "num_samples", "seconds", "seconds_per_sample", "run"]
+PLOTS = {  # file: (x, y, title)
+    "fid_vs_scale.png": ("s", "fid", "FID vs guidance scale"),
+    "is_vs_scale.png": ("s", "is", "IS vs guidance scale"),
+    "accuracy_vs_scale.png": ("s", "accuracy", "evaluator accuracy vs guidance scale"),
+    "fid_vs_is.png": ("is", "fid", "FID-IS trade-off (Ho & Salimans 2022, Fig. 4)"),
+    "precision_vs_recall.png": ("recall", "precision", "precision vs recall (Dhariwal & Nichol 2021, Table 4)"),
+}
 
 
-def collect(sweep_dir: Path) -> list[dict]:
-    """Every job dir of the sweep that holds samples.npz, with its metrics.json when there is one."""
-    runs = []
-    for npz in sorted(sweep_dir.glob("*/samples.npz")):
-        metrics_path = npz.parent / "metrics.json"
-        if not metrics_path.exists():
-            raise GuidelabError(f"{npz.parent} has samples but no metrics.json; run the sweep with evaluator_ckpt=PATH")
-        runs.append({**json.loads(metrics_path.read_text()), "dir": npz.parent})
-    if not runs:
-        raise GuidelabError(f"no */samples.npz under {sweep_dir}; pass the hydra.sweep.dir of a `sample.py -m` run")
-    return sorted(runs, key=lambda r: (MODE_ORDER.get(r["guidance"], 9), r["scale"]))
+def collect(sweep_dirs: list[Path]) -> list[dict]:
+    """One row per job dir of the sweeps that finished (holds samples.npz); metrics.json adds the measured columns."""
+    rows = []
+    for sweep_dir in sweep_dirs:
+        for npz in sorted(sweep_dir.glob("*/samples.npz")):
+            metrics_path = npz.parent / "metrics.json"
+            m = json.loads(metrics_path.read_text()) if metrics_path.exists() else _from_overrides(npz.parent)
+            run = npz.parent.name if len(sweep_dirs) == 1 else f"{sweep_dir.name}/{npz.parent.name}"
+            rows.append({**{c: None for c in COLUMNS}, **m, "s": m["scale"], "run": run, "dir": npz.parent})
+    if not rows:
+        raise GuidelabError(f"no */samples.npz under {', '.join(map(str, sweep_dirs))}; pass the hydra.sweep.dir "
+                            "of a `sample.py -m` run")
+    return sorted(rows, key=lambda r: (MODE_ORDER.get(r["guidance"], 9), str(r["base"]), str(r["p_uncond"]),
+                                       r["steps"], r["s"]))
 
 
-def table(runs: list[dict]) -> str:
-    classes = sorted({c for r in runs for c in r["accuracy_per_class"]}, key=int)
-    head = "| guidance | s | w | sampler | steps | accuracy | " + " | ".join(classes) + " |"
-    rule = "|" + "---|" * (6 + len(classes))
-    rows = [f"| {r['guidance']} | {r['scale']:g} | {r['w']:g} | {r['sampler']} | {r['steps']} | {r['accuracy']:.3f} | "
-            + " | ".join(f"{r['accuracy_per_class'][c]:.2f}" for c in classes) + " |" for r in runs]
-    return "\n".join([head, rule, *rows])
+def _from_overrides(job_dir: Path) -> dict:
+    """Without an evaluator there is no metrics.json: recover guidance and scale from the job's Hydra config."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    return {"guidance": cfg.guidance.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1,
+            "sampler": cfg.sampler.name, "steps": cfg.sampler.steps, "base": cfg.guidance.get("base")}  # fmt: skip
 
 
-def comparison_figure(runs: list[dict], path: Path) -> None:
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows([[_fmt(r[c]) for c in COLUMNS] for r in rows])
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["guidance", "base", "p_uncond", "s", "w", "sampler", "steps", "nfe", "classifier_nfe", "fid", "is", "precision",
+            "recall", "accuracy", "seconds_per_sample"]
+    cols = [c for c in cols if any(r[c] is not None for r in rows)]
+    features = sorted({r["features"] for r in rows if r["features"]})
+    note = (f"FID / IS / precision / recall in **{', '.join(features)}** features"
+            + (" (the codebase's own evaluator: not comparable with literature FIDs)" if "evaluator" in features else "")
+            if features else "no evaluation (run with eval=true evaluator_ckpt=PATH)")
+    lines = [note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """One line per guidance mode, split further by what the sweep varies within that mode (CG base, p_uncond,
+    sampler steps, classifier scale, sampler)."""
+    out: dict[str, list[dict]] = {}
+    for mode in dict.fromkeys(r["guidance"] for r in rows):
+        mode_rows = [r for r in rows if r["guidance"] == mode]
+        varying = [k for k in ("base", "p_uncond", "steps", "classifier_scale", "sampler")
+                   if len({str(r[k]) for r in mode_rows}) > 1]
+        for r in mode_rows:
+            out.setdefault(" ".join([mode] + [f"{k}={r[k]}" for k in varying]), []).append(r)
+    return out
+
+
+def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, (x, y, title) in PLOTS.items():
+        if not any(r[x] is not None and r[y] is not None for r in rows):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for label, series in _series(rows).items():
+            pts = sorted((r[x], r[y], r["s"]) for r in series if r[x] is not None and r[y] is not None)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            if x != "s":  # trade-off curves: annotate each point with its scale
+                for px, py, s in pts:
+                    ax.annotate(f"{s:g}", (px, py), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("s (w = s - 1)" if x == "s" else x)
+        ax.set_ylabel(y)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+def _samples(r: dict) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(r["dir"] / "samples.npz")
+    return data["images"], data["labels"]
+
+
+def scale_grids(rows: list[dict], out_dir: Path, per_class: int = 1) -> list[Path]:
+    """grid_<series>.png per guidance series: one row per scale, one column per class."""
+    written = []
+    for label, series in _series(rows).items():
+        lines = []
+        for r in sorted(series, key=lambda r: r["s"]):
+            images, labels = _samples(r)
+            lines.append(np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_class)))
+        path = out_dir / f"grid_{label.replace(' ', '_').replace('=', '')}.png"
+        save_png(grid(lines, scale=2), path)
+        written.append(path)
+    return written
+
+
+def comparison_figure(rows: list[dict], path: Path) -> None:
     """One row per (guidance, scale): the first sample of each class, labelled with mode, s and accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from guidelab.images import class_rows, grid
-
-    rows = []
-    for r in runs:
-        data = np.load(r["dir"] / "samples.npz")
-        images, labels = data["images"], data["labels"]
-        rows.append(grid([np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_row=1))], pad=1))
-    h, w = rows[0].shape[:2]
-    fig_w = 8.0
-    label_w = 1.6  # inches of left margin for the row labels
-    fig_h = len(rows) * (fig_w - label_w) * h / w * 1.04 + 0.35
-    fig, axes = plt.subplots(len(rows), 1, figsize=(fig_w, fig_h), squeeze=False)
+    strips = []
+    for r in rows:
+        images, labels = _samples(r)
+        strips.append(grid([np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_row=1))], pad=1))
+    h, w = strips[0].shape[:2]
+    fig_w, label_w = 8.0, 1.6  # inches; the left margin holds the row labels
+    fig_h = len(strips) * (fig_w - label_w) * h / w * 1.04 + 0.35
+    fig, axes = plt.subplots(len(strips), 1, figsize=(fig_w, fig_h), squeeze=False)
     fig.subplots_adjust(left=label_w / fig_w, right=0.99, top=1 - 0.3 / fig_h, bottom=0.01, hspace=0.08)
-    for ax, img, r in zip(axes[:, 0], rows, runs):
+    for ax, img, r in zip(axes[:, 0], strips, rows):
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_ylabel(f"{r['guidance']}  s={r['scale']:g}\naccuracy {r['accuracy']:.2f}", rotation=0, ha="right",
-                      va="center", fontsize=9)
+        acc = "" if r["accuracy"] is None else f"\naccuracy {r['accuracy']:.2f}"
+        ax.set_ylabel(f"{r['guidance']}  s={r['s']:g}{acc}", rotation=0, ha="right", va="center", fontsize=9)
     axes[0, 0].set_title("requested class: one sample each, in class order", fontsize=9)
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
+def write_report(sweep_dirs: list[Path], out_dir: Path, wandb_run=None) -> str:
+    """Write every table and figure of one sweep (or several, merged) into out_dir; returns the markdown table."""
+    rows = collect(sweep_dirs)
+    sweep_dir = out_dir
+    write_csv(rows, sweep_dir / "results.csv")
+    md = markdown(rows)
+    (sweep_dir / "results.md").write_text(md + "\n")
+    figures = plots(rows, sweep_dir) + scale_grids(rows, sweep_dir)
+    comparison_figure(rows, sweep_dir / "comparison.png")
+    if wandb_run is not None:
+        import wandb
+
+        wandb_run.log({"sweep/results": wandb.Table(columns=COLUMNS, data=[[_fmt(r[c]) for c in COLUMNS] for r in rows]),
+                       **{f"sweep/{p.stem}": wandb.Image(str(p)) for p in figures}})
+    return md
+
+
+class SweepReport(Callback):
+    """Hydra callback: after a `sample.py -m` sweep, write the report into the sweep dir."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            wandb_run = None
+            if config.logger.name == "wandb":
+                from guidelab.log import Logger
+
+                wandb_run = Logger(sweep_dir, config.logger, {"sweep_dir": str(sweep_dir)}).wandb_run
+            md = write_report([sweep_dir], sweep_dir, wandb_run)
+            if wandb_run is not None:
+                wandb_run.finish()
+        except GuidelabError as e:
+            print(f"error: sweep report: {e}")
+            return
+        print(f"\n{md}\n\nsweep report: {sweep_dir}/results.csv, results.md, *.png")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path)
+    parser = argparse.ArgumentParser(description="Write results.csv, results.md and the plots of a sample.py sweep")
+    parser.add_argument("sweep_dirs", type=Path, nargs="+", help="one sweep dir, or with --merge several")
+    parser.add_argument("--merge", type=Path, metavar="OUT_DIR", help="merge several sweeps into OUT_DIR")
     args = parser.parse_args(argv)
+    if len(args.sweep_dirs) > 1 and args.merge is None:
+        raise SystemExit("error: several sweep dirs need --merge OUT_DIR (where the merged report goes)")
+    out_dir = args.merge or args.sweep_dirs[0]
     try:
-        runs = collect(args.sweep_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        md = write_report(args.sweep_dirs, out_dir)
     except GuidelabError as e:
         raise SystemExit(f"error: {e}")
-    md = table(runs)
-    (args.sweep_dir / "accuracy.md").write_text(md + "\n")
-    comparison_figure(runs, args.sweep_dir / "comparison.png")
     print(md)
-    print(f"\nwrote {args.sweep_dir / 'comparison.png'} and {args.sweep_dir / 'accuracy.md'}")
+    print(f"\nwrote {out_dir}/results.csv, results.md, comparison.png and plots")
 
 
 if __name__ == "__main__":

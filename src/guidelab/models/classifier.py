@@ -33,12 +33,16 @@ class AttentionPool2d(nn.Module):
         self.proj = nn.Linear(ch, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(x))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled (B, ch) vector before the output projection."""
         tokens = rearrange(F.silu(self.norm(x)), "b c h w -> b (h w) c")
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + self.pos_embed
         q = rearrange(self.q(tokens[:, :1]), "b n (m d) -> b m n d", m=self.num_heads)
         k, v = rearrange(self.kv(tokens), "b n (two m d) -> two b m n d", two=2, m=self.num_heads)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, d)
-        return self.proj(rearrange(h, "b m 1 d -> b (m d)"))
+        return rearrange(h, "b m 1 d -> b (m d)")
 
 
 class NoisyClassifier(nn.Module):
@@ -68,5 +72,9 @@ class NoisyClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) noised images, t (B,) timesteps (0 for clean images) -> logits (B, num_classes)."""
+        return self.head.proj(self.features(x, t))
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The penultimate (B, ch) features: the attention-pooled trunk output (the evaluator's FID features)."""
         h, _ = self.encoder(x, self.time_embed(t))
-        return self.head(h)
+        return self.head.pool(h)

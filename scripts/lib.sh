@@ -1,0 +1,26 @@
+# Shared by the study scripts: the Python to use, the output dir, and training that skips finished runs.
+# Source it:  . "$(dirname "$0")/lib.sh" EXPERIMENT
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+EXPERIMENT=$1
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-outputs/$EXPERIMENT/$(date +%Y-%m-%d_%H-%M-%S)}
+mkdir -p "$OUT"
+echo "experiment=$EXPERIMENT -> $OUT"
+
+# train SCRIPT NAME [overrides...]: train into $OUT/NAME unless $OUT/NAME/checkpoints/last.pt exists (re-runnable)
+train() {
+  local script=$1 name=$2; shift 2
+  if [ -f "$OUT/$name/checkpoints/last.pt" ]; then echo "reusing $OUT/$name"; return; fi
+  local t0; t0=$(date +%s)
+  $PY "$script" "experiment=$EXPERIMENT" "hydra.run.dir=$OUT/$name" "$@"
+  echo "$name trained in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/timings.txt"
+}
+
+# sweep NAME [overrides...]: a sample.py -m sweep into $OUT/NAME (its report callback writes results.csv and plots)
+sweep() {
+  local name=$1; shift
+  local t0; t0=$(date +%s)
+  $PY sample.py -m "experiment=$EXPERIMENT" "hydra.sweep.dir=$OUT/$name" "$@"
+  echo "$name swept in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/timings.txt"
+}

@@ -146,3 +146,23 @@ def test_bad_training_options(tmp_path, override, fragment):
                       cwd=tmp_path)
     assert_one_line_error(proc, fragment)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["metrics.features=inception", "metrics.inception_weights=/nonexistent/inception.pth"],
+     ["Inception weights not found", "metrics.inception_weights=FILE", "metrics.features=evaluator"]),
+    (["metrics.features=clip"], ["unknown metrics.features 'clip'"]),
+])
+def test_bad_evaluation_options_fail_before_sampling(guarded, tmp_path, overrides, fragments):
+    proc = _sample(guarded, tmp_path, "eval=true", f"evaluator_ckpt={guarded['evaluator']}", *overrides)
+    assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "out" / "samples.npz").exists()
+
+
+def test_eval_without_evaluator(guarded, tmp_path):
+    assert_one_line_error(_sample(guarded, tmp_path, "eval=true"), "eval=true needs evaluator_ckpt=PATH")
+
+
+def test_noisy_classifier_is_refused_as_the_evaluator(guarded, tmp_path):
+    assert_one_line_error(_sample(guarded, tmp_path, f"evaluator_ckpt={guarded['classifier']}"),
+                          "is a noisy guidance classifier")

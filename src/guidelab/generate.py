@@ -17,7 +17,8 @@ from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
 from guidelab.guidance import make_eps_fn
 from guidelab.images import save_class_grid, to_uint8
-from guidelab.metrics import EvaluatorFeatures, class_accuracy, evaluate_samples, extract
+from guidelab.metrics import (BACKENDS, EvaluatorFeatures, class_accuracy, evaluate_samples, extract,
+                              find_inception_weights)
 from guidelab.models import build_classifier, build_unet
 from guidelab.train import select_device
 
@@ -109,6 +110,11 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     if cfg.eval.enabled and not cfg.evaluator_ckpt:
         raise GuidelabError("eval=true needs evaluator_ckpt=PATH (accuracy and evaluator features); train one with "
                             "`python train_classifier.py classifier=evaluator dataset=...`")
+    if cfg.eval.enabled:  # fail before sampling, not after it
+        if cfg.metrics.features not in BACKENDS:
+            raise GuidelabError(f"unknown metrics.features {cfg.metrics.features!r}; use evaluator or inception")
+        if cfg.metrics.features == "inception":
+            find_inception_weights(cfg.metrics.inception_weights)
     if cfg.evaluator_ckpt:
         evaluator, ev_ckpt = load_network(cfg.evaluator_ckpt, "classifier", device)
         checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", ev_ckpt, "evaluator")
@@ -144,6 +150,8 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
               "seconds": seconds, "seconds_per_sample": seconds / len(labels_np), "seed": cfg.seed,
               "classifier_scale": g.get("classifier_scale"), "base": g.get("base"),
               "p_uncond": train_cfg["model"].get("p_uncond"), "ckpt": str(cfg.ckpt)}
+    if evaluator is not None:
+        result["evaluator_test_acc"] = ev_ckpt["metrics"].get("test_acc")  # how good the judge itself is
     if cfg.eval.enabled:
         result.update(evaluate_samples(images_np, labels_np, cfg.metrics, train_cfg["dataset"], evaluator,
                                        cfg.evaluator_ckpt, device))

@@ -194,8 +194,6 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray, metrics_cfg, datase
                      evaluator_path: str | None, device: torch.device) -> dict:
     """All metrics of one sample set: FID, IS, precision, recall in `metrics_cfg.features`, accuracy under the
     evaluator. Returns a flat dict for metrics.json."""
-    if metrics_cfg.features not in BACKENDS:
-        raise GuidelabError(f"unknown metrics.features {metrics_cfg.features!r}; use evaluator or inception")
     ev = EvaluatorFeatures(evaluator)
     if metrics_cfg.features == "inception":
         backend = InceptionFeatures(metrics_cfg.inception_weights, device)

@@ -24,7 +24,8 @@ from guidelab.images import class_rows, grid, save_png
 
 MODE_ORDER = {"none": 0, "cfg": 1, "cg": 2, "cfg_cg": 3}
 COLUMNS = ["guidance", "base", "p_uncond", "s", "w", "classifier_scale", "sampler", "steps", "nfe", "classifier_nfe", "features",
-           "fid", "is", "precision", "recall", "accuracy", "num_samples", "seconds", "seconds_per_sample", "run"]
+           "fid", "is", "precision", "recall", "accuracy", "evaluator_test_acc", "num_samples", "seconds", "seconds_per_sample",
+           "run"]
 PLOTS = {  # file: (x, y, title)
     "fid_vs_scale.png": ("s", "fid", "FID vs guidance scale"),
     "is_vs_scale.png": ("s", "is", "IS vs guidance scale"),
@@ -75,9 +76,12 @@ def markdown(rows: list[dict]) -> str:
             "recall", "accuracy", "seconds_per_sample"]
     cols = [c for c in cols if any(r[c] is not None for r in rows)]
     features = sorted({r["features"] for r in rows if r["features"]})
+    judges = sorted({r["evaluator_test_acc"] for r in rows if r["evaluator_test_acc"] is not None})
     note = (f"FID / IS / precision / recall in **{', '.join(features)}** features"
             + (" (the codebase's own evaluator: not comparable with literature FIDs)" if "evaluator" in features else "")
             if features else "no evaluation (run with eval=true evaluator_ckpt=PATH)")
+    if judges:
+        note += f"; accuracy by the evaluator, whose own held-out test accuracy is {', '.join(f'{a:.3f}' for a in judges)}"
     lines = [note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -149,6 +149,15 @@ def lr_factor(step: int, cfg) -> float:
     return 1.0
 
 
+def finite(loss: torch.Tensor, step: int) -> float:
+    """loss as a float; a non-finite loss stops the run (before anything is saved for that step)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise GuidelabError(f"loss is {value} at step {step}; nothing was saved for it. Lower train.lr or raise "
+                            "train.warmup_steps, then resume from the last good checkpoint (resume=true)")
+    return value
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """Return last.pt to resume from, or None to start fresh; never train over another run's checkpoints."""
     last = run_dir / "checkpoints" / "last.pt"
@@ -205,20 +214,23 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
                             fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
     images, labels = data.images.to(device), data.labels.to(device)  # small data sets live on the device
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    perm, cursor, step = torch.randperm(len(labels), generator=data_gen), 0, 0
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # the data order, on the CPU whatever the device
+    perm, cursor, step = torch.randperm(len(labels), generator=data_gen).to(device), 0, 0
 
     if resume_from is not None:
         ckpt = checkpoint.load(resume_from, kind=kind)
-        for section in ("model", "classifier", "diffusion", "dataset"):
-            if section in config and ckpt["config"].get(section) != config[section]:
-                raise GuidelabError(f"resume=true but the {section} config differs from the checkpoint in "
-                                    f"{resume_from}; resume with the same {section} settings or use a new hydra.run.dir")
+        before = ckpt["config"]
+        mismatch = [sec for sec in ("model", "classifier", "diffusion") if sec in config and before.get(sec) != config[sec]]
+        if any(before["dataset"][k] != config["dataset"][k] for k in ("name", "image_size")):  # the root may move
+            mismatch.append("dataset")
+        if mismatch:
+            raise GuidelabError(f"resume=true but the {', '.join(mismatch)} config differs from the checkpoint in "
+                                f"{resume_from}; resume with the same settings or use a new hydra.run.dir")
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        step, perm, cursor = ckpt["step"], ckpt["data"]["perm"], ckpt["data"]["cursor"]
+        step, perm, cursor = ckpt["step"], ckpt["data"]["perm"].to(device), ckpt["data"]["cursor"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         data_gen.set_state(ckpt["rng"]["data"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
@@ -260,8 +272,8 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
     t_log, seen = time.perf_counter(), 0
     while step < tc.steps:
         if cursor + tc.batch_size > len(perm):  # a new epoch: a fresh permutation
-            perm, cursor = torch.randperm(len(labels), generator=data_gen), 0
-        idx = perm[cursor:cursor + tc.batch_size].to(device)
+            perm, cursor = torch.randperm(len(labels), generator=data_gen).to(device), 0
+        idx = perm[cursor:cursor + tc.batch_size]
         cursor += tc.batch_size
         x0, y = images[idx], labels[idx]
         if data.hflip:
@@ -279,10 +291,7 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         seen += len(y)
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
-            loss_val = loss.item()  # the only host sync, at log intervals
-            if not math.isfinite(loss_val):
-                raise GuidelabError(f"loss is {loss_val} at step {step}; nothing was saved for it. Lower train.lr "
-                                    "or raise train.warmup_steps, then resume from the last good checkpoint")
+            loss_val = finite(loss, step)  # host syncs only at log intervals and checkpoints
             rate = seen / (time.perf_counter() - t_log)
             t_log, seen = time.perf_counter(), 0
             bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}")
@@ -291,6 +300,7 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
             run_eval()
         if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+            finite(loss, step)  # never write a poisoned checkpoint
             save()
     bar.close()
     final = run_eval()

@@ -85,42 +85,51 @@ def validate(cfg) -> None:
     if not cfg.ckpt:
         raise GuidelabError("ckpt=PATH is required: the diffusion checkpoint to sample from "
                             "(RUN_DIR/checkpoints/last.pt of `python train_diffusion.py`)")
+    if cfg.eval.enabled:  # fail before sampling, not after it
+        if not cfg.evaluator_ckpt:
+            raise GuidelabError("eval=true needs evaluator_ckpt=PATH (accuracy and evaluator features); train one "
+                                "with `python train_classifier.py classifier=evaluator dataset=...`")
+        if cfg.metrics.features not in BACKENDS:
+            raise GuidelabError(f"unknown metrics.features {cfg.metrics.features!r}; use evaluator or inception")
+        if cfg.metrics.features == "inception":
+            find_inception_weights(cfg.metrics.inception_weights)
 
 
-def generate(cfg, run_dir: str | os.PathLike) -> dict:
-    run_dir = Path(run_dir)
-    validate(cfg)
-    device = select_device(cfg.device)
+def load_networks(cfg, device: torch.device) -> dict:
+    """The diffusion UNet and, as the config asks, the guidance classifier and the evaluator, each checked against
+    the UNet's data (dataset, classes, channels, image size) and role (noisy guide vs clean judge)."""
     unet, unet_ckpt = load_network(cfg.ckpt, "diffusion", device)
-    train_cfg = unet_ckpt["config"]
-    num_classes = train_cfg["data_info"]["num_classes"]
-    diffusion = Diffusion.from_config(train_cfg["diffusion"]).to(device)
-    classifier = None
+    nets = {"unet": unet, "unet_ckpt": unet_ckpt, "classifier": None, "evaluator": None, "evaluator_ckpt": None}
     if cfg.guidance.name in ("cg", "cfg_cg"):
         classifier, cls_ckpt = load_network(cfg.classifier_ckpt, "classifier", device)
         checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", cls_ckpt, "classifier")
         if not cls_ckpt["config"]["classifier"]["noisy"]:
             raise GuidelabError(f"{cfg.classifier_ckpt} is a clean-image evaluator, not a noisy classifier; train one "
                                 "with `python train_classifier.py classifier=noisy` for guidance")
-        if cls_ckpt["config"]["diffusion"] != train_cfg["diffusion"]:
+        if cls_ckpt["config"]["diffusion"] != unet_ckpt["config"]["diffusion"]:
             raise GuidelabError("the classifier was trained on another noise schedule than the diffusion model "
-                                f"({cls_ckpt['config']['diffusion']} vs {train_cfg['diffusion']}); retrain it with "
-                                "the same diffusion= settings")
-    evaluator = None
-    if cfg.eval.enabled and not cfg.evaluator_ckpt:
-        raise GuidelabError("eval=true needs evaluator_ckpt=PATH (accuracy and evaluator features); train one with "
-                            "`python train_classifier.py classifier=evaluator dataset=...`")
-    if cfg.eval.enabled:  # fail before sampling, not after it
-        if cfg.metrics.features not in BACKENDS:
-            raise GuidelabError(f"unknown metrics.features {cfg.metrics.features!r}; use evaluator or inception")
-        if cfg.metrics.features == "inception":
-            find_inception_weights(cfg.metrics.inception_weights)
+                                f"({cls_ckpt['config']['diffusion']} vs {unet_ckpt['config']['diffusion']}); retrain "
+                                "it with the same diffusion= settings")
+        nets["classifier"] = classifier
     if cfg.evaluator_ckpt:
         evaluator, ev_ckpt = load_network(cfg.evaluator_ckpt, "classifier", device)
         checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", ev_ckpt, "evaluator")
         if ev_ckpt["config"]["classifier"]["noisy"]:
             raise GuidelabError(f"{cfg.evaluator_ckpt} is a noisy guidance classifier; judge samples with a clean-image "
                                 "evaluator (`python train_classifier.py classifier=evaluator`) instead")
+        nets["evaluator"], nets["evaluator_ckpt"] = evaluator, ev_ckpt
+    return nets
+
+
+def generate(cfg, run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    validate(cfg)
+    device = select_device(cfg.device)
+    nets = load_networks(cfg, device)
+    unet, classifier, evaluator = nets["unet"], nets["classifier"], nets["evaluator"]
+    train_cfg = nets["unet_ckpt"]["config"]
+    num_classes = train_cfg["data_info"]["num_classes"]
+    diffusion = Diffusion.from_config(train_cfg["diffusion"]).to(device)
 
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
     y_all = requested_labels(labels, cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples, num_classes)
@@ -151,7 +160,7 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
               "classifier_scale": g.get("classifier_scale"), "base": g.get("base"),
               "p_uncond": train_cfg["model"].get("p_uncond"), "ckpt": str(cfg.ckpt)}
     if evaluator is not None:
-        result["evaluator_test_acc"] = ev_ckpt["metrics"].get("test_acc")  # how good the judge itself is
+        result["evaluator_test_acc"] = nets["evaluator_ckpt"]["metrics"].get("test_acc")  # how good the judge itself is
     if cfg.eval.enabled:
         result.update(evaluate_samples(images_np, labels_np, cfg.metrics, train_cfg["dataset"], evaluator,
                                        cfg.evaluator_ckpt, device))

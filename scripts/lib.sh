@@ -1,5 +1,5 @@
 # Shared by the study scripts: the Python to use, the output dir, and training that skips finished runs.
-# Source it:  . "$(dirname "$0")/lib.sh" EXPERIMENT
+# Source it with the preset name:  . "$(dirname "$0")/lib.sh" cg_vs_cfg
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 EXPERIMENT=$1

@@ -48,3 +48,16 @@ def test_presets_set_each_scripts_keys_and_the_command_line_wins():
 def test_unknown_key_is_an_error(script):
     with pytest.raises(ConfigCompositionException, match="Could not override 'no_such_key'"):
         _compose(script, ["no_such_key=1"])
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (CONFIGS.parent / "scripts").glob("*.sh")))
+def test_study_scripts_parse_and_name_existing_presets(script):
+    import re
+    import subprocess
+
+    path = CONFIGS.parent / "scripts" / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    for preset in re.findall(r'lib\.sh" ([a-z]\w+)', path.read_text()):
+        assert (CONFIGS / "experiment" / f"{preset}.yaml").exists(), preset
+        for stage in ("train_diffusion", "train_classifier", "sample"):
+            assert (CONFIGS / "experiment_stage" / preset / f"{stage}.yaml").exists(), (preset, stage)

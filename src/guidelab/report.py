@@ -112,16 +112,18 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for label, series in _series(rows).items():
-            pts = sorted((r[x], r[y], r["s"]) for r in series if r[x] is not None and r[y] is not None)
+            # trade-off curves are traced in the order of the scale, not of the x axis
+            pts = sorted(((r[x], r[y], r["s"]) for r in series if r[x] is not None and r[y] is not None),
+                         key=lambda p: p[2] if x != "s" else p[0])
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
             if x != "s":  # trade-off curves: annotate each point with its scale
                 for px, py, s in pts:
-                    ax.annotate(f"{s:g}", (px, py), fontsize=7, textcoords="offset points", xytext=(3, 3))
+                    ax.annotate(f"{s:g}", (px, py), fontsize=6, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel("s (w = s - 1)" if x == "s" else x)
         ax.set_ylabel(y)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + ("" if x == "s" else "; points labelled with s"), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

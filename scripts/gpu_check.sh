@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One prepared device check (< 5 minutes): installs the carried wheels when hydra is missing, then runs the command
-# contract (experiment=smoke) and the demo-size diffusion training on whatever device `device=auto` finds, and writes
-# the figures to $OUT/gpu_check.txt. On a CPU-only machine it runs the same chain (tiny sizes: the smoke preset, and
-# GPU_CHECK_DEMO_STEPS=50 demo steps by default there).
+# One prepared device check (< 5 minutes): installs the carried wheels when hydra is missing, then runs the
+# benchmark (ours and, if diffusers is importable, the peer), the command contract (experiment=smoke) and the
+# demo-size diffusion training on whatever device `device=auto` finds, and writes the figures to $OUT/gpu_check.txt
+# and $OUT/bench.json. On a CPU-only machine it runs the same chain at tiny size (GPU_CHECK_DEMO_STEPS=50 demo steps).
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,8 @@ timed() {  # name command...: run it, log to $W/name.log, append "name seconds" 
   "$@" > "$W/$name.log" 2>&1 || { tail -20 "$W/$name.log"; exit 1; }
   printf '%-24s %8d ms\n' "$name" $(( ($(date +%s%N) - t0) / 1000000 )) | tee -a "$report"
 }
+timed bench                  $PY -m guidelab.bench --json "$OUT/bench.json"
+cat "$W/bench.log" | tee -a "$report"
 timed smoke_train_diffusion  $PY train_diffusion.py experiment=smoke hydra.run.dir="$W/R1"
 timed smoke_train_classifier $PY train_classifier.py experiment=smoke hydra.run.dir="$W/R2"
 timed smoke_sample_cg        $PY sample.py experiment=smoke ckpt="$W/R1/checkpoints/last.pt" \

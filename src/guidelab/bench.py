@@ -141,7 +141,8 @@ def peer_figures(case: Case, device: torch.device, iters: int) -> dict | None:
                       block_out_channels=widths, layers_per_block=case.unet["num_res_blocks"],
                       down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                       up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-                      num_class_embeds=11, dropout=case.unet["dropout"])
+                      num_class_embeds=11, dropout=case.unet["dropout"],
+                      norm_num_groups=min(32, widths[0] // 4))  # as our group_norm: 32 groups, fewer when narrow
     x = torch.randn(case.batch, case.channels, case.size, case.size, device=device)
     t = torch.randint(0, 1000, (case.batch,), device=device)
     y = torch.randint(0, 11, (case.batch,), device=device)

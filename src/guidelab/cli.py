@@ -2,6 +2,7 @@
 run dir, and turns a GuidelabError into one line on stderr and exit status 2."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protec
             if value not in valid:
                 fail(f"unknown {group} {value!r}; valid: {', '.join(valid)} (files in configs/{group}/)")
     run_dir = overrides.get("hydra.run.dir")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_dir and not multirun:
+        fail("under torchrun pass hydra.run.dir=DIR, so that every rank writes to the same run dir")
     if run_dir and not multirun:
         run_dir = Path(run_dir)
         if protect == "checkpoints" and any((run_dir / "checkpoints").glob("*.pt")) \

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from guidelab import checkpoint, sampling
+from guidelab import checkpoint, dist, sampling
 from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
 from guidelab.guidance import make_eps_fn
@@ -124,7 +124,8 @@ def load_networks(cfg, device: torch.device) -> dict:
 def generate(cfg, run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     validate(cfg)
-    device = select_device(cfg.device)
+    device = dist.setup(select_device(cfg.device))
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
     nets = load_networks(cfg, device)
     unet, classifier, evaluator = nets["unet"], nets["classifier"], nets["evaluator"]
     train_cfg = nets["unet_ckpt"]["config"]
@@ -134,19 +135,27 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
     y_all = requested_labels(labels, cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples, num_classes)
     g = cfg.guidance
-    images, t0 = [], time.perf_counter()
-    for b, start in enumerate(tqdm(range(0, len(y_all), cfg.batch_size), desc=f"sample {g.name} s={cfg.scale}",
-                                   dynamic_ncols=True, disable=not cfg.progress)):
-        y = y_all[start:start + cfg.batch_size].to(device)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)  # each batch its own stream
+    starts = list(range(0, len(y_all), cfg.batch_size))
+    mine, t0 = [], time.perf_counter()
+    # batch b draws its noise from seed * 1000003 + b and runs on rank b % world: the samples do not depend on the
+    # number of ranks, and rank 0 reassembles them in batch order
+    for b in tqdm(range(rank, len(starts), world), desc=f"sample {g.name} s={cfg.scale}", dynamic_ncols=True,
+                  disable=not (cfg.progress and main)):
+        y = y_all[starts[b]:starts[b] + cfg.batch_size].to(device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
         noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
         eps_fn = make_eps_fn(g.name, unet, y, float(cfg.scale), classifier, g.get("classifier_scale"),
                              g.get("base", "uncond"))
         x = sampling.sample(cfg.sampler.name, eps_fn, diffusion, noise, cfg.sampler.steps, cfg.sampler.eta,
                             cfg.sampler.clip_x0, generator=gen)
-        images.append(to_uint8(x))
+        mine.append((b, to_uint8(x)))
+    gathered = dist.gather(mine)
     seconds = time.perf_counter() - t0
-    images_np, labels_np = np.concatenate(images), y_all.numpy().astype(np.int64)
+    dist.cleanup()
+    if not main:
+        return {}
+    images_np = np.concatenate([img for _, img in sorted(sum(gathered, []), key=lambda item: item[0])])
+    labels_np = y_all.numpy().astype(np.int64)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".samples.tmp.npz"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 
 class Logger:
-    def __init__(self, run_dir: str | os.PathLike, logger_cfg=None, config: dict | None = None):
+    def __init__(self, run_dir: str | os.PathLike, logger_cfg=None, config: dict | None = None, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled  # False on every DDP rank but 0: nothing is written
         self.wandb_run = None
-        if logger_cfg is not None and logger_cfg.get("name") == "wandb":
+        if enabled and logger_cfg is not None and logger_cfg.get("name") == "wandb":
             os.environ.setdefault("WANDB_MODE", str(logger_cfg.get("mode") or "offline"))
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb  # lazy: wandb is only needed with logger=wandb
@@ -26,10 +26,13 @@ class Logger:
                                         settings=wandb.Settings(console="off", silent=True))
 
     def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step)}
         for k, v in metrics.items():
             v = float(v) if hasattr(v, "__float__") and not isinstance(v, (str, bool)) else v
             row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:

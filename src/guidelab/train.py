@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from guidelab import checkpoint
+from guidelab import checkpoint, dist
 from guidelab.data import ImageData, load_dataset
 from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
@@ -115,8 +115,8 @@ def classifier_task(cfg, data: ImageData, device: torch.device) -> Task:
         stats = {"acc": correct.mean()}
         if noisy:  # accuracy per quarter of the time range: 0 = least noise
             q = (t * 4) // T
-            for i in range(4):
-                stats[f"acc_q{i}"] = correct[q == i].mean() if (q == i).any() else torch.tensor(float("nan"))
+            for i in range(4):  # no branching on tensor values: no host sync in the step (0/0 = nan if empty)
+                stats[f"acc_q{i}"] = (correct * (q == i)).sum() / (q == i).sum()
         return F.cross_entropy(logits.float(), y), stats
 
     @torch.no_grad()
@@ -200,15 +200,21 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     validate(cfg, kind)
     tc = cfg.train
-    device = select_device(cfg.device)
+    device = dist.setup(select_device(cfg.device))
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    if tc.batch_size % world:
+        raise GuidelabError(f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over the "
+                            f"{world} ranks; pick a multiple of {world}")
     resume_from = check_run_dir(run_dir, cfg.resume)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # ranks draw different noise; DDP broadcasts rank 0's initial weights
     data = load_data(cfg, "train")
     task = (diffusion_task if kind == "diffusion" else classifier_task)(cfg, data, device)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data_info"] = data_info(data)
 
     model = task.model.to(device)
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
     ema = EMA(model, tc.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999),
                             fused=device.type == "cuda")
@@ -237,9 +243,11 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         print(f"resumed from {resume_from} at step {step}")
 
-    logger = Logger(run_dir, cfg.logger, config)
+    logger = Logger(run_dir, cfg.logger, config, enabled=main)  # rank 0 alone logs and writes
 
     def save(final_metrics: dict | None = None) -> None:
+        if not main:
+            return dist.barrier()
         state = {"kind": kind, "model": model.state_dict(), "ema": ema.model.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                  "data": {"perm": perm, "cursor": cursor},
@@ -255,8 +263,12 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         os.replace(tmp, ckpt_dir / "last.pt")
         for old in sorted(ckpt_dir.glob("[0-9]" * 7 + ".pt"))[:-tc.keep_checkpoints]:
             old.unlink()
+        dist.barrier()
 
     def run_eval() -> dict:
+        if not main:
+            dist.barrier()
+            return {}
         metrics = task.evaluate(ema.model, step, run_dir)
         image = metrics.pop("_image", None)
         if image is not None:
@@ -264,23 +276,25 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         if metrics:
             logger.log({f"eval/{k}": v for k, v in metrics.items()}, step)
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        dist.barrier()
         return metrics
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
     model.train()
-    bar = tqdm(total=tc.steps, initial=step, desc=f"train {kind}", dynamic_ncols=True, disable=not tc.progress)
+    bar = tqdm(total=tc.steps, initial=step, desc=f"train {kind}", dynamic_ncols=True,
+               disable=not (tc.progress and main))
     t_log, seen = time.perf_counter(), 0
     while step < tc.steps:
         if cursor + tc.batch_size > len(perm):  # a new epoch: a fresh permutation
             perm, cursor = torch.randperm(len(labels), generator=data_gen).to(device), 0
-        idx = perm[cursor:cursor + tc.batch_size]
+        idx = perm[cursor:cursor + tc.batch_size][rank::world]  # this rank's share of the global batch
         cursor += tc.batch_size
         x0, y = images[idx], labels[idx]
         if data.hflip:
             flip = torch.rand(len(y), device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         with autocast:
-            loss, stats = task.loss(model, x0, y)
+            loss, stats = task.loss(net, x0, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -288,10 +302,10 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         sched.step()
         step += 1
         ema.update(model, step)
-        seen += len(y)
+        seen += len(y) * world
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
-            loss_val = finite(loss, step)  # host syncs only at log intervals and checkpoints
+            loss_val = finite(dist.mean(loss), step)  # host syncs only at log intervals and checkpoints
             rate = seen / (time.perf_counter() - t_log)
             t_log, seen = time.perf_counter(), 0
             bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}")
@@ -300,11 +314,13 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
             run_eval()
         if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
-            finite(loss, step)  # never write a poisoned checkpoint
+            finite(dist.mean(loss), step)  # never write a poisoned checkpoint
             save()
     bar.close()
     final = run_eval()
     save(final)
     logger.close()
-    print(f"done: {run_dir / 'checkpoints' / 'last.pt'} (step {step})")
+    dist.cleanup()
+    if main:
+        print(f"done: {run_dir / 'checkpoints' / 'last.pt'} (step {step})")
     return final

@@ -163,7 +163,9 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     os.replace(tmp, run_dir / "samples.npz")
     save_class_grid(images_np, labels_np, num_classes, run_dir / "grid.png")
     steps = diffusion.respace(cfg.sampler.steps).num_steps
-    result = {"guidance": g.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1, "sampler": cfg.sampler.name,
+    cfg_scale = g.name in ("cfg", "cfg_cg")  # w = s - 1 is Ho & Salimans' CFG strength; CG has no w
+    result = {"guidance": g.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1 if cfg_scale else None,
+              "sampler": cfg.sampler.name,
               "steps": steps, **network_evaluations(g, float(cfg.scale), steps), "num_samples": len(labels_np),
               "seconds": seconds, "seconds_per_sample": seconds / len(labels_np), "seed": cfg.seed,
               "classifier_scale": g.get("classifier_scale"), "base": g.get("base"),

@@ -56,7 +56,8 @@ def _from_overrides(job_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    return {"guidance": cfg.guidance.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1,
+    cfg_scale = cfg.guidance.name in ("cfg", "cfg_cg")
+    return {"guidance": cfg.guidance.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1 if cfg_scale else None,
             "sampler": cfg.sampler.name, "steps": cfg.sampler.steps, "base": cfg.guidance.get("base")}  # fmt: skip
 
 
@@ -159,6 +160,7 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    label = {id(r): name for name, series in _series(rows).items() for r in series}
     strips = []
     for r in rows:
         images, labels = _samples(r)
@@ -173,7 +175,7 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
         acc = "" if r["accuracy"] is None else f"\naccuracy {r['accuracy']:.2f}"
-        ax.set_ylabel(f"{r['guidance']}  s={r['s']:g}{acc}", rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_ylabel(f"{label[id(r)]}  s={r['s']:g}{acc}", rotation=0, ha="right", va="center", fontsize=9)
     axes[0, 0].set_title("requested class: one sample each, in class order", fontsize=9)
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -4,11 +4,7 @@
 # steps and CG at 50 steps both cost 50 UNet passes per sample; CG adds a classifier forward+backward per step).
 #   OUT=outputs/cg_vs_cfg/run1 bash scripts/cg_vs_cfg.sh      (re-running skips finished trainings)
 . "$(dirname "$0")/lib.sh" cg_vs_cfg
-train train_diffusion.py diffusion
-train train_classifier.py classifier
-train train_classifier.py evaluator classifier=evaluator
-nets=(ckpt="$OUT/diffusion/checkpoints/last.pt" classifier_ckpt="$OUT/classifier/checkpoints/last.pt"
-      evaluator_ckpt="$OUT/evaluator/checkpoints/last.pt")
-sweep sweep guidance=cfg,cg scale=0,0.5,1,2,3,4 "${nets[@]}"
-sweep sweep_cg_matched_nfe guidance=cg scale=0,0.5,1,2,3,4 sampler.steps=50 "${nets[@]}"
+train_guidance_set
+sweep sweep guidance=cfg,cg scale=0,0.5,1,2,3,4 "${NETS[@]}"
+sweep sweep_cg_matched_nfe guidance=cg scale=0,0.5,1,2,3,4 sampler.steps=50 "${NETS[@]}"
 $PY -m guidelab.report --merge "$OUT" "$OUT/sweep" "$OUT/sweep_cg_matched_nfe"

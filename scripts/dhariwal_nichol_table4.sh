@@ -3,10 +3,6 @@
 # finer scale sweep (their classifier-scale figure).
 #   OUT=outputs/dhariwal_nichol_table4/run1 bash scripts/dhariwal_nichol_table4.sh
 . "$(dirname "$0")/lib.sh" dhariwal_nichol_table4
-train train_diffusion.py diffusion
-train train_classifier.py classifier
-train train_classifier.py evaluator classifier=evaluator
-nets=(ckpt="$OUT/diffusion/checkpoints/last.pt" classifier_ckpt="$OUT/classifier/checkpoints/last.pt"
-      evaluator_ckpt="$OUT/evaluator/checkpoints/last.pt")
-sweep table4 guidance=cg guidance.base=uncond,cond scale=0,1,10 "${nets[@]}"
-sweep fine guidance=cg guidance.base=uncond,cond scale=0,0.5,1,2,3,5,7,10 "${nets[@]}"
+train_guidance_set
+sweep table4 guidance=cg guidance.base=uncond,cond scale=0,1,10 "${NETS[@]}"
+sweep fine guidance=cg guidance.base=uncond,cond scale=0,0.5,1,2,3,5,7,10 "${NETS[@]}"

@@ -24,3 +24,13 @@ sweep() {
   $PY sample.py -m "experiment=$EXPERIMENT" "hydra.sweep.dir=$OUT/$name" "$@"
   echo "$name swept in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/timings.txt"
 }
+
+# train_guidance_set: the UNet, the noisy classifier and the evaluator into $OUT/{diffusion,classifier,evaluator};
+# NETS then holds the three checkpoint overrides of sample.py
+train_guidance_set() {
+  train train_diffusion.py diffusion
+  train train_classifier.py classifier
+  train train_classifier.py evaluator classifier=evaluator
+  NETS=(ckpt="$OUT/diffusion/checkpoints/last.pt" classifier_ckpt="$OUT/classifier/checkpoints/last.pt"
+        evaluator_ckpt="$OUT/evaluator/checkpoints/last.pt")
+}

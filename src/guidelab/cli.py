@@ -40,10 +40,13 @@ def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protec
         fail("under torchrun pass hydra.run.dir=DIR, so that every rank writes to the same run dir")
     if run_dir and not multirun:
         run_dir = Path(run_dir)
-        if protect == "checkpoints" and any((run_dir / "checkpoints").glob("*.pt")) \
-                and overrides.get("resume", "false").lower() != "true":
-            fail(f"{run_dir} already holds checkpoints of a run; pass resume=true to continue it, "
-                 "or choose another hydra.run.dir")
+        if protect == "checkpoints" and overrides.get("resume", "false").lower() != "true":
+            from guidelab.train import refuse_overwrite
+
+            try:
+                refuse_overwrite(run_dir)
+            except GuidelabError as e:
+                fail(str(e))
         if protect == "samples" and (run_dir / "samples.npz").exists():
             fail(f"{run_dir} already holds samples.npz of another sampling run; choose another hydra.run.dir")
 

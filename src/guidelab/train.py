@@ -166,10 +166,15 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
             return last
         print(f"resume=true but {last} does not exist: starting from step 0")
         return None
+    refuse_overwrite(run_dir)
+    return None
+
+
+def refuse_overwrite(run_dir: Path) -> None:
+    """A fresh run never writes into a run dir that holds another run's checkpoints."""
     if any((run_dir / "checkpoints").glob("*.pt")):
         raise GuidelabError(f"{run_dir} already holds checkpoints of a run; pass resume=true to continue it, "
                             "or choose another hydra.run.dir")
-    return None
 
 
 def validate(cfg, kind: str) -> None:

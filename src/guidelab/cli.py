@@ -40,6 +40,12 @@ def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protec
         fail("under torchrun pass hydra.run.dir=DIR, so that every rank writes to the same run dir")
     if run_dir and not multirun:
         run_dir = Path(run_dir)
+        ancestor = run_dir
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+            fail(f"cannot create the run dir {run_dir}: {ancestor} is not a writable directory; "
+                 "choose another hydra.run.dir")
         if protect == "checkpoints" and overrides.get("resume", "false").lower() != "true":
             from guidelab.train import refuse_overwrite
 

@@ -62,3 +62,12 @@ def gather(obj) -> list:
     out = [None] * world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (itself in a world of one)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
+import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +152,43 @@ def lr_factor(step: int, cfg) -> float:
     return 1.0
 
 
+class StopRequest:
+    """SIGTERM (pre-emption) and SIGINT (Ctrl-C) ask the loop to stop after the current step, save a checkpoint and
+    exit; a second signal stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.name: str | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_output_dir(run_dir: Path, min_free_gb: float) -> None:
+    """Fail in the first seconds, not at the first checkpoint: the checkpoint dir can be created and written, and
+    the disk has at least `train.min_free_gb` free."""
+    ckpt_dir = run_dir / "checkpoints"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=ckpt_dir):
+            pass
+    except OSError as e:
+        raise GuidelabError(f"cannot write checkpoints to {ckpt_dir} ({e.strerror}); choose a writable "
+                            "hydra.run.dir") from None
+    free_gb = shutil.disk_usage(ckpt_dir).free / 1e9
+    if free_gb < min_free_gb:
+        raise GuidelabError(f"only {free_gb:.1f} GB free under {ckpt_dir}, train.min_free_gb asks for {min_free_gb:g}; "
+                            "free some space, choose another hydra.run.dir, or lower train.min_free_gb")
+
+
 def finite(loss: torch.Tensor, step: int) -> float:
     """loss as a float; a non-finite loss stops the run (before anything is saved for that step)."""
     value = loss.item()
@@ -192,6 +232,7 @@ def validate(cfg, kind: str) -> None:
     check("train.lr", tc.lr, tc.lr > 0, "a positive number, e.g. train.lr=2e-4")
     check("train.weight_decay", tc.weight_decay, tc.weight_decay >= 0, "a number >= 0")
     check("train.grad_clip", tc.grad_clip, tc.grad_clip > 0, "a positive number")
+    check("train.min_free_gb", tc.min_free_gb, tc.min_free_gb >= 0, "a number >= 0 (GB)")
     check("train.ema_decay", tc.ema_decay, 0 <= tc.ema_decay < 1, "in [0, 1), e.g. train.ema_decay=0.9999")
     if tc.lr_schedule not in ("constant", "cosine"):
         raise GuidelabError(f"unknown train.lr_schedule {tc.lr_schedule!r}; use constant or cosine")
@@ -211,6 +252,7 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         raise GuidelabError(f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over the "
                             f"{world} ranks; pick a multiple of {world}")
     resume_from = check_run_dir(run_dir, cfg.resume)
+    check_output_dir(run_dir, tc.min_free_gb)
     torch.manual_seed(cfg.seed + rank)  # ranks draw different noise; DDP broadcasts rank 0's initial weights
     data = load_data(cfg, "train")
     task = (diffusion_task if kind == "diffusion" else classifier_task)(cfg, data, device)
@@ -253,6 +295,9 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
     def save(final_metrics: dict | None = None) -> None:
         if not main:
             return dist.barrier()
+        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+            raise GuidelabError(f"the weights hold inf/nan at step {step}; nothing was saved for it. Lower train.lr or "
+                                "raise train.warmup_steps, then resume from the last good checkpoint (resume=true)")
         state = {"kind": kind, "model": model.state_dict(), "ema": ema.model.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                  "data": {"perm": perm, "cursor": cursor},
@@ -285,42 +330,54 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
         return metrics
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
-    model.train()
-    bar = tqdm(total=tc.steps, initial=step, desc=f"train {kind}", dynamic_ncols=True,
-               disable=not (tc.progress and main))
-    t_log, seen = time.perf_counter(), 0
-    while step < tc.steps:
-        if cursor + tc.batch_size > len(perm):  # a new epoch: a fresh permutation
-            perm, cursor = torch.randperm(len(labels), generator=data_gen).to(device), 0
-        idx = perm[cursor:cursor + tc.batch_size][rank::world]  # this rank's share of the global batch
-        cursor += tc.batch_size
-        x0, y = images[idx], labels[idx]
-        if data.hflip:
-            flip = torch.rand(len(y), device=device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        with autocast:
-            loss, stats = task.loss(net, x0, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        sched.step()
-        step += 1
-        ema.update(model, step)
-        seen += len(y) * world
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
-            loss_val = finite(dist.mean(loss), step)  # host syncs only at log intervals and checkpoints
-            rate = seen / (time.perf_counter() - t_log)
-            t_log, seen = time.perf_counter(), 0
-            bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}")
-            logger.log({"train/loss": loss_val, "train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0],
-                        "train/img_per_s": rate, **{f"train/{k}": v.item() for k, v in stats.items()}}, step)
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-            run_eval()
-        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
-            finite(dist.mean(loss), step)  # never write a poisoned checkpoint
-            save()
+    stop = StopRequest()
+    try:
+        model.train()
+        bar = tqdm(total=tc.steps, initial=step, desc=f"train {kind}", dynamic_ncols=True,
+                   disable=not (tc.progress and main))
+        t_log, seen = time.perf_counter(), 0
+        while step < tc.steps:
+            if cursor + tc.batch_size > len(perm):  # a new epoch: a fresh permutation
+                perm, cursor = torch.randperm(len(labels), generator=data_gen).to(device), 0
+            idx = perm[cursor:cursor + tc.batch_size][rank::world]  # this rank's share of the global batch
+            cursor += tc.batch_size
+            x0, y = images[idx], labels[idx]
+            if data.hflip:
+                flip = torch.rand(len(y), device=device) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            with autocast:
+                loss, stats = task.loss(net, x0, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            ema.update(model, step)
+            seen += len(y) * world
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                loss_val = finite(dist.mean(loss), step)  # host syncs only at log intervals and checkpoints
+                rate = seen / (time.perf_counter() - t_log)
+                t_log, seen = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}")
+                logger.log({"train/loss": loss_val, "train/grad_norm": grad_norm.item(),
+                            "train/lr": sched.get_last_lr()[0], "train/img_per_s": rate,
+                            **{f"train/{k}": v.item() for k, v in stats.items()}}, step)
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                run_eval()
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+                finite(dist.mean(loss), step)  # never write a poisoned checkpoint
+                save()
+            # one process checks its flag every step; DDP ranks agree at log intervals (a collective, not every step)
+            if (world == 1 or step % tc.log_every == 0) and dist.any_rank(stop.name is not None, device):
+                finite(dist.mean(loss), step)
+                save()
+                raise GuidelabError(f"stopped by {stop.name or 'a signal on another rank'} at step {step}; saved "
+                                    f"{run_dir / 'checkpoints' / 'last.pt'}; continue with the same command plus "
+                                    f"resume=true hydra.run.dir={run_dir}")
+    finally:
+        stop.restore()
     bar.close()
     final = run_eval()
     save(final)

@@ -1,0 +1,151 @@
+"""Runs that survive: pre-emption signals, SIGKILL and exact resume, payload-carrying checkpoints, full or
+unwritable output dirs. Through the real entry points."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import REPO, assert_one_line_error, run_script, tree_digest
+
+ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+
+
+def _start(tmp_path, run_dir, *overrides):
+    return subprocess.Popen([sys.executable, str(REPO / "train_diffusion.py"), "experiment=smoke",
+                             f"hydra.run.dir={run_dir}", *overrides], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=120):
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _same_state(a_path, b_path):
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), "optimizer"
+    assert torch.equal(a["data"]["perm"], b["data"]["perm"]) and a["data"]["cursor"] == b["data"]["cursor"]
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    common = ["train.steps=160", "train.ckpt_every=20", "train.eval_every=0", "model.p_uncond=0.3"]
+    straight = run_script("train_diffusion.py", "experiment=smoke", *common, f"hydra.run.dir={tmp_path / 'A'}",
+                          cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    proc = _start(tmp_path, tmp_path / "B", *common)
+    _wait_for(tmp_path / "B" / "checkpoints" / "0000060.pt", proc)
+    time.sleep(0.3)  # somewhere between two checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(tmp_path / "B" / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 60 <= killed_at < 160
+    resumed = run_script("train_diffusion.py", "experiment=smoke", *common, "resume=true",
+                         f"hydra.run.dir={tmp_path / 'B'}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {killed_at}" in resumed.stdout
+    _same_state(tmp_path / "A" / "checkpoints" / "last.pt", tmp_path / "B" / "checkpoints" / "last.pt")
+
+
+def test_sigterm_saves_the_current_step_and_exits_with_how_to_resume(tmp_path):
+    run_dir = tmp_path / "R"
+    proc = _start(tmp_path, run_dir, "train.steps=100000", "train.ckpt_every=0", "train.eval_every=0")
+    _wait_for(run_dir / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM at step ") and "resume=true" in last, last
+    step = int(last.split("at step ")[1].split(";")[0])
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == step > 0
+    proc = run_script("train_diffusion.py", "experiment=smoke", f"train.steps={step + 10}", "train.ckpt_every=0",
+                      "train.eval_every=0", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == step + 10
+
+
+def test_sigint_is_handled_like_sigterm(tmp_path):
+    run_dir = tmp_path / "R"
+    proc = _start(tmp_path, run_dir, "train.steps=100000", "train.ckpt_every=0", "train.eval_every=0")
+    _wait_for(run_dir / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "stopped by SIGINT" in err.strip().splitlines()[-1]
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_checkpoint(path, marker, source):
+    ckpt = torch.load(source, weights_only=True)
+    ckpt["extra"] = Payload(str(marker))
+    torch.save(ckpt, path)
+
+
+def test_payload_checkpoints_are_refused_by_sample_and_resume_and_never_run(smoke_runs, tmp_path):
+    marker = tmp_path / "payload-ran"
+    _evil_checkpoint(tmp_path / "evil.pt", marker, smoke_runs["diffusion"])
+    proc = run_script("sample.py", f"ckpt={tmp_path / 'evil.pt'}", f"hydra.run.dir={tmp_path / 'S'}", cwd=tmp_path)
+    assert_one_line_error(proc, "was refused", "Unsupported global")
+    run_dir = tmp_path / "R"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    _evil_checkpoint(run_dir / "checkpoints" / "last.pt", marker, smoke_runs["diffusion"])
+    before = tree_digest(run_dir / "checkpoints")
+    proc = run_script("train_diffusion.py", "experiment=smoke", "resume=true", f"hydra.run.dir={run_dir}",
+                      cwd=tmp_path)
+    assert_one_line_error(proc, "was refused")
+    assert not marker.exists()
+    assert tree_digest(run_dir / "checkpoints") == before
+
+
+def test_a_full_disk_is_refused_before_training(tmp_path):
+    proc = run_script("train_diffusion.py", "experiment=smoke", "train.min_free_gb=1e9",
+                      f"hydra.run.dir={tmp_path / 'R'}", cwd=tmp_path)
+    assert_one_line_error(proc, "GB free", "train.min_free_gb")
+    assert not list((tmp_path / "R").rglob("*.pt"))
+
+
+def test_an_unwritable_run_dir_is_refused_before_hydra_writes(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    for script in ("train_diffusion.py", "sample.py"):
+        proc = run_script(script, "experiment=smoke", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}", cwd=tmp_path)
+        assert_one_line_error(proc, "is not a writable directory", "hydra.run.dir")
+    assert (tmp_path / "a_file").read_text() == "not a directory"
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "R"
+    proc = run_script("train_diffusion.py", "experiment=smoke", "train.lr=1e30", "train.warmup_steps=0",
+                      "train.log_every=1", "train.ckpt_every=1", "train.eval_every=0", f"hydra.run.dir={run_dir}",
+                      cwd=tmp_path)
+    assert_one_line_error(proc, "loss is inf at step 2", "nothing was saved for it")
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["step"] == 1
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in last[part].values())
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["0000001.pt", "last.pt"]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    run_dir = tmp_path / "R"
+    proc = run_script("train_diffusion.py", "experiment=smoke", "train.steps=50", "train.ckpt_every=10",
+                      "train.keep_checkpoints=2", "train.eval_every=0", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000040.pt", "0000050.pt", "last.pt"]
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == (run_dir / "checkpoints" / "0000050.pt").read_bytes()

@@ -166,3 +166,15 @@ def test_eval_without_evaluator(guarded, tmp_path):
 def test_noisy_classifier_is_refused_as_the_evaluator(guarded, tmp_path):
     assert_one_line_error(_sample(guarded, tmp_path, f"evaluator_ckpt={guarded['classifier']}"),
                           "is a noisy guidance classifier")
+
+
+@pytest.mark.parametrize("script,override,fragments", [
+    ("train_diffusion.py", "no_such_key=1", ["unknown key 'no_such_key' for train_diffusion.py", "--cfg job"]),
+    ("sample.py", "sampler.stepz=10", ["unknown key 'sampler.stepz' for sample.py"]),
+    ("train_classifier.py", "train.steps=[1,2", ["malformed override", "key=value"]),
+    ("sample.py", "scale=x=1", ["malformed override"]),
+])
+def test_unknown_keys_and_malformed_overrides_are_one_line(tmp_path, script, override, fragments):
+    proc = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "run").exists()

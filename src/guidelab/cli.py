@@ -57,6 +57,36 @@ def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protec
             fail(f"{run_dir} already holds samples.npz of another sampling run; choose another hydra.run.dir")
 
 
+def check_overrides(argv: list[str], config_dir: Path, config_name: str) -> None:
+    """Hydra's own parse and composition errors, turned into one line before Hydra starts: a malformed override, an
+    unknown key. (A sweep's values are only parsed: composing needs one value per key.)"""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]  # not flag values
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        fail(f"malformed override: {_one_line(e)}; write overrides as key=value, e.g. scale=3.0")
+    if "-m" in argv or "--multirun" in argv or any(o.is_sweep_override() for o in parsed):
+        return
+    try:
+        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+            compose(config_name=config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
+    except ConfigCompositionException as e:
+        unknown = re.match(r"Could not override '([^']+)'", str(e))
+        if unknown and "not in struct" in str(e.__cause__):
+            fail(f"unknown key {unknown.group(1)!r} for {config_name}.py; `python {config_name}.py --cfg job` lists "
+                 "every key")
+        cause = f" ({_one_line(e.__cause__)})" if e.__cause__ else ""
+        fail(f"{_one_line(e)}{cause}; `python {config_name}.py --cfg job` lists every key")
+
+
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
 def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
     """`eval=true` -> `eval.enabled=true`: a switch that also has sub-keys (eval.num_samples) stays short to type."""
     out = []
@@ -71,6 +101,7 @@ def main(config_dir: Path, config_name: str, task: Callable, groups: tuple[str, 
     """Run `task(cfg, run_dir)` under Hydra with the primary config `config_name` from `config_dir`."""
     sys.argv[1:] = expand_aliases(sys.argv[1:], aliases or {})
     preflight(sys.argv[1:], config_dir, groups, protect)
+    check_overrides(sys.argv[1:], config_dir, config_name)
 
     @hydra.main(config_path=str(config_dir.resolve()), config_name=config_name, version_base="1.3")
     def _run(cfg) -> None:

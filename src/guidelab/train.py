@@ -173,19 +173,18 @@ class StopRequest:
 
 
 def check_output_dir(run_dir: Path, min_free_gb: float) -> None:
-    """Fail in the first seconds, not at the first checkpoint: the checkpoint dir can be created and written, and
-    the disk has at least `train.min_free_gb` free."""
-    ckpt_dir = run_dir / "checkpoints"
+    """Fail in the first seconds, not at the first checkpoint: the run dir can be written (probed with a temporary
+    file that is removed again) and the disk has at least `train.min_free_gb` free."""
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=ckpt_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as e:
-        raise GuidelabError(f"cannot write checkpoints to {ckpt_dir} ({e.strerror}); choose a writable "
+        raise GuidelabError(f"cannot write to the run dir {run_dir} ({e.strerror}); choose a writable "
                             "hydra.run.dir") from None
-    free_gb = shutil.disk_usage(ckpt_dir).free / 1e9
+    free_gb = shutil.disk_usage(run_dir).free / 1e9
     if free_gb < min_free_gb:
-        raise GuidelabError(f"only {free_gb:.1f} GB free under {ckpt_dir}, train.min_free_gb asks for {min_free_gb:g}; "
+        raise GuidelabError(f"only {free_gb:.1f} GB free under {run_dir}, train.min_free_gb asks for {min_free_gb:g}; "
                             "free some space, choose another hydra.run.dir, or lower train.min_free_gb")
 
 

@@ -39,6 +39,7 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path, script, override, f
     (["guidance=cg"], ["classifier_ckpt=PATH", "train_classifier.py"]),
     (["guidance=cfg_cg"], ["classifier_ckpt=PATH"]),
     (["num_samples=0"], ["num_samples must be a positive integer"]),
+    (["batch_size=2.5"], ["batch_size must be a positive integer, got 2.5"]),
     (["sampler.steps=0"], ["sampler.steps must be a positive integer"]),
     (["sampler.eta=1.5"], ["sampler.eta must be in [0, 1]"]),
     (["labels=[0,10]"], ["labels must be class indices in [0, 10)", "got 10"]),

@@ -9,6 +9,7 @@ import time
 import torch
 
 from conftest import REPO, assert_one_line_error, run_script, tree_digest
+from test_checkpoint import Payload
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
@@ -57,18 +58,23 @@ def test_sigkill_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tm
     _same_state(tmp_path / "A" / "checkpoints" / "last.pt", tmp_path / "B" / "checkpoints" / "last.pt")
 
 
-def test_sigterm_saves_the_current_step_and_exits_with_how_to_resume(tmp_path):
+def _interrupt(tmp_path, sig):
+    """Start a long run, send `sig` once it trains; it must save its current step and say how to resume."""
     run_dir = tmp_path / "R"
     proc = _start(tmp_path, run_dir, "train.steps=100000", "train.ckpt_every=0", "train.eval_every=0")
     _wait_for(run_dir / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: stopped by SIGTERM at step ") and "resume=true" in last, last
+    assert last.startswith(f"error: stopped by {sig.name} at step ") and "resume=true" in last, last
     step = int(last.split("at step ")[1].split(";")[0])
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["step"] == step > 0
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == step > 0
+    return run_dir, step
+
+
+def test_sigterm_saves_the_current_step_and_the_run_resumes(tmp_path):
+    run_dir, step = _interrupt(tmp_path, signal.SIGTERM)
     proc = run_script("train_diffusion.py", "experiment=smoke", f"train.steps={step + 10}", "train.ckpt_every=0",
                       "train.eval_every=0", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,21 +82,7 @@ def test_sigterm_saves_the_current_step_and_exits_with_how_to_resume(tmp_path):
 
 
 def test_sigint_is_handled_like_sigterm(tmp_path):
-    run_dir = tmp_path / "R"
-    proc = _start(tmp_path, run_dir, "train.steps=100000", "train.ckpt_every=0", "train.eval_every=0")
-    _wait_for(run_dir / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "stopped by SIGINT" in err.strip().splitlines()[-1]
-    assert (run_dir / "checkpoints" / "last.pt").exists()
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
+    _interrupt(tmp_path, signal.SIGINT)
 
 
 def _evil_checkpoint(path, marker, source):

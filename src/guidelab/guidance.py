@@ -72,9 +72,6 @@ def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier
         classifier.requires_grad_(False)
     cls_scale = scale if mode == "cg" else classifier_scale
 
-    def conditional(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return unet(x_t, t, labels)
-
     def cfg(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if scale == 0:  # exactly the unconditional model: one pass instead of two
             return unet(x_t, t, null)
@@ -84,7 +81,7 @@ def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier
         return cfg_combine(eps_uncond, eps_cond, scale)
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> Guided:
-        eps = cfg(x_t, t) if mode in ("cfg", "cfg_cg") else conditional(x_t, t, y_base)
+        eps = cfg(x_t, t) if mode in ("cfg", "cfg_cg") else unet(x_t, t, y_base)
         if not needs_classifier or cls_scale == 0:
             return Guided(eps)
         return Guided(eps, cls_scale * classifier_score(classifier, x_t, t, y))

@@ -23,8 +23,9 @@ def _sample(runs, tmp_path, *overrides):
 @pytest.mark.parametrize("script,override,fragments", [
     ("train_diffusion.py", "dataset=imagenet", ["unknown dataset 'imagenet'", "cifar10, fashion_mnist, mnist, mnist5k"]),
     ("train_classifier.py", "dataset=svhn", ["unknown dataset 'svhn'", "procedural"]),
-    ("sample.py", "guidance=pag", ["unknown guidance 'pag'", "cfg, cfg_cg, cg, none"]),
-    ("sample.py", "sampler=euler", ["unknown sampler 'euler'", "ddim, ddpm"]),
+    ("sample.py", "guidance=pag", ["unknown guidance 'pag'", "apg, autoguidance, cfg, cfg_cg, cfg_interval, cfg_rescale, "
+                                   "cfgpp, cg, cg_interval, dynamic_threshold, none"]),
+    ("sample.py", "sampler=euler", ["unknown sampler 'euler'", "ddim, ddpm, dpmpp_2m"]),
     ("train_diffusion.py", "model=unet_huge", ["unknown model 'unet_huge'", "unet_cifar, unet_small"]),
 ])
 def test_unknown_group_option_lists_the_valid_ones(tmp_path, script, override, fragments):
@@ -44,6 +45,16 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path, script, override, f
     (["sampler.eta=1.5"], ["sampler.eta must be in [0, 1]"]),
     (["labels=[0,10]"], ["labels must be class indices in [0, 10)", "got 10"]),
     (["sampler.steps=5000"], ["sampler.steps must be in [1, 1000]"]),
+    (["sampler.spacing=log"], ["sampler.spacing must be time or logsnr, got 'log'"]),
+    (["guidance=cg_interval"], ["guidance=cg_interval needs classifier_ckpt=PATH"]),
+    (["guidance=cfgpp", "scale=2"], ["guidance=cfgpp reads scale as its lambda in [0, 1], got 2", "scale=0.6"]),
+    (["guidance=cfg_rescale", "guidance.phi=1.5"], ["guidance.phi must be in [0, 1], got 1.5"]),
+    (["guidance=cfg_rescale", "guidance.space=v"], ["guidance.space must be x0 or eps, got 'v'"]),
+    (["guidance=cfg_interval", "guidance.sigma_lo=5", "guidance.sigma_hi=1"], ["must be above guidance.sigma_lo"]),
+    (["guidance=apg", "guidance.momentum=1.5"], ["guidance.momentum must be in [-0.99, 0.99], got 1.5"]),
+    (["guidance=apg", "guidance.norm_threshold=0"], ["guidance.norm_threshold must be in"]),
+    (["guidance=dynamic_threshold", "guidance.percentile=2"], ["guidance.percentile must be in [0.5, 1], got 2"]),
+    (["guidance=autoguidance"], ["guidance=autoguidance needs guidance.guide_ckpt=PATH"]),
 ])
 def test_bad_sampling_options(guarded, tmp_path, overrides, fragments):
     assert_one_line_error(_sample(guarded, tmp_path, *overrides), *fragments)

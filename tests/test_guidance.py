@@ -1,10 +1,15 @@
-"""Guidance eps-functions: the CFG formula and its exact endpoints, one doubled batch, and the classifier term."""
+"""Guidance eps-functions: the CFG formula and its exact endpoints, one doubled batch, the classifier term, and each
+variant's reduction to plain CFG / CG plus its defining property, on constructed tensors."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
-from guidelab.guidance import cfg_combine, classifier_score, make_eps_fn
+from guidelab.diffusion import Diffusion, linear_betas
+from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval, make_eps_fn,
+                               noise_level, project, rescale_combine)
+
+ABAR = Diffusion(linear_betas(1000)).abar
 
 
 class ToyUNet(torch.nn.Module):
@@ -100,10 +105,164 @@ def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
 @pytest.mark.parametrize("mode,kwargs,match", [
     ("cg", {}, "classifier_ckpt"),
     ("cfg_cg", {}, "classifier_ckpt"),
-    ("foo", {}, "none, cfg, cg, cfg_cg"),
-    ("cg", {"base": "both"}, "guidance.base"),
+    ("cg_interval", {}, "classifier_ckpt"),
+    ("foo", {}, "none, cfg, cg, cfg_cg, cfg_rescale"),
+    ("none", {"base": "both"}, "guidance.base"),
+    ("cfg_rescale", {"phi": 0.5}, "noise schedule"),
+    ("cfg_rescale", {"abar": ABAR, "space": "v"}, "guidance.space"),
+    ("cfg", {"phi": 0.5}, "unknown option"),
+    ("autoguidance", {}, "guide_ckpt"),
 ])
 def test_bad_guidance_arguments(mode, kwargs, match):
     unet, (x, t, y) = ToyUNet(), _inputs()
     with pytest.raises(GuidelabError, match=match):
         make_eps_fn(mode, unet, y, 1.0, **kwargs)
+
+
+# --- variants: each reduces to plain CFG / CG where its paper says, and has its defining property -------------------
+
+def _x0(x, t, eps):
+    a = ABAR[t].float().view(-1, 1, 1, 1)
+    return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def test_rescale_is_cfg_at_phi_0_and_matches_the_conditional_std_at_phi_1():
+    torch.manual_seed(0)
+    guided, cond = 3 * torch.randn(5, 1, 4, 4) + 1, torch.randn(5, 1, 4, 4)
+    assert torch.equal(rescale_combine(guided, cond, 0.0), guided)
+    full = rescale_combine(guided, cond, 1.0)
+    assert torch.allclose(full.flatten(1).std(1), cond.flatten(1).std(1), atol=1e-5)
+    assert not torch.allclose(full.flatten(1).std(1), guided.flatten(1).std(1), atol=0.1)
+    half = rescale_combine(guided, cond, 0.5)
+    assert torch.allclose(half, 0.5 * (guided + full), atol=1e-5)
+
+
+@pytest.mark.parametrize("space", ["x0", "eps"])
+def test_cfg_rescale_eps_fn(space):
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
+    plain = make_eps_fn("cfg_rescale", unet, y, 3.0, abar=ABAR, phi=0.0, space=space)(x, t).eps
+    assert torch.allclose(plain, cfg, atol=1e-4)
+    full = make_eps_fn("cfg_rescale", unet, y, 3.0, abar=ABAR, phi=1.0, space=space)(x, t).eps
+    eps_c = unet(x, t, y)
+    pick = (lambda e: _x0(x, t, e)) if space == "x0" else (lambda e: e)
+    assert torch.allclose(pick(full).flatten(1).std(1), pick(eps_c).flatten(1).std(1), rtol=1e-3)
+    assert torch.equal(make_eps_fn("cfg_rescale", unet, y, 1.0, abar=ABAR, phi=1.0)(x, t).eps, eps_c)
+
+
+def test_interval_covering_every_noise_level_is_cfg_and_an_empty_one_is_conditional():
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    everywhere = make_eps_fn("cfg_interval", unet, y, 3.0, abar=ABAR, sigma_lo=0.0, sigma_hi=float("inf"))(x, t)
+    assert torch.equal(everywhere.eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps)
+    nowhere = make_eps_fn("cfg_interval", unet, y, 3.0, abar=ABAR, sigma_lo=1e8, sigma_hi=2e8)(x, t)
+    assert torch.equal(nowhere.eps, unet(x, t, y))
+
+
+def test_interval_guides_exactly_the_samples_inside_it():
+    unet, clf, (x, _, y) = ToyUNet(), ToyClassifier(), _inputs()
+    t = torch.tensor([0, 100, 300, 500, 700, 999])
+    sigma = noise_level(ABAR[t])
+    inside = in_interval(ABAR[t], 0.28, 5.42)
+    assert inside.tolist() == ((sigma > 0.28) & (sigma <= 5.42)).tolist() and 0 < inside.sum() < len(t)
+    eps = make_eps_fn("cfg_interval", unet, y, 3.0, abar=ABAR)(x, t).eps
+    cfg, cond = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, unet(x, t, y)
+    assert torch.allclose(eps[inside], cfg[inside]) and torch.equal(eps[~inside], cond[~inside])
+    out = make_eps_fn("cg_interval", unet, y, 2.0, classifier=clf, abar=ABAR)(x, t)
+    cg = make_eps_fn("cg", unet, y, 2.0, classifier=clf)(x, t)
+    assert torch.equal(out.eps, cg.eps)
+    assert torch.allclose(out.score[inside], cg.score[inside]) and (out.score[~inside] == 0).all()
+    full = make_eps_fn("cg_interval", unet, y, 2.0, classifier=clf, abar=ABAR, sigma_lo=0.0, sigma_hi=float("inf"))
+    assert torch.equal(full(x, t).score, cg.score)
+
+
+def test_apg_is_cfg_with_eta_1_no_threshold_no_momentum():
+    torch.manual_seed(0)
+    d_u, d_c = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    guided, _ = apg_combine(d_u, d_c, 3.0, eta=1.0, norm_threshold=None, momentum=0.0)
+    assert torch.allclose(guided, cfg_combine(d_u, d_c, 3.0), atol=1e-5)
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    apg = make_eps_fn("apg", unet, y, 3.0, abar=ABAR, eta=1.0, norm_threshold=None, momentum=0.0)(x, t).eps
+    assert torch.allclose(apg, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
+
+
+def test_apg_parts_are_orthogonal_threshold_caps_the_norm_and_momentum_accumulates():
+    torch.manual_seed(0)
+    d_u, d_c = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    parallel, orthogonal = project(d_c - d_u, d_c)
+    assert torch.allclose((orthogonal * d_c).flatten(1).sum(1), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(parallel + orthogonal, d_c - d_u)
+    assert torch.allclose(torch.linalg.matrix_rank(torch.stack([parallel.flatten(1)[0], d_c.flatten(1)[0]])),
+                          torch.tensor(1))
+    # eta = 0 keeps only the orthogonal part: the update is orthogonal to D_c
+    guided, _ = apg_combine(d_u, d_c, 5.0, eta=0.0)
+    assert torch.allclose(((guided - d_c) * d_c).flatten(1).sum(1), torch.zeros(4), atol=1e-4)
+    # the norm threshold caps ||update|| / (s - 1) at r
+    guided, _ = apg_combine(d_u, d_c, 5.0, eta=1.0, norm_threshold=0.5)
+    assert ((guided - d_c).flatten(1).norm(dim=1) / 4.0 <= 0.5 + 1e-5).all()
+    # momentum: the second update uses dD_2 + beta * dD_1
+    d_u2 = torch.randn(4, 1, 4, 4)
+    _, running = apg_combine(d_u, d_c, 2.0, eta=1.0, momentum=-0.5)
+    g2, running2 = apg_combine(d_u2, d_c, 2.0, eta=1.0, running=running, momentum=-0.5)
+    assert torch.allclose(running2, (d_c - d_u2) - 0.5 * (d_c - d_u))
+    assert torch.allclose(g2, d_c + running2, atol=1e-5)
+
+
+def test_apg_eps_fn_keeps_its_momentum_across_steps():
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    with_m = make_eps_fn("apg", unet, y, 3.0, abar=ABAR, eta=1.0, momentum=-0.5)
+    without = make_eps_fn("apg", unet, y, 3.0, abar=ABAR, eta=1.0, momentum=0.0)
+    assert torch.allclose(with_m(x, t).eps, without(x, t).eps, atol=1e-4)  # first step: nothing accumulated yet
+    assert not torch.allclose(with_m(x, t).eps, without(x, t).eps, atol=1e-3)
+
+
+def test_dynamic_threshold_is_static_clipping_below_1_and_maps_the_quantile_to_1():
+    torch.manual_seed(0)
+    small = torch.rand(3, 1, 8, 8) * 1.8 - 0.9  # |x0| < 1: unchanged
+    assert torch.equal(dynamic_threshold(small, 0.995), small)
+    mostly_in = small.clone()
+    mostly_in[:, 0, 0, 0] = 3.0  # one outlier per sample: the 90% quantile stays below 1, so static clipping
+    assert torch.equal(dynamic_threshold(mostly_in, 0.9), mostly_in.clamp(-1, 1))
+    big = 4 * torch.randn(3, 1, 8, 8)
+    out = dynamic_threshold(big, 0.9)
+    # s = the 90% quantile of |x0| maps to 1: everything above it is clipped to exactly +-1, the rest scales by 1/s
+    s = torch.quantile(big.abs().flatten(1), 0.9, dim=1).view(-1, 1, 1, 1)
+    assert out.abs().max() <= 1 and torch.allclose(out.abs().flatten(1).amax(1), torch.ones(3))
+    assert ((out.abs() == 1).flatten(1).sum(1) >= int(0.1 * 63)).all()
+    assert torch.allclose(out[big.abs() <= s], (big / s)[big.abs() <= s], atol=1e-6)
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    t = torch.zeros_like(t)  # at t = 0, x0 = x_t up to 1%: |x0| < 1 everywhere, so plain CFG
+    x = x.clamp(-0.9, 0.9)
+    eps = make_eps_fn("dynamic_threshold", unet, y, 3.0, abar=ABAR)(x, t).eps
+    assert torch.allclose(eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
+
+
+def test_cfgpp_is_unconditional_at_0_and_renoises_the_guided_x0_with_eps_u():
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    null = torch.full_like(y, 3)
+    assert torch.equal(make_eps_fn("cfgpp", unet, y, 0.0, abar=ABAR)(x, t).eps, unet(x, t, null))
+    out = make_eps_fn("cfgpp", unet, y, 0.6, abar=ABAR)(x, t)
+    eps_u, eps_c = unet(x, t, null), unet(x, t, y)
+    assert torch.allclose(out.eps, eps_u)
+    assert torch.allclose(out.x0, torch.lerp(_x0(x, t, eps_u), _x0(x, t, eps_c), 0.6), rtol=1e-4, atol=1e-3)
+
+
+class UncondHalf(torch.nn.Module):
+    """The main model's unconditional prediction, as a guide network: autoguidance with it is CFG."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, y):
+        return self.unet(x, t, torch.full_like(y, self.unet.null_class))
+
+
+def test_autoguidance_with_the_unconditional_model_as_guide_is_cfg():
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    auto = make_eps_fn("autoguidance", unet, y, 3.0, guide=UncondHalf(unet))(x, t).eps
+    assert torch.allclose(auto, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-6)
+    assert torch.equal(make_eps_fn("autoguidance", unet, y, 1.0, guide=ToyUNet())(x, t).eps, unet(x, t, y))
+    guide = ToyUNet()
+    out = make_eps_fn("autoguidance", unet, y, 2.0, guide=guide)(x, t).eps
+    assert torch.allclose(out, guide(x, t, y) + 2.0 * (unet(x, t, y) - guide(x, t, y)), atol=1e-6)
+    assert not any(p.requires_grad for p in guide.parameters())

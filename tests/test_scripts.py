@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import run_script
+from guidelab.guidance import MODES
 from guidelab.report import COLUMNS
 
 
@@ -97,6 +98,41 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
     # the report command rebuilds the same table by hand
     report = subprocess.run([sys.executable, "-m", "guidelab.report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0 and (sweep / "results.md").read_text() == md, report.stderr
+
+
+def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smoke_runs, tmp_path):
+    """`python sample.py guidance=MODE sampler=dpmpp_2m` for every mode: one sweep, one row each, with its NFE."""
+    sweep = tmp_path / "sweep"
+    modes = [m for m in MODES if m not in ("cfgpp", "autoguidance")]  # those two take other scales: below
+    proc = run_script("sample.py", "-m", "experiment=smoke", f"guidance={','.join(modes)}", "sampler=dpmpp_2m",
+                      "scale=3", f"ckpt={smoke_runs['diffusion']}", f"classifier_ckpt={smoke_runs['classifier']}",
+                      f"evaluator_ckpt={smoke_runs['evaluator']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(sweep / "results.csv") as f:
+        rows = {r["guidance"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(modes) and {r["sampler"] for r in rows.values()} == {"dpmpp_2m"}
+    nfe = {m: (int(r["nfe"]), int(r["classifier_nfe"])) for m, r in rows.items()}
+    assert nfe["none"] == (5, 0) and nfe["cfg"] == (10, 0) and nfe["cg"] == (5, 5) and nfe["cfg_cg"] == (10, 5)
+    assert nfe["apg"] == nfe["cfg_rescale"] == nfe["dynamic_threshold"] == (10, 0)
+    assert 5 <= nfe["cfg_interval"][0] < 10 and nfe["cg_interval"][0] == 5 and nfe["cg_interval"][1] < 5
+    assert rows["cfg_rescale"]["options"] == "phi=0.7 space=x0"
+    images = {m: np.load(next(sweep.glob(f"*_{m}_s3*/samples.npz")))["images"] for m in modes}
+    assert all(not np.array_equal(images["none"], images[m]) for m in modes if m != "none")
+
+
+def test_autoguidance_with_itself_as_guide_is_the_conditional_model_and_cfgpp_runs(smoke_runs, tmp_path):
+    """Autoguidance guided by the very same network is eps_c + s (eps_c - eps_c) = eps_c: the conditional model's
+    samples, bit for bit, whatever the scale."""
+    common = ["experiment=smoke", f"ckpt={smoke_runs['diffusion']}", "sampler=ddpm", "sampler.steps=5"]
+    for name, overrides in [("auto", ["guidance=autoguidance", f"guidance.guide_ckpt={smoke_runs['diffusion']}",
+                                      "scale=4"]),
+                            ("cond", ["guidance=none", "guidance.base=cond"]),
+                            ("cfgpp", ["guidance=cfgpp", "scale=0.6"])]:
+        proc = run_script("sample.py", *common, *overrides, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    auto, cond = (np.load(tmp_path / n / "samples.npz")["images"] for n in ("auto", "cond"))
+    assert np.array_equal(auto, cond)
+    assert not np.array_equal(np.load(tmp_path / "cfgpp" / "samples.npz")["images"], cond)
 
 
 def test_sweep_without_evaluator_still_reports_scales(smoke_runs, tmp_path):

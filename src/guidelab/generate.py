@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from guidelab import checkpoint, dist, sampling
 from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
-from guidelab.guidance import make_eps_fn
+from guidelab.guidance import CFG_SCALE_MODES, CLASSIFIER_MODES, interval_steps, make_eps_fn
 from guidelab.images import save_class_grid, to_uint8
 from guidelab.metrics import (BACKENDS, EvaluatorFeatures, class_accuracy, evaluate_samples, extract,
                               find_inception_weights)
@@ -69,17 +69,18 @@ def validate(cfg) -> None:
 
     if number("scale", cfg.scale) < 0:
         raise GuidelabError(f"scale must be >= 0, got {cfg.scale}; 0 = unconditional, 1 = conditional, >1 = guided")
-    if cfg.guidance.name == "cfg_cg" and number("guidance.classifier_scale", cfg.guidance.classifier_scale) < 0:
-        raise GuidelabError(f"guidance.classifier_scale must be >= 0, got {cfg.guidance.classifier_scale}")
+    validate_guidance(cfg.guidance, cfg.scale, number)
     for key in ("num_samples", "batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise GuidelabError(f"{key} must be a positive integer, got {cfg[key]!r}")
     steps = cfg.sampler.steps
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise GuidelabError(f"sampler.steps must be a positive integer or null (all steps), got {steps!r}")
+    if cfg.sampler.spacing not in ("time", "logsnr"):
+        raise GuidelabError(f"sampler.spacing must be time or logsnr, got {cfg.sampler.spacing!r}")
     if not 0 <= number("sampler.eta", cfg.sampler.eta) <= 1:
         raise GuidelabError(f"sampler.eta must be in [0, 1], got {cfg.sampler.eta}; 0 = deterministic DDIM")
-    if cfg.guidance.name in ("cg", "cfg_cg") and not cfg.classifier_ckpt:
+    if cfg.guidance.name in CLASSIFIER_MODES and not cfg.classifier_ckpt:
         raise GuidelabError(f"guidance={cfg.guidance.name} needs classifier_ckpt=PATH to a noisy classifier; train one "
                             "with `python train_classifier.py dataset=...` (its run dir holds checkpoints/last.pt)")
     if not cfg.ckpt:
@@ -95,12 +96,58 @@ def validate(cfg) -> None:
             find_inception_weights(cfg.metrics.inception_weights)
 
 
+def validate_guidance(g, scale: float, number) -> None:
+    """Range checks of each guidance mode's own keys (configs/guidance/<mode>.yaml)."""
+    def in_range(key, lo, hi, why):
+        value = number(f"guidance.{key}", g[key])
+        if not lo <= value <= hi:
+            raise GuidelabError(f"guidance.{key} must be in [{lo}, {hi}], got {value}; {why}")
+
+    if g.name == "cfg_cg":
+        in_range("classifier_scale", 0, float("inf"), "0 = plain CFG")
+    if g.name == "cfg_rescale":
+        in_range("phi", 0, 1, "0 = plain CFG, 1 = fully rescaled (Lin et al. use 0.7)")
+        if g.space not in ("x0", "eps"):
+            raise GuidelabError(f"guidance.space must be x0 or eps, got {g.space!r}; x0 is the paper's form")
+    if g.name in ("cfg_interval", "cg_interval"):
+        in_range("sigma_lo", 0, float("inf"), "sigma = sqrt((1 - abar_t) / abar_t) >= 0")
+        if number("guidance.sigma_hi", g.sigma_hi) <= g.sigma_lo:
+            raise GuidelabError(f"guidance.sigma_hi ({g.sigma_hi}) must be above guidance.sigma_lo ({g.sigma_lo}); "
+                                "e.g. guidance.sigma_lo=0.28 guidance.sigma_hi=5.42")
+    if g.name == "apg":
+        in_range("eta", 0, float("inf"), "1 = CFG's parallel part, 0 = none (the paper's choice)")
+        in_range("momentum", -0.99, 0.99, "beta; the paper uses negative values such as -0.5")
+        if g.norm_threshold is not None:
+            in_range("norm_threshold", 1e-6, float("inf"), "r > 0, or null for no cap")
+    if g.name == "cfgpp" and not 0 <= scale <= 1:
+        raise GuidelabError(f"guidance=cfgpp reads scale as its lambda in [0, 1], got {scale}; e.g. scale=0.6")
+    if g.name == "dynamic_threshold":
+        in_range("percentile", 0.5, 1, "the quantile of |x0| that is mapped to 1 (Imagen: 0.995)")
+    if g.name == "autoguidance" and not g.guide_ckpt:
+        raise GuidelabError("guidance=autoguidance needs guidance.guide_ckpt=PATH: a smaller diffusion model or an "
+                            "earlier checkpoint of the same run (RUN_DIR/checkpoints/0000500.pt)")
+
+
+def guidance_params(g) -> dict:
+    """The mode's own keys, as make_eps_fn takes them (the guide checkpoint is loaded, not passed)."""
+    return {k: v for k, v in g.items() if k not in ("name", "guide_ckpt")}
+
+
 def load_networks(cfg, device: torch.device) -> dict:
     """The diffusion UNet and, as the config asks, the guidance classifier and the evaluator, each checked against
     the UNet's data (dataset, classes, channels, image size) and role (noisy guide vs clean judge)."""
     unet, unet_ckpt = load_network(cfg.ckpt, "diffusion", device)
-    nets = {"unet": unet, "unet_ckpt": unet_ckpt, "classifier": None, "evaluator": None, "evaluator_ckpt": None}
-    if cfg.guidance.name in ("cg", "cfg_cg"):
+    nets = {"unet": unet, "unet_ckpt": unet_ckpt, "classifier": None, "evaluator": None, "evaluator_ckpt": None,
+            "guide": None}
+    if cfg.guidance.name == "autoguidance":
+        guide, guide_ckpt = load_network(cfg.guidance.guide_ckpt, "diffusion", device)
+        checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", guide_ckpt, "guide")
+        if guide_ckpt["config"]["diffusion"] != unet_ckpt["config"]["diffusion"]:
+            raise GuidelabError("the guide was trained on another noise schedule than the diffusion model "
+                                f"({guide_ckpt['config']['diffusion']} vs {unet_ckpt['config']['diffusion']}); use a guide "
+                                "trained with the same diffusion= settings")
+        nets["guide"] = guide
+    if cfg.guidance.name in CLASSIFIER_MODES:
         classifier, cls_ckpt = load_network(cfg.classifier_ckpt, "classifier", device)
         checkpoint.check_compatible(unet_ckpt, "diffusion checkpoint", cls_ckpt, "classifier")
         if not cls_ckpt["config"]["classifier"]["noisy"]:
@@ -144,10 +191,10 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
         y = y_all[starts[b]:starts[b] + cfg.batch_size].to(device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
         noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
-        eps_fn = make_eps_fn(g.name, unet, y, float(cfg.scale), classifier, g.get("classifier_scale"),
-                             g.get("base", "uncond"))
+        eps_fn = make_eps_fn(g.name, unet, y, float(cfg.scale), classifier, diffusion.abar, nets["guide"],
+                             **guidance_params(g))
         x = sampling.sample(cfg.sampler.name, eps_fn, diffusion, noise, cfg.sampler.steps, cfg.sampler.eta,
-                            cfg.sampler.clip_x0, generator=gen)
+                            cfg.sampler.clip_x0, generator=gen, spacing=cfg.sampler.spacing)
         mine.append((b, to_uint8(x)))
     gathered = dist.gather(mine)
     seconds = time.perf_counter() - t0
@@ -162,11 +209,15 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     np.savez(tmp, images=images_np, labels=labels_np)
     os.replace(tmp, run_dir / "samples.npz")
     save_class_grid(images_np, labels_np, num_classes, run_dir / "grid.png")
-    steps = diffusion.respace(cfg.sampler.steps).num_steps
-    cfg_scale = g.name in ("cfg", "cfg_cg")  # w = s - 1 is Ho & Salimans' CFG strength; CG has no w
+    respaced = diffusion.respace(cfg.sampler.steps, cfg.sampler.spacing)
+    cfg_scale = g.name in CFG_SCALE_MODES  # w = s - 1 is Ho & Salimans' CFG strength; CG and the others have no w
+    options = {k: v for k, v in guidance_params(g).items() if k not in ("classifier_scale", "base")}
+    if g.name == "autoguidance":  # which guide: its run dir and checkpoint file
+        options["guide"] = "/".join(Path(g.guide_ckpt).parts[-3:])
     result = {"guidance": g.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1 if cfg_scale else None,
-              "sampler": cfg.sampler.name,
-              "steps": steps, **network_evaluations(g, float(cfg.scale), steps), "num_samples": len(labels_np),
+              "options": " ".join(f"{k}={v}" for k, v in options.items()) or None, "sampler": cfg.sampler.name,
+              "spacing": cfg.sampler.spacing, "steps": respaced.num_steps, **network_evaluations(g, float(cfg.scale), respaced.abar.cpu()),
+              "num_samples": len(labels_np),
               "seconds": seconds, "seconds_per_sample": seconds / len(labels_np), "seed": cfg.seed,
               "classifier_scale": g.get("classifier_scale"), "base": g.get("base"),
               "p_uncond": train_cfg["model"].get("p_uncond"), "ckpt": str(cfg.ckpt)}
@@ -185,10 +236,20 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     return result
 
 
-def network_evaluations(guidance, scale: float, steps: int) -> dict:
-    """Network passes per sample: `nfe` UNet forwards (CFG at s not in {0, 1}: two per step, the doubled batch),
-    `classifier_nfe` classifier forward+backward passes (CG: one per step)."""
-    doubled = guidance.name in ("cfg", "cfg_cg") and scale not in (0.0, 1.0)
-    cls_scale = scale if guidance.name == "cg" else guidance.get("classifier_scale", 0)
-    with_classifier = guidance.name in ("cg", "cfg_cg") and cls_scale != 0
-    return {"nfe": steps * (2 if doubled else 1), "classifier_nfe": steps if with_classifier else 0}
+def network_evaluations(guidance, scale: float, abar_steps: torch.Tensor) -> dict:
+    """Network passes per sample over the sampler's timesteps (their abar): `nfe` UNet forwards (CFG and its variants
+    at s not in {0, 1}: two per step, the doubled batch; only inside the interval for cfg_interval; autoguidance: the
+    main model and the guide), `classifier_nfe` classifier forward+backward passes (CG: one per guided step)."""
+    steps, name = len(abar_steps), guidance.name
+    guided = steps
+    if name in ("cfg_interval", "cg_interval"):
+        guided = interval_steps(abar_steps, guidance.sigma_lo, guidance.sigma_hi)
+    doubled = name in TWO_PASSES and scale not in TWO_PASSES[name]
+    cls_scale = scale if name in ("cg", "cg_interval") else guidance.get("classifier_scale", 0)
+    with_classifier = name in CLASSIFIER_MODES and cls_scale != 0
+    return {"nfe": steps + (guided if doubled else 0), "classifier_nfe": guided if with_classifier else 0}
+
+
+# modes that run two UNet passes per step (a doubled batch, or main model + guide), except at these scales
+TWO_PASSES = {"cfg": (0.0, 1.0), "cfg_cg": (0.0, 1.0), "dynamic_threshold": (0.0, 1.0), "cfg_interval": (0.0, 1.0),
+              "cfg_rescale": (1.0,), "apg": (), "cfgpp": (0.0,), "autoguidance": (1.0,)}

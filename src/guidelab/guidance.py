@@ -1,15 +1,25 @@
 """Guidance modes: each turns the networks and the requested labels into `eps_fn(x_t, t) -> Guided`.
 
-Samplers know nothing about guidance: they call eps_fn and apply its two parts, the noise prediction `eps` and an
-optional classifier score term `score` = s * grad_x log p_phi(y | x_t), each in the sampler's own form
-(DDPM: mean shift, Dhariwal & Nichol 2021 Alg. 1; DDIM: eps correction, their Alg. 2).
+Samplers know nothing about guidance: they call eps_fn and apply what it returns, each in its own form:
+  eps    the (guided) noise prediction;
+  score  an optional classifier term s * grad_x log p_phi(y | x_t) (DDPM: mean shift, Dhariwal & Nichol 2021
+         Alg. 1; DDIM and DPM-Solver++: eps correction, their Alg. 2);
+  x0     an optional data prediction that replaces the one implied by eps; `eps` is then only the direction the
+         sampler re-noises along (CFG++: guided x0, unconditional eps).
+A mode is one builder `_mode(ctx, **params) -> eps_fn` below (its config file in configs/guidance/ holds the params),
+and the tensor algebra of each variant is a separate pure function, tested on constructed tensors.
 
 Scale convention (see README): `scale` is s in eps = eps_u + s (eps_c - eps_u); s = 0 unconditional, s = 1
 conditional, s > 1 guided. Ho & Salimans 2022 write w = s - 1. For classifier guidance `scale` multiplies
-grad log p_phi(y | x_t) (Dhariwal & Nichol's s; 0 = off).
+grad log p_phi(y | x_t) (Dhariwal & Nichol's s; 0 = off). CFG++ reads `scale` as its lambda in [0, 1];
+autoguidance as the weight of the main model over the guide (s = 1: the main model alone).
+
+Variants that work on the denoised image x0 (CFG rescale, APG, CFG++, dynamic thresholding) get x0 from eps at the
+model's own timestep t: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), and hand back eps from the modified x0.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -17,23 +27,87 @@ import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 
-MODES = ("none", "cfg", "cg", "cfg_cg")
 BASES = ("uncond", "cond")
 
 
 class Guided(NamedTuple):
-    eps: torch.Tensor  # the (guided) noise prediction
+    eps: torch.Tensor  # the (guided) noise prediction; with x0 given, the direction the sampler re-noises along
     score: torch.Tensor | None = None  # s * grad_x log p(y | x_t), applied by the sampler; None = no classifier term
+    x0: torch.Tensor | None = None  # data prediction replacing the one implied by eps (CFG++); None = from eps
 
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], Guided]
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algebra of each mode, on plain tensors
+# ---------------------------------------------------------------------------------------------------------------
 
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with w = s - 1).
 
     torch.lerp computes exactly this and returns eps_u at s = 0 and eps_c at s = 1 bit for bit."""
     return torch.lerp(eps_uncond, eps_cond, scale)
+
+
+def _per_sample(fn, x: torch.Tensor) -> torch.Tensor:
+    return fn(x.flatten(1), dim=1).view(-1, *[1] * (x.dim() - 1))
+
+
+def rescale_combine(pred_guided: torch.Tensor, pred_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale, Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), Sec. 3.4:
+    x_rescaled = x_cfg * std(x_pos) / std(x_cfg);  x_final = phi x_rescaled + (1 - phi) x_cfg,
+    std over each sample's pixels. phi = 0 is plain CFG; phi = 1 matches the conditional prediction's std."""
+    std_ratio = _per_sample(torch.std, pred_cond) / _per_sample(torch.std, pred_guided).clamp(min=1e-12)
+    return torch.lerp(pred_guided, pred_guided * std_ratio, phi)
+
+
+def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parallel, orthogonal) parts of v with respect to `onto`, per sample (Sadat et al. 2024, Eq. 5-6)."""
+    unit = F.normalize(onto.double().flatten(1), dim=1)
+    parallel = ((v.double().flatten(1) * unit).sum(1, keepdim=True) * unit).view_as(v).to(v.dtype)
+    return parallel, v - parallel
+
+
+def apg_combine(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float, eta: float = 0.0,
+                norm_threshold: float | None = None, running: torch.Tensor | None = None,
+                momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive projected guidance, Sadat et al. 2024 ("Eliminating Oversaturation and Artifacts of High Guidance
+    Scales in Diffusion Models"), Alg. 1, on denoised predictions D:
+      dD = D_c - D_u, plus momentum: dD <- dD + beta * dD_prev (the running sum `running`, beta < 0 in the paper);
+      dD <- dD * min(1, r / ||dD||) (norm threshold r);
+      D = D_c + (s - 1) (dD_orth + eta * dD_par), dD split against D_c.
+    eta = 1, r = inf, beta = 0 is CFG (D_c + (s - 1)(D_c - D_u)). Returns (D, new running sum)."""
+    diff = pred_cond - pred_uncond
+    if momentum != 0 and running is not None:
+        diff = diff + momentum * running
+    running = diff
+    if norm_threshold is not None:
+        norm = _per_sample(torch.linalg.vector_norm, diff)
+        diff = diff * torch.clamp(norm_threshold / norm.clamp(min=1e-12), max=1.0)
+    parallel, orthogonal = project(diff, pred_cond)
+    return pred_cond + (scale - 1) * (orthogonal + eta * parallel), running
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Dynamic thresholding, Saharia et al. 2022 (Imagen), Sec. 2.3: s = max(1, the `percentile` quantile of |x0|)
+    per sample; x0 <- clip(x0, -s, s) / s. Where s = 1 this is static thresholding (clip to [-1, 1])."""
+    s = _per_sample(lambda v, dim: torch.quantile(v.abs().float(), percentile, dim=dim), x0).clamp(min=1.0)
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
+    """sigma = sqrt((1 - abar_t) / abar_t): the noise-to-signal ratio, the EDM sigma of x_t / sqrt(abar_t)
+    (Karras et al. 2022, Sec. 2), in which Kynkaanniemi et al. 2024 state their guidance interval."""
+    return ((1 - abar_t) / abar_t).sqrt()
+
+
+def in_interval(abar_t: torch.Tensor, sigma_lo: float, sigma_hi: float) -> torch.Tensor:
+    """Guidance interval, Kynkaanniemi et al. 2024 ("Applying Guidance in a Limited Interval Improves Sample and
+    Distribution Quality in Diffusion Models"), Eq. 2: guide where sigma in (sigma_lo, sigma_hi], else use the
+    conditional prediction. A boolean per sample."""
+    sigma = noise_level(abar_t)
+    return (sigma > sigma_lo) & (sigma <= sigma_hi)
 
 
 def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -47,43 +121,210 @@ def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Te
     return grad
 
 
-def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier=None,
-                classifier_scale: float | None = None, base: str = "uncond") -> EpsFn:
+# ---------------------------------------------------------------------------------------------------------------
+# The modes: builders of eps-functions
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What every builder may use: the networks, the labels and the noise schedule at the model's timesteps."""
+    unet: torch.nn.Module
+    y: torch.Tensor
+    scale: float
+    classifier: torch.nn.Module | None = None
+    abar: torch.Tensor | None = None  # abar over the model's own T timesteps (x0-space modes need it)
+    guide: torch.nn.Module | None = None  # the weaker model of autoguidance
+
+    @property
+    def null(self) -> torch.Tensor:
+        return torch.full_like(self.y, self.unet.null_class)
+
+    def abar_t(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.abar.to(x.device)[t].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+
+    def to_x0(self, x, t, eps):
+        a = self.abar_t(x, t)
+        return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def to_eps(self, x, t, x0):
+        a = self.abar_t(x, t)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def pair(self, x, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_u, eps_c) from one doubled batch (cond first)."""
+        eps_cond, eps_uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, self.null])).chunk(2)
+        return eps_uncond, eps_cond
+
+    def cfg(self, x, t, scale: float) -> torch.Tensor:
+        if scale == 0:  # exactly the unconditional model: one pass instead of two
+            return self.unet(x, t, self.null)
+        if scale == 1:  # exactly the conditional model
+            return self.unet(x, t, self.y)
+        return cfg_combine(*self.pair(x, t), scale)
+
+    def score(self, x, t, scale: float) -> torch.Tensor | None:
+        return None if scale == 0 else scale * classifier_score(self.classifier, x, t, self.y)
+
+    def base_labels(self, base: str) -> torch.Tensor:
+        if base not in BASES:
+            raise GuidelabError(f"unknown guidance.base {base!r}; use guidance.base=uncond or guidance.base=cond")
+        return self.y if base == "cond" else self.null
+
+
+def _none(ctx: Context, base: str = "uncond") -> EpsFn:
+    """eps(x_t, y) (base=cond, the conditional model) or eps(x_t, null) (base=uncond): no guidance."""
+    labels = ctx.base_labels(base)
+    return lambda x, t: Guided(ctx.unet(x, t, labels))
+
+
+def _cfg(ctx: Context) -> EpsFn:
+    """eps_u + s (eps_c - eps_u), cond and uncond as one doubled batch (Ho & Salimans 2022, Eq. 6)."""
+    return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale))
+
+
+def _cg(ctx: Context, base: str = "uncond") -> EpsFn:
+    """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x_t)
+    (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2)."""
+    labels = ctx.base_labels(base)
+    return lambda x, t: Guided(ctx.unet(x, t, labels), ctx.score(x, t, ctx.scale))
+
+
+def _cfg_cg(ctx: Context, classifier_scale: float = 1.0) -> EpsFn:
+    """Both at once: the CFG prediction at `scale` plus the classifier term at `classifier_scale`."""
+    return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale), ctx.score(x, t, classifier_scale))
+
+
+def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
+    """CFG, then `rescale_combine` (Lin et al. 2023, Sec. 3.4) with weight phi. space=x0 rescales the denoised image,
+    the paper's form (it rescales x0 / v predictions); space=eps rescales the noise prediction, diffusers' form."""
+    if space not in ("x0", "eps"):
+        raise GuidelabError(f"unknown guidance.space {space!r}; use guidance.space=x0 (the paper's) or guidance.space=eps")
+
+    def eps_fn(x, t):
+        if ctx.scale == 1:  # CFG is the conditional prediction: nothing to rescale
+            return Guided(ctx.unet(x, t, ctx.y))
+        eps_u, eps_c = ctx.pair(x, t)
+        eps = cfg_combine(eps_u, eps_c, ctx.scale)
+        if space == "eps":
+            return Guided(rescale_combine(eps, eps_c, phi))
+        return Guided(ctx.to_eps(x, t, rescale_combine(ctx.to_x0(x, t, eps), ctx.to_x0(x, t, eps_c), phi)))
+    return eps_fn
+
+
+def _cfg_interval(ctx: Context, sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
+    """CFG where sigma in (sigma_lo, sigma_hi], the conditional prediction elsewhere (Kynkaanniemi et al. 2024, Eq. 2;
+    defaults: their ImageNet-512 interval)."""
+    def eps_fn(x, t):
+        inside = in_interval(ctx.abar_t(x, t), sigma_lo, sigma_hi)
+        if inside.all():
+            return Guided(ctx.cfg(x, t, ctx.scale))
+        if not inside.any():  # one pass, the conditional model
+            return Guided(ctx.unet(x, t, ctx.y))
+        eps_u, eps_c = ctx.pair(x, t)
+        return Guided(torch.where(inside, cfg_combine(eps_u, eps_c, ctx.scale), eps_c))
+    return eps_fn
+
+
+def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
+    """Classifier guidance only where sigma in (sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024's interval applied to
+    the classifier term); elsewhere the base prediction alone."""
+    labels = ctx.base_labels(base)
+
+    def eps_fn(x, t):
+        inside = in_interval(ctx.abar_t(x, t), sigma_lo, sigma_hi)
+        eps = ctx.unet(x, t, labels)
+        if not inside.any():
+            return Guided(eps)
+        score = ctx.score(x, t, ctx.scale)
+        return Guided(eps, score if score is None or inside.all() else score * inside)
+    return eps_fn
+
+
+def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = None, momentum: float = 0.0) -> EpsFn:
+    """Adaptive projected guidance on the denoised predictions (`apg_combine`, Sadat et al. 2024, Alg. 1). The
+    momentum's running sum lives as long as this eps-function: one sampling run."""
+    state = {"running": None}
+
+    def eps_fn(x, t):
+        eps_u, eps_c = ctx.pair(x, t)
+        x0, state["running"] = apg_combine(ctx.to_x0(x, t, eps_u), ctx.to_x0(x, t, eps_c), ctx.scale, eta,
+                                           norm_threshold, state["running"], momentum)
+        return Guided(ctx.to_eps(x, t, x0))
+    return eps_fn
+
+
+def _cfgpp(ctx: Context) -> EpsFn:
+    """CFG++, Chung et al. 2024 ("CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models"),
+    Alg. 1: the guided data prediction x0_u + lambda (x0_c - x0_u), lambda = `scale` in [0, 1], re-noised along the
+    unconditional eps_u instead of the guided eps. lambda = 0 is the unconditional model."""
+    def eps_fn(x, t):
+        if ctx.scale == 0:
+            return Guided(ctx.unet(x, t, ctx.null))
+        eps_u, eps_c = ctx.pair(x, t)
+        return Guided(eps_u, x0=ctx.to_x0(x, t, cfg_combine(eps_u, eps_c, ctx.scale)))
+    return eps_fn
+
+
+def _dynamic_threshold(ctx: Context, percentile: float = 0.995) -> EpsFn:
+    """CFG whose denoised image goes through `dynamic_threshold` (Saharia et al. 2022, Sec. 2.3), which keeps large
+    scales from saturating; with the sampler's clip_x0 on, quantiles <= 1 make it plain CFG."""
+    def eps_fn(x, t):
+        eps = ctx.cfg(x, t, ctx.scale)
+        return Guided(ctx.to_eps(x, t, dynamic_threshold(ctx.to_x0(x, t, eps), percentile)))
+    return eps_fn
+
+
+def _autoguidance(ctx: Context) -> EpsFn:
+    """Autoguidance, Karras et al. 2024 ("Guiding a Diffusion Model with a Bad Version of Itself"), Eq. 1 with the
+    unconditional model replaced by a weaker conditional guide D_0 (a smaller network or an earlier checkpoint):
+    eps = eps_0(x_t, y) + s (eps_1(x_t, y) - eps_0(x_t, y)). With the main model's unconditional half as the guide
+    this is CFG; s = 1 is the main model alone."""
+    if ctx.guide is None:
+        raise GuidelabError("guidance=autoguidance needs a guide: pass guidance.guide_ckpt=PATH (a smaller network or "
+                            "an earlier checkpoint of the same model, e.g. RUN_DIR/checkpoints/0000500.pt)")
+    ctx.guide.requires_grad_(False)
+
+    def eps_fn(x, t):
+        eps_main = ctx.unet(x, t, ctx.y)
+        if ctx.scale == 1:
+            return Guided(eps_main)
+        return Guided(cfg_combine(ctx.guide(x, t, ctx.y), eps_main, ctx.scale))
+    return eps_fn
+
+
+BUILDERS = {"none": _none, "cfg": _cfg, "cg": _cg, "cfg_cg": _cfg_cg, "cfg_rescale": _cfg_rescale,
+            "cfg_interval": _cfg_interval, "cg_interval": _cg_interval, "apg": _apg, "cfgpp": _cfgpp,
+            "dynamic_threshold": _dynamic_threshold, "autoguidance": _autoguidance}
+MODES = tuple(BUILDERS)
+CLASSIFIER_MODES = ("cg", "cfg_cg", "cg_interval")  # modes that need a noisy classifier
+X0_MODES = ("cfg_rescale", "cfg_interval", "cg_interval", "apg", "cfgpp", "dynamic_threshold")  # need the schedule
+CFG_SCALE_MODES = ("cfg", "cfg_cg", "cfg_rescale", "cfg_interval", "apg", "dynamic_threshold")  # s is CFG's (w = s - 1)
+
+
+def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier=None, abar: torch.Tensor | None = None,
+                guide=None, **params) -> EpsFn:
     """Build the eps-function of one guidance mode for labels y.
 
-    mode:
-      none    eps(x_t, y) (base=cond, the conditional model) or eps(x_t, null) (base=uncond), no guidance
-      cfg     eps_u + s (eps_c - eps_u), cond and uncond run as one doubled batch (Ho & Salimans 2022, Eq. 6)
-      cg      eps(x_t, null) (base=uncond, default) or eps(x_t, y) (base=cond), plus the classifier term
-              s * grad log p_phi(y | x_t) (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2)
-      cfg_cg  the CFG prediction at `scale` plus the classifier term at `classifier_scale`
-    """
-    if mode not in MODES:
+    `params` are the mode's own keys (its configs/guidance/<mode>.yaml, e.g. phi for cfg_rescale); `abar` is the
+    schedule over the model's timesteps (Diffusion.abar), needed by the modes that work on x0; `guide` the weaker
+    network of autoguidance."""
+    if mode not in BUILDERS:
         raise GuidelabError(f"unknown guidance mode {mode!r}; valid: {', '.join(MODES)}")
-    if base not in BASES:
-        raise GuidelabError(f"unknown guidance.base {base!r}; use guidance.base=uncond or guidance.base=cond")
-    null = torch.full_like(y, unet.null_class)
-    y_base = y if base == "cond" else null
-    needs_classifier = mode == "cg" or mode == "cfg_cg"
-    if needs_classifier:
+    if mode in CLASSIFIER_MODES:
         if classifier is None:
             raise GuidelabError(f"guidance={mode} needs a noisy classifier: pass classifier_ckpt=PATH "
                                 "(train one with `python train_classifier.py`)")
         classifier.requires_grad_(False)
-    cls_scale = scale if mode == "cg" else classifier_scale
+    if mode in X0_MODES and abar is None:
+        raise GuidelabError(f"guidance={mode} works on x0 and needs the noise schedule: pass abar=Diffusion.abar")
+    ctx = Context(unet, y, float(scale), classifier, abar, guide)
+    try:
+        return BUILDERS[mode](ctx, **params)
+    except TypeError as e:  # a key the mode does not have
+        raise GuidelabError(f"guidance={mode} got an unknown option: {e}; see configs/guidance/{mode}.yaml") from None
 
-    def cfg(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if scale == 0:  # exactly the unconditional model: one pass instead of two
-            return unet(x_t, t, null)
-        if scale == 1:  # exactly the conditional model
-            return unet(x_t, t, y)
-        eps_cond, eps_uncond = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        return cfg_combine(eps_uncond, eps_cond, scale)
 
-    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> Guided:
-        eps = cfg(x_t, t) if mode in ("cfg", "cfg_cg") else unet(x_t, t, y_base)
-        if not needs_classifier or cls_scale == 0:
-            return Guided(eps)
-        return Guided(eps, cls_scale * classifier_score(classifier, x_t, t, y))
+def interval_steps(abar: torch.Tensor, sigma_lo: float, sigma_hi: float) -> int:
+    """How many of a sampler's timesteps (their abar) fall inside the guidance interval (for NFE accounting)."""
+    return int(in_interval(abar, sigma_lo, sigma_hi).sum())
 
-    return eps_fn

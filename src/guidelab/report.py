@@ -2,7 +2,8 @@
 
   results.csv       one row per job: guidance, s, w, sampler, steps, NFE, FID, IS, precision, recall, accuracy, seconds
   results.md        the same as a markdown table, naming the feature space of FID / IS / precision / recall
-  plots             fid_vs_scale.png, is_vs_scale.png, fid_vs_is.png, precision_vs_recall.png, accuracy_vs_scale.png
+  plots             fid_vs_scale.png, is_vs_scale.png, fid_vs_is.png, fid_vs_accuracy.png, precision_vs_recall.png,
+                    accuracy_vs_scale.png
   grids             grid_<guidance>.png: rows = scales, columns = classes
   comparison.png    one row of samples per (guidance, scale), one sample per class, labelled with the accuracy
 
@@ -20,10 +21,11 @@ import numpy as np
 from hydra.experimental.callback import Callback
 
 from guidelab.errors import GuidelabError
+from guidelab.guidance import CFG_SCALE_MODES, MODES
 from guidelab.images import class_rows, grid, save_png
 
-MODE_ORDER = {"none": 0, "cfg": 1, "cg": 2, "cfg_cg": 3}
-COLUMNS = ["guidance", "base", "p_uncond", "s", "w", "classifier_scale", "sampler", "steps", "nfe", "classifier_nfe", "features",
+MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
+COLUMNS = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe", "classifier_nfe", "features",
            "fid", "is", "precision", "recall", "accuracy", "evaluator_test_acc", "num_samples", "seconds", "seconds_per_sample",
            "run"]
 PLOTS = {  # file: (x, y, title)
@@ -31,6 +33,7 @@ PLOTS = {  # file: (x, y, title)
     "is_vs_scale.png": ("s", "is", "IS vs guidance scale"),
     "accuracy_vs_scale.png": ("s", "accuracy", "evaluator accuracy vs guidance scale"),
     "fid_vs_is.png": ("is", "fid", "FID-IS trade-off (Ho & Salimans 2022, Fig. 4)"),
+    "fid_vs_accuracy.png": ("accuracy", "fid", "FID-accuracy trade-off"),
     "precision_vs_recall.png": ("recall", "precision", "precision vs recall (Dhariwal & Nichol 2021, Table 4)"),
 }
 
@@ -56,7 +59,7 @@ def _from_overrides(job_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    cfg_scale = cfg.guidance.name in ("cfg", "cfg_cg")
+    cfg_scale = cfg.guidance.name in CFG_SCALE_MODES
     return {"guidance": cfg.guidance.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1 if cfg_scale else None,
             "sampler": cfg.sampler.name, "steps": cfg.sampler.steps, "base": cfg.guidance.get("base")}  # fmt: skip
 
@@ -73,7 +76,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["guidance", "base", "p_uncond", "s", "w", "sampler", "steps", "nfe", "classifier_nfe", "fid", "is", "precision",
+    cols = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "steps", "nfe", "classifier_nfe", "fid", "is", "precision",
             "recall", "accuracy", "seconds_per_sample"]
     cols = [c for c in cols if any(r[c] is not None for r in rows)]
     features = sorted({r["features"] for r in rows if r["features"]})
@@ -94,7 +97,7 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for mode in dict.fromkeys(r["guidance"] for r in rows):
         mode_rows = [r for r in rows if r["guidance"] == mode]
-        varying = [k for k in ("base", "p_uncond", "steps", "classifier_scale", "sampler")
+        varying = [k for k in ("base", "options", "p_uncond", "steps", "classifier_scale", "sampler", "spacing")
                    if len({str(r[k]) for r in mode_rows}) > 1]
         for r in mode_rows:
             out.setdefault(" ".join([mode] + [f"{k}={r[k]}" for k in varying]), []).append(r)
@@ -185,6 +188,7 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, wandb_run=None) -> str:
     """Write every table and figure of one sweep (or several, merged) into out_dir; returns the markdown table."""
     rows = collect(sweep_dirs)
     sweep_dir = out_dir
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, sweep_dir / "results.csv")
     md = markdown(rows)
     (sweep_dir / "results.md").write_text(md + "\n")

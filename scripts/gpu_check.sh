@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared device check (< 5 minutes): installs the carried wheels when hydra is missing, then runs the
-# benchmark (ours and, if diffusers is importable, the peer), the command contract (experiment=smoke) and the
+# benchmark (ours and, if diffusers is importable, the peer; each speed lever on and off), the command contract (experiment=smoke) and the
 # demo-size diffusion training on whatever device `device=auto` finds, and writes the figures to $OUT/gpu_check.txt
 # and $OUT/bench.json. On a CPU-only machine it runs the same chain at tiny size (GPU_CHECK_DEMO_STEPS=50 demo steps).
 #   OUT=/tmp/out bash scripts/gpu_check.sh
@@ -16,6 +16,7 @@ $PY -m pip install -q --no-deps -e . >/dev/null 2>&1 || true
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} WANDB_MODE=offline
 device=$($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
 steps=${GPU_CHECK_DEMO_STEPS:-$([ "$device" = cpu ] && echo 50 || echo 1000)}
+backend=$([ "$device" = cpu ] && echo aot_eager || echo inductor)  # inductor on a CPU compiles for minutes
 W=$(mktemp -d)
 report="$OUT/gpu_check.txt"
 echo "device: $device" | tee "$report"
@@ -25,12 +26,14 @@ timed() {  # name command...: run it, log to $W/name.log, append "name seconds" 
   "$@" > "$W/$name.log" 2>&1 || { tail -20 "$W/$name.log"; exit 1; }
   printf '%-24s %8d ms\n' "$name" $(( ($(date +%s%N) - t0) / 1000000 )) | tee -a "$report"
 }
-timed bench                  $PY -m guidelab.bench --json "$OUT/bench.json"
+timed bench                  $PY -m guidelab.bench --levers --compile-backend "$backend" --json "$OUT/bench.json"
 cat "$W/bench.log" | tee -a "$report"
 timed smoke_train_diffusion  $PY train_diffusion.py experiment=smoke hydra.run.dir="$W/R1"
 timed smoke_train_classifier $PY train_classifier.py experiment=smoke hydra.run.dir="$W/R2"
 timed smoke_sample_cg        $PY sample.py experiment=smoke ckpt="$W/R1/checkpoints/last.pt" \
                                classifier_ckpt="$W/R2/checkpoints/last.pt" guidance=cg scale=3.0 hydra.run.dir="$W/R3"
+timed smoke_sample_compiled  $PY sample.py experiment=smoke ckpt="$W/R1/checkpoints/last.pt" guidance=cfg compile=true \
+                               compile_backend="$backend" hydra.run.dir="$W/R4"
 timed demo_train_diffusion   $PY train_diffusion.py experiment=demo train.steps="$steps" train.progress=false \
                                hydra.run.dir="$W/D"
 $PY - "$W/D/metrics.jsonl" <<'PY' | tee -a "$report"

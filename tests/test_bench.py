@@ -10,7 +10,8 @@ OURS = ["params_M", "gflops_fwd_per_img", "train_img_s", "mfu", "peak_mem_MB", "
 def test_tiny_benchmark_prints_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "guidelab.bench", "--device", "cpu", "--size", "tiny", "--iters", "1",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--levers", "--compile-backend", "aot_eager", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert set(row["ours"]) == set(OURS)
@@ -22,5 +23,10 @@ def test_tiny_benchmark_prints_every_figure(tmp_path):
     assert row["peer"] is not None, "diffusers is missing: pip install -e '.[bench]' (make test installs it)"
     assert row["peer"]["train_img_s"] > 0 and row["peer"]["cfg_img_steps_s"] > 0
     assert set(row["ratios"]) == {"train_img_s", "cfg_img_steps_s"}
-    for word in ("ours", "classifier", "peer", "ours/peer", "train_img_s", "cg_over_none_cost"):
+    levers = [f"train_img_s[{v}]" for v in ("fp32", "fp32+tf32", "bf16 (default)", "bf16 foreach AdamW",
+                                            "bf16+channels_last", "bf16+compile", "bf16+compile+channels_last")]
+    assert set(row["levers"]) == {*levers, "cfg_img_steps_s[eager]", "cfg_img_steps_s[compiled]"}
+    assert all(v > 0 for v in row["levers"].values())
+    for word in ("ours", "classifier", "peer", "ours/peer", "train_img_s", "cg_over_none_cost", "levers",
+                 "train_img_s[bf16+compile]"):
         assert word in proc.stdout, word

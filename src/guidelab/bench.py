@@ -4,6 +4,7 @@ matching layout when diffusers is installed (`pip install -e '.[bench]'`), with 
 
     python -m guidelab.bench                 # full sizes on CUDA, tiny sizes on the CPU (so that it is testable)
     python -m guidelab.bench --size tiny --json out.json
+    python -m guidelab.bench --levers        # also: each speed lever on and off (decides the config defaults)
 
 MFU = 3 x forward FLOPs x images/s / peak (dense bf16 peak of the GPU where known; the backward costs about 2x the
 forward). FLOPs are counted by torch.utils.flop_counter on one forward pass.
@@ -85,17 +86,22 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def train_figures(net: torch.nn.Module, inputs: tuple, target_fn, device: torch.device, iters: int) -> dict:
-    """img/s of AdamW steps (bf16 autocast and fused AdamW on CUDA), FLOPs/img, MFU, peak memory."""
-    net = net.to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def train_figures(net: torch.nn.Module, inputs: tuple, target_fn, device: torch.device, iters: int, bf16: bool = True,
+                  fused: bool = True, channels_last: bool = False, compile_backend: str | None = None) -> dict:
+    """img/s of AdamW steps (bf16 autocast and fused AdamW on CUDA unless turned off), FLOPs/img, MFU, peak memory;
+    optionally with channels_last memory format and torch.compile (the levers of `--levers`)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(device, memory_format=fmt).train()
+    inputs = (inputs[0].contiguous(memory_format=fmt), *inputs[1:])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused and device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    call = net if compile_backend is None else torch.compile(net, backend=compile_backend)
 
     def step():
         with autocast:
-            loss = target_fn(net(*inputs))
+            loss = target_fn(call(*inputs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -128,6 +134,37 @@ def sampling_figures(unet: UNet, classifier: NoisyClassifier, case: Case, device
     return out
 
 
+def lever_figures(case: Case, device: torch.device, iters: int, compile_backend: str = "inductor") -> dict:
+    """Our UNet's training img/s with each lever on and off, and the CFG sampling step eager vs compiled (on CUDA
+    in mode reduce-overhead: CUDA graphs). The config defaults (train.compile, train.channels_last, train.bf16,
+    sample.py compile) follow these figures on a GPU."""
+    x = torch.randn(case.batch, case.channels, case.size, case.size, device=device)
+    t = torch.randint(0, 1000, (case.batch,), device=device)
+    y = torch.randint(0, 11, (case.batch,), device=device)
+    target = lambda eps: eps.float().pow(2).mean()
+    variants = {"fp32": dict(bf16=False), "fp32+tf32": dict(bf16=False, tf32=True), "bf16 (default)": {},
+                "bf16 foreach AdamW": dict(fused=False), "bf16+channels_last": dict(channels_last=True),
+                "bf16+compile": dict(compile_backend=compile_backend),
+                "bf16+compile+channels_last": dict(compile_backend=compile_backend, channels_last=True)}
+    out = {}
+    for name, kw in variants.items():
+        tf32 = kw.pop("tf32", False)
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32 or name != "fp32"
+        torch.manual_seed(0)
+        unet = UNet(case.channels, case.size, 10, **case.unet)
+        out[f"train_img_s[{name}]"] = train_figures(unet, (x, t, y), target, device, iters, **kw)["train_img_s"]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    unet = UNet(case.channels, case.size, 10, **case.unet).to(device).eval()
+    mode = "reduce-overhead" if device.type == "cuda" and compile_backend == "inductor" else None
+    for name, net in (("eager", unet), ("compiled", torch.compile(unet, backend=compile_backend, mode=mode))):
+        eps_fn = make_eps_fn("cfg", net, y, 3.0)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            seconds = _timed(lambda: eps_fn(x, t).eps.clone(), device, iters, warmup=max(3, iters // 5))
+        out[f"cfg_img_steps_s[{name}]"] = case.batch / seconds
+    return out
+
+
 def peer_figures(case: Case, device: torch.device, iters: int) -> dict | None:
     """diffusers' UNet2DModel at the matching layout (class-conditional via num_class_embeds), or None if absent."""
     try:
@@ -155,7 +192,8 @@ def peer_figures(case: Case, device: torch.device, iters: int) -> dict | None:
     return figures
 
 
-def run(size: str, device: torch.device, iters: int) -> list[dict]:
+def run(size: str, device: torch.device, iters: int, levers: bool = False,
+        compile_backend: str = "inductor") -> list[dict]:
     rows = []
     for case in FULL if size == "full" else TINY:
         unet = UNet(case.channels, case.size, 10, **case.unet)
@@ -167,7 +205,9 @@ def run(size: str, device: torch.device, iters: int) -> list[dict]:
         cls = train_figures(classifier, (x, t), lambda logits: logits.float().logsumexp(-1).mean(), device, iters)
         ours.update(sampling_figures(unet, classifier, case, device, iters))
         row = {"case": case.name, "batch": case.batch, "device": str(device), "ours": ours,
-               "classifier": cls, "peer": peer_figures(case, device, iters)}
+               "classifier": cls, "peer": peer_figures(case, device, iters),
+               # the levers on the first (largest) case only: each compiled variant costs a compilation
+               "levers": lever_figures(case, device, iters, compile_backend) if levers and not rows else None}
         if row["peer"]:
             row["ratios"] = {"train_img_s": ours["train_img_s"] / row["peer"]["train_img_s"],
                              "cfg_img_steps_s": ours["cfg_img_steps_s"] / row["peer"]["cfg_img_steps_s"]}
@@ -182,7 +222,9 @@ def _fmt(v) -> str:
 def print_rows(rows: list[dict]) -> None:
     for row in rows:
         print(f"== {row['case']}, batch {row['batch']}, {row['device']}")
-        for who in ("ours", "classifier", "peer"):
+        for who in ("ours", "classifier", "peer", "levers"):
+            if who == "levers" and row[who] is None:
+                continue
             if row[who] is None:
                 print(f"  {who:10s} diffusers not installed: pip install -e '.[bench]' for the peer figures")
                 continue
@@ -197,13 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default=None, choices=["tiny", "full"], help="default: full on CUDA, tiny on CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 on CUDA, 3 on CPU)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--levers", action="store_true",
+                        help="also time each speed lever on and off (on the first case: unet_cifar at full size)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the lever runs")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     size = args.size or ("full" if device.type == "cuda" else "tiny")
-    rows = run(size, device, args.iters or (20 if device.type == "cuda" else 3))
+    rows = run(size, device, args.iters or (20 if device.type == "cuda" else 3), args.levers, args.compile_backend)
     print_rows(rows)
     if args.json:
         with open(args.json, "w") as f:

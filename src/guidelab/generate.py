@@ -70,6 +70,8 @@ def validate(cfg) -> None:
     if number("scale", cfg.scale) < 0:
         raise GuidelabError(f"scale must be >= 0, got {cfg.scale}; 0 = unconditional, 1 = conditional, >1 = guided")
     validate_guidance(cfg.guidance, cfg.scale, number)
+    if not isinstance(cfg.compile, bool):
+        raise GuidelabError(f"compile must be true or false, got {cfg.compile!r}")
     for key in ("num_samples", "batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise GuidelabError(f"{key} must be a positive integer, got {cfg[key]!r}")
@@ -175,6 +177,9 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
     nets = load_networks(cfg, device)
     unet, classifier, evaluator = nets["unet"], nets["classifier"], nets["evaluator"]
+    if cfg.compile:  # CUDA graphs on CUDA: every step of a batch has the same shapes
+        unet = torch.compile(unet, backend=cfg.compile_backend, dynamic=False,
+                             mode="reduce-overhead" if device.type == "cuda" and cfg.compile_backend == "inductor" else None)
     train_cfg = nets["unet_ckpt"]["config"]
     num_classes = train_cfg["data_info"]["num_classes"]
     diffusion = Diffusion.from_config(train_cfg["diffusion"]).to(device)

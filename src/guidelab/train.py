@@ -233,6 +233,9 @@ def validate(cfg, kind: str) -> None:
     check("train.grad_clip", tc.grad_clip, tc.grad_clip > 0, "a positive number")
     check("train.min_free_gb", tc.min_free_gb, tc.min_free_gb >= 0, "a number >= 0 (GB)")
     check("train.ema_decay", tc.ema_decay, 0 <= tc.ema_decay < 1, "in [0, 1), e.g. train.ema_decay=0.9999")
+    for key in ("compile", "channels_last", "bf16"):
+        if not isinstance(tc[key], bool):
+            raise GuidelabError(f"train.{key} must be true or false, got {tc[key]!r}")
     if tc.lr_schedule not in ("constant", "cosine"):
         raise GuidelabError(f"unknown train.lr_schedule {tc.lr_schedule!r}; use constant or cosine")
     if kind == "diffusion":
@@ -258,9 +261,12 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data_info"] = data_info(data)
 
-    model = task.model.to(device)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = task.model.to(device, memory_format=memory_format)
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
+    if tc.compile:  # the wrapper shares model's parameters: checkpoints, EMA and the optimizer see `model` as before
+        net = torch.compile(net, backend=tc.compile_backend)
     ema = EMA(model, tc.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999),
                             fused=device.type == "cuda")
@@ -340,7 +346,7 @@ def train(cfg, kind: str, run_dir: str | os.PathLike) -> dict:
                 perm, cursor = torch.randperm(len(labels), generator=data_gen).to(device), 0
             idx = perm[cursor:cursor + tc.batch_size][rank::world]  # this rank's share of the global batch
             cursor += tc.batch_size
-            x0, y = images[idx], labels[idx]
+            x0, y = images[idx].contiguous(memory_format=memory_format), labels[idx]
             if data.hflip:
                 flip = torch.rand(len(y), device=device) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)

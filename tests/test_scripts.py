@@ -90,7 +90,8 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
     metrics = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert [m["reference_reused"] for m in metrics] == [False, True, True, True]  # computed once, then cached
     assert len(list(cache.glob("*.pt"))) == 1
-    for name in ("fid_vs_scale", "is_vs_scale", "fid_vs_is", "precision_vs_recall", "accuracy_vs_scale", "grid_cfg",
+    for name in ("fid_vs_scale", "is_vs_scale", "fid_vs_is", "fid_vs_accuracy", "precision_vs_recall",
+                 "accuracy_vs_scale", "grid_cfg",
                  "grid_cg", "comparison"):
         assert Image.open(sweep / f"{name}.png").size[0] > 50, name
     md = (sweep / "results.md").read_text()

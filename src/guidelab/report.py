@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -114,32 +115,84 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     for name, (x, y, title) in PLOTS.items():
         if not any(r[x] is not None and r[y] is not None for r in rows):
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for label, series in _series(rows).items():
-            # trade-off curves are traced in the order of the scale, not of the x axis
-            pts = sorted(((r[x], r[y], r["s"]) for r in series if r[x] is not None and r[y] is not None),
-                         key=lambda p: p[2] if x != "s" else p[0])
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-            if x != "s":  # trade-off curves: annotate each point with its scale
-                for px, py, s in pts:
-                    ax.annotate(f"{s:g}", (px, py), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        many = len(_series(rows)) > 6  # merged reports: a wider figure, the legend beside it
+        fig, ax = plt.subplots(figsize=(8.5, 4.2) if many else (5, 3.6))
+        for i, (label, series) in enumerate(_series(rows).items()):
+            _trace(ax, series, x, y, label, style=dict(color=plt.cm.tab20(i % 20), marker="os^vD<>"[i % 7]))
         ax.set_xlabel("s (w = s - 1)" if x == "s" else x)
         ax.set_ylabel(y)
         ax.set_title(title + ("" if x == "s" else "; points labelled with s"), fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, **(dict(loc="upper left", bbox_to_anchor=(1.01, 1)) if many else {}))
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
         written.append(out_dir / name)
-    return written
+    return written + variant_panels(rows, out_dir)
+
+
+def _trace(ax, series: list[dict], x: str, y: str, label: str, style: dict) -> None:
+    """One line; trade-off curves (x not the scale) follow the scale and label each point with it."""
+    pts = sorted(((r[x], r[y], r["s"]) for r in series if r[x] is not None and r[y] is not None),
+                 key=lambda p: p[2] if x != "s" else p[0])
+    if not pts:
+        return
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=label, **style)
+    if x != "s":
+        for px, py, s in pts:
+            ax.annotate(f"{s:g}", (px, py), fontsize=6, textcoords="offset points", xytext=(3, 3))
+
+
+def variant_panels(rows: list[dict], out_dir: Path) -> list[Path]:
+    """fid_vs_accuracy_panels.png: one panel per guidance variant (every mode but cfg and cg), each with that
+    variant's FID-accuracy curve(s) against plain CFG and plain CG of the same report. Only when the report holds
+    CFG or CG rows with accuracy and FID, and at least one variant."""
+    import matplotlib.pyplot as plt
+
+    series = {k: v for k, v in _series(rows).items() if any(r["fid"] is not None and r["accuracy"] is not None for r in v)}
+    anchors = {k: v for k, v in series.items() if v[0]["guidance"] in ("cfg", "cg")}
+    variants: dict[str, dict[str, list[dict]]] = {}
+    for k, v in series.items():
+        if k not in anchors:
+            variants.setdefault(v[0]["guidance"], {})[k] = v
+    if not anchors or not variants:
+        return []
+    cols = min(3, len(variants))
+    nrows = -(-len(variants) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False, sharex=True, sharey=True)
+    for ax, (mode, curves) in zip(axes.flat, variants.items()):
+        for k, v in anchors.items():
+            _trace(ax, v, "accuracy", "fid", k, dict(color="black" if v[0]["guidance"] == "cfg" else "grey",
+                                                     marker="o", alpha=0.6))
+        for i, (k, v) in enumerate(curves.items()):
+            _trace(ax, v, "accuracy", "fid", k.replace(" options=", " "), dict(color=plt.cm.tab10(i + 1), marker="s"))
+        ax.set_title(mode, fontsize=9)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(variants):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("evaluator accuracy")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("FID (evaluator features, log)")
+    fig.suptitle("FID-accuracy trade-off of each variant against plain CFG (black) and CG (grey); points labelled "
+                 "with s", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "fid_vs_accuracy_panels.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def _samples(r: dict) -> tuple[np.ndarray, np.ndarray]:
     data = np.load(r["dir"] / "samples.npz")
     return data["images"], data["labels"]
+
+
+def _file_name(label: str) -> str:
+    """A series label as one file name: spaces to _, '=' dropped, anything else outside [A-Za-z0-9_.-] to _."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label.replace(" ", "_").replace("=", ""))
 
 
 def scale_grids(rows: list[dict], out_dir: Path, per_class: int = 1) -> list[Path]:
@@ -150,7 +203,7 @@ def scale_grids(rows: list[dict], out_dir: Path, per_class: int = 1) -> list[Pat
         for r in sorted(series, key=lambda r: r["s"]):
             images, labels = _samples(r)
             lines.append(np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_class)))
-        path = out_dir / f"grid_{label.replace(' ', '_').replace('=', '')}.png"
+        path = out_dir / f"grid_{_file_name(label)}.png"
         save_png(grid(lines, scale=2), path)
         written.append(path)
     return written

@@ -77,7 +77,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "steps", "nfe", "classifier_nfe", "fid", "is", "precision",
+    cols = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe", "classifier_nfe", "fid", "is", "precision",
             "recall", "accuracy", "seconds_per_sample"]
     cols = [c for c in cols if any(r[c] is not None for r in rows)]
     features = sorted({r["features"] for r in rows if r["features"]})

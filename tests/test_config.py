@@ -28,11 +28,22 @@ def test_every_group_option_composes(script, group, option):
 
 
 def test_option_counts():
-    """The groups hold what the README promises."""
+    """The groups hold what the README promises; every guidance mode and sampler has exactly one config file, named
+    as its code names it, and each guidance file's keys are the keyword arguments its builder takes."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from guidelab.guidance import BUILDERS, MODES
+    from guidelab.sampling import SAMPLERS
+
     names = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml")) for g in ("dataset", "guidance", "sampler")}
     assert names["dataset"] == ["cifar10", "fashion_mnist", "mnist", "mnist5k", "procedural"]
-    assert names["guidance"] == ["cfg", "cfg_cg", "cg", "none"]
-    assert names["sampler"] == ["ddim", "ddpm"]
+    assert names["guidance"] == sorted(MODES) and len(MODES) == 11
+    assert names["sampler"] == sorted(SAMPLERS) == ["ddim", "ddpm", "dpmpp_2m"]
+    for mode in MODES:
+        keys = set(OmegaConf.load(CONFIGS / "guidance" / f"{mode}.yaml")) - {"name", "guide_ckpt"}
+        assert keys == set(inspect.signature(BUILDERS[mode]).parameters) - {"ctx"}, mode
 
 
 def test_presets_set_each_scripts_keys_and_the_command_line_wins():

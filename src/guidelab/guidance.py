@@ -63,7 +63,8 @@ def rescale_combine(pred_guided: torch.Tensor, pred_cond: torch.Tensor, phi: flo
 
 
 def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(parallel, orthogonal) parts of v with respect to `onto`, per sample (Sadat et al. 2024, Eq. 5-6)."""
+    """(parallel, orthogonal) parts of v with respect to `onto`, per sample: v_par = (<v, u>) u with u = onto / ||onto||
+    (Sadat et al. 2024's decomposition of the guidance update against the conditional prediction)."""
     unit = F.normalize(onto.double().flatten(1), dim=1)
     parallel = ((v.double().flatten(1) * unit).sum(1, keepdim=True) * unit).view_as(v).to(v.dtype)
     return parallel, v - parallel
@@ -73,7 +74,7 @@ def apg_combine(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float
                 norm_threshold: float | None = None, running: torch.Tensor | None = None,
                 momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Adaptive projected guidance, Sadat et al. 2024 ("Eliminating Oversaturation and Artifacts of High Guidance
-    Scales in Diffusion Models"), Alg. 1, on denoised predictions D:
+    Scales in Diffusion Models"), on denoised predictions D:
       dD = D_c - D_u, plus momentum: dD <- dD + beta * dD_prev (the running sum `running`, beta < 0 in the paper);
       dD <- dD * min(1, r / ||dD||) (norm threshold r);
       D = D_c + (s - 1) (dD_orth + eta * dD_par), dD split against D_c.
@@ -104,8 +105,8 @@ def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
 
 def in_interval(abar_t: torch.Tensor, sigma_lo: float, sigma_hi: float) -> torch.Tensor:
     """Guidance interval, Kynkaanniemi et al. 2024 ("Applying Guidance in a Limited Interval Improves Sample and
-    Distribution Quality in Diffusion Models"), Eq. 2: guide where sigma in (sigma_lo, sigma_hi], else use the
-    conditional prediction. A boolean per sample."""
+    Distribution Quality in Diffusion Models"): the guidance weight is w for sigma in (sigma_lo, sigma_hi] and 1 (the
+    conditional prediction) outside. A boolean per sample."""
     sigma = noise_level(abar_t)
     return (sigma > sigma_lo) & (sigma <= sigma_hi)
 
@@ -212,7 +213,7 @@ def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
 
 
 def _cfg_interval(ctx: Context, sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
-    """CFG where sigma in (sigma_lo, sigma_hi], the conditional prediction elsewhere (Kynkaanniemi et al. 2024, Eq. 2;
+    """CFG where sigma in (sigma_lo, sigma_hi], the conditional prediction elsewhere (Kynkaanniemi et al. 2024;
     defaults: their ImageNet-512 interval)."""
     def eps_fn(x, t):
         inside = in_interval(ctx.abar_t(x, t), sigma_lo, sigma_hi)
@@ -241,7 +242,7 @@ def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sig
 
 
 def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = None, momentum: float = 0.0) -> EpsFn:
-    """Adaptive projected guidance on the denoised predictions (`apg_combine`, Sadat et al. 2024, Alg. 1). The
+    """Adaptive projected guidance on the denoised predictions (`apg_combine`, Sadat et al. 2024). The
     momentum's running sum lives as long as this eps-function: one sampling run."""
     state = {"running": None}
 
@@ -255,7 +256,7 @@ def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = None, mo
 
 def _cfgpp(ctx: Context) -> EpsFn:
     """CFG++, Chung et al. 2024 ("CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models"),
-    Alg. 1: the guided data prediction x0_u + lambda (x0_c - x0_u), lambda = `scale` in [0, 1], re-noised along the
+    the guided data prediction x0_u + lambda (x0_c - x0_u), lambda = `scale` in [0, 1], re-noised along the
     unconditional eps_u instead of the guided eps. lambda = 0 is the unconditional model."""
     def eps_fn(x, t):
         if ctx.scale == 0:
@@ -275,8 +276,9 @@ def _dynamic_threshold(ctx: Context, percentile: float = 0.995) -> EpsFn:
 
 
 def _autoguidance(ctx: Context) -> EpsFn:
-    """Autoguidance, Karras et al. 2024 ("Guiding a Diffusion Model with a Bad Version of Itself"), Eq. 1 with the
-    unconditional model replaced by a weaker conditional guide D_0 (a smaller network or an earlier checkpoint):
+    """Autoguidance, Karras et al. 2024 ("Guiding a Diffusion Model with a Bad Version of Itself"): the CFG form
+    D_0 + w (D_1 - D_0) with the unconditional model D_0 replaced by a weaker conditional guide (a smaller network or
+    an earlier checkpoint):
     eps = eps_0(x_t, y) + s (eps_1(x_t, y) - eps_0(x_t, y)). With the main model's unconditional half as the guide
     this is CFG; s = 1 is the main model alone."""
     if ctx.guide is None:

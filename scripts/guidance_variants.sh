@@ -24,4 +24,6 @@ $PY -m guidelab.report --merge "$OUT/variants" "$OUT"/{cfg,cg,cfg_cg,cfg_rescale
 sweep steps_cfg guidance=cfg scale=3 sampler=ddim,dpmpp_2m sampler.steps=10,20,50 "${NETS[@]}"
 sweep steps_cfg_ddim_logsnr guidance=cfg scale=3 sampler=ddim sampler.spacing=logsnr sampler.steps=10,20,50 "${NETS[@]}"
 sweep steps_cg guidance=cg scale=4 sampler=ddim,dpmpp_2m sampler.steps=10,20,50 "${NETS[@]}"
-$PY -m guidelab.report --merge "$OUT/steps" "$OUT"/steps_cfg "$OUT"/steps_cfg_ddim_logsnr "$OUT"/steps_cg
+sweep steps_cg_ddim_logsnr guidance=cg scale=4 sampler=ddim sampler.spacing=logsnr sampler.steps=10,20,50 "${NETS[@]}"
+$PY -m guidelab.report --merge "$OUT/steps" "$OUT"/steps_cfg "$OUT"/steps_cfg_ddim_logsnr "$OUT"/steps_cg \
+  "$OUT"/steps_cg_ddim_logsnr

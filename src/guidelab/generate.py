@@ -221,8 +221,8 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
         options["guide"] = "/".join(Path(g.guide_ckpt).parts[-3:])
     result = {"guidance": g.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1 if cfg_scale else None,
               "options": " ".join(f"{k}={v}" for k, v in options.items()) or None, "sampler": cfg.sampler.name,
-              "spacing": cfg.sampler.spacing, "steps": respaced.num_steps, **network_evaluations(g, float(cfg.scale), respaced.abar.cpu()),
-              "num_samples": len(labels_np),
+              "spacing": cfg.sampler.spacing, "steps": respaced.num_steps,
+              **network_evaluations(g, float(cfg.scale), respaced.abar.cpu()), "num_samples": len(labels_np),
               "seconds": seconds, "seconds_per_sample": seconds / len(labels_np), "seed": cfg.seed,
               "classifier_scale": g.get("classifier_scale"), "base": g.get("base"),
               "p_uncond": train_cfg["model"].get("p_uncond"), "ckpt": str(cfg.ckpt)}

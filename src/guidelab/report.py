@@ -26,9 +26,9 @@ from guidelab.guidance import CFG_SCALE_MODES, MODES
 from guidelab.images import class_rows, grid, save_png
 
 MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
-COLUMNS = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe", "classifier_nfe", "features",
-           "fid", "is", "precision", "recall", "accuracy", "evaluator_test_acc", "num_samples", "seconds", "seconds_per_sample",
-           "run"]
+COLUMNS = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe",
+           "classifier_nfe", "features", "fid", "is", "precision", "recall", "accuracy", "evaluator_test_acc",
+           "num_samples", "seconds", "seconds_per_sample", "run"]
 PLOTS = {  # file: (x, y, title)
     "fid_vs_scale.png": ("s", "fid", "FID vs guidance scale"),
     "is_vs_scale.png": ("s", "is", "IS vs guidance scale"),
@@ -77,8 +77,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe", "classifier_nfe", "fid", "is", "precision",
-            "recall", "accuracy", "seconds_per_sample"]
+    cols = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe",
+            "classifier_nfe", "fid", "is", "precision", "recall", "accuracy", "seconds_per_sample"]
     cols = [c for c in cols if any(r[c] is not None for r in rows)]
     features = sorted({r["features"] for r in rows if r["features"]})
     judges = sorted({r["evaluator_test_acc"] for r in rows if r["evaluator_test_acc"] is not None})

@@ -9,7 +9,8 @@ from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval, make_eps_fn,
                                noise_level, project, rescale_combine)
 
-ABAR = Diffusion(linear_betas(1000)).abar
+PROCESS = Diffusion(linear_betas(1000))
+ABAR = PROCESS.abar
 
 
 class ToyUNet(torch.nn.Module):
@@ -109,7 +110,7 @@ def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
     ("foo", {}, "none, cfg, cg, cfg_cg, cfg_rescale"),
     ("none", {"base": "both"}, "guidance.base"),
     ("cfg_rescale", {"phi": 0.5}, "noise schedule"),
-    ("cfg_rescale", {"abar": ABAR, "space": "v"}, "guidance.space"),
+    ("cfg_rescale", {"diffusion": PROCESS, "space": "v"}, "guidance.space"),
     ("cfg", {"phi": 0.5}, "unknown option"),
     ("autoguidance", {}, "guide_ckpt"),
 ])
@@ -141,20 +142,20 @@ def test_rescale_is_cfg_at_phi_0_and_matches_the_conditional_std_at_phi_1():
 def test_cfg_rescale_eps_fn(space):
     unet, (x, t, y) = ToyUNet(), _inputs()
     cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
-    plain = make_eps_fn("cfg_rescale", unet, y, 3.0, abar=ABAR, phi=0.0, space=space)(x, t).eps
+    plain = make_eps_fn("cfg_rescale", unet, y, 3.0, diffusion=PROCESS, phi=0.0, space=space)(x, t).eps
     assert torch.allclose(plain, cfg, atol=1e-4)
-    full = make_eps_fn("cfg_rescale", unet, y, 3.0, abar=ABAR, phi=1.0, space=space)(x, t).eps
+    full = make_eps_fn("cfg_rescale", unet, y, 3.0, diffusion=PROCESS, phi=1.0, space=space)(x, t).eps
     eps_c = unet(x, t, y)
     pick = (lambda e: _x0(x, t, e)) if space == "x0" else (lambda e: e)
     assert torch.allclose(pick(full).flatten(1).std(1), pick(eps_c).flatten(1).std(1), rtol=1e-3)
-    assert torch.equal(make_eps_fn("cfg_rescale", unet, y, 1.0, abar=ABAR, phi=1.0)(x, t).eps, eps_c)
+    assert torch.equal(make_eps_fn("cfg_rescale", unet, y, 1.0, diffusion=PROCESS, phi=1.0)(x, t).eps, eps_c)
 
 
 def test_interval_covering_every_noise_level_is_cfg_and_an_empty_one_is_conditional():
     unet, (x, t, y) = ToyUNet(), _inputs()
-    everywhere = make_eps_fn("cfg_interval", unet, y, 3.0, abar=ABAR, sigma_lo=0.0, sigma_hi=float("inf"))(x, t)
+    everywhere = make_eps_fn("cfg_interval", unet, y, 3.0, diffusion=PROCESS, sigma_lo=0.0, sigma_hi=float("inf"))(x, t)
     assert torch.equal(everywhere.eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps)
-    nowhere = make_eps_fn("cfg_interval", unet, y, 3.0, abar=ABAR, sigma_lo=1e8, sigma_hi=2e8)(x, t)
+    nowhere = make_eps_fn("cfg_interval", unet, y, 3.0, diffusion=PROCESS, sigma_lo=1e8, sigma_hi=2e8)(x, t)
     assert torch.equal(nowhere.eps, unet(x, t, y))
 
 
@@ -164,14 +165,14 @@ def test_interval_guides_exactly_the_samples_inside_it():
     sigma = noise_level(ABAR[t])
     inside = in_interval(ABAR[t], 0.28, 5.42)
     assert inside.tolist() == ((sigma > 0.28) & (sigma <= 5.42)).tolist() and 0 < inside.sum() < len(t)
-    eps = make_eps_fn("cfg_interval", unet, y, 3.0, abar=ABAR)(x, t).eps
+    eps = make_eps_fn("cfg_interval", unet, y, 3.0, diffusion=PROCESS)(x, t).eps
     cfg, cond = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, unet(x, t, y)
     assert torch.allclose(eps[inside], cfg[inside]) and torch.equal(eps[~inside], cond[~inside])
-    out = make_eps_fn("cg_interval", unet, y, 2.0, classifier=clf, abar=ABAR)(x, t)
+    out = make_eps_fn("cg_interval", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
     cg = make_eps_fn("cg", unet, y, 2.0, classifier=clf)(x, t)
     assert torch.equal(out.eps, cg.eps)
     assert torch.allclose(out.score[inside], cg.score[inside]) and (out.score[~inside] == 0).all()
-    full = make_eps_fn("cg_interval", unet, y, 2.0, classifier=clf, abar=ABAR, sigma_lo=0.0, sigma_hi=float("inf"))
+    full = make_eps_fn("cg_interval", unet, y, 2.0, classifier=clf, diffusion=PROCESS, sigma_lo=0.0, sigma_hi=float("inf"))
     assert torch.equal(full(x, t).score, cg.score)
 
 
@@ -181,7 +182,7 @@ def test_apg_is_cfg_with_eta_1_no_threshold_no_momentum():
     guided, _ = apg_combine(d_u, d_c, 3.0, eta=1.0, norm_threshold=None, momentum=0.0)
     assert torch.allclose(guided, cfg_combine(d_u, d_c, 3.0), atol=1e-5)
     unet, (x, t, y) = ToyUNet(), _inputs()
-    apg = make_eps_fn("apg", unet, y, 3.0, abar=ABAR, eta=1.0, norm_threshold=None, momentum=0.0)(x, t).eps
+    apg = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=0.0)(x, t).eps
     assert torch.allclose(apg, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
 
 
@@ -209,8 +210,8 @@ def test_apg_parts_are_orthogonal_threshold_caps_the_norm_and_momentum_accumulat
 
 def test_apg_eps_fn_keeps_its_momentum_across_steps():
     unet, (x, t, y) = ToyUNet(), _inputs()
-    with_m = make_eps_fn("apg", unet, y, 3.0, abar=ABAR, eta=1.0, momentum=-0.5)
-    without = make_eps_fn("apg", unet, y, 3.0, abar=ABAR, eta=1.0, momentum=0.0)
+    with_m = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, momentum=-0.5)
+    without = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, momentum=0.0)
     assert torch.allclose(with_m(x, t).eps, without(x, t).eps, atol=1e-4)  # first step: nothing accumulated yet
     assert not torch.allclose(with_m(x, t).eps, without(x, t).eps, atol=1e-3)
 
@@ -232,15 +233,15 @@ def test_dynamic_threshold_is_static_clipping_below_1_and_maps_the_quantile_to_1
     unet, (x, t, y) = ToyUNet(), _inputs()
     t = torch.zeros_like(t)  # at t = 0, x0 = x_t up to 1%: |x0| < 1 everywhere, so plain CFG
     x = x.clamp(-0.9, 0.9)
-    eps = make_eps_fn("dynamic_threshold", unet, y, 3.0, abar=ABAR)(x, t).eps
+    eps = make_eps_fn("dynamic_threshold", unet, y, 3.0, diffusion=PROCESS)(x, t).eps
     assert torch.allclose(eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
 
 
 def test_cfgpp_is_unconditional_at_0_and_renoises_the_guided_x0_with_eps_u():
     unet, (x, t, y) = ToyUNet(), _inputs()
     null = torch.full_like(y, 3)
-    assert torch.equal(make_eps_fn("cfgpp", unet, y, 0.0, abar=ABAR)(x, t).eps, unet(x, t, null))
-    out = make_eps_fn("cfgpp", unet, y, 0.6, abar=ABAR)(x, t)
+    assert torch.equal(make_eps_fn("cfgpp", unet, y, 0.0, diffusion=PROCESS)(x, t).eps, unet(x, t, null))
+    out = make_eps_fn("cfgpp", unet, y, 0.6, diffusion=PROCESS)(x, t)
     eps_u, eps_c = unet(x, t, null), unet(x, t, y)
     assert torch.allclose(out.eps, eps_u)
     assert torch.allclose(out.x0, torch.lerp(_x0(x, t, eps_u), _x0(x, t, eps_c), 0.6), rtol=1e-4, atol=1e-3)

@@ -146,7 +146,7 @@ def test_every_sampler_runs_every_guidance_mode(sampler, mode):
     y = torch.tensor([0, 1, 2, 0])
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     scale = 0.6 if mode == "cfgpp" else 3.0
-    eps_fn = make_eps_fn(mode, unet, y, scale, classifier=classifier, abar=d.abar, guide=guide, **MODE_ARGS.get(mode, {}))
+    eps_fn = make_eps_fn(mode, unet, y, scale, classifier=classifier, diffusion=d, guide=guide, **MODE_ARGS.get(mode, {}))
     x = sample(sampler, eps_fn, d, noise, 4, generator=torch.Generator().manual_seed(1))
     assert x.shape == noise.shape and torch.isfinite(x).all()
     base = sample(sampler, make_eps_fn("none", unet, y, base="cond"), d, noise, 4,

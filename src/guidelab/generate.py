@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from guidelab import checkpoint, dist, sampling
 from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
-from guidelab.guidance import CFG_SCALE_MODES, CLASSIFIER_MODES, interval_steps, make_eps_fn
+from guidelab.guidance import CFG_SCALE_MODES, CLASSIFIER_MODES, in_interval, make_eps_fn
 from guidelab.images import save_class_grid, to_uint8
 from guidelab.metrics import (BACKENDS, EvaluatorFeatures, class_accuracy, evaluate_samples, extract,
                               find_inception_weights)
@@ -187,6 +187,7 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
     y_all = requested_labels(labels, cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples, num_classes)
     g = cfg.guidance
+    params = guidance_params(g)
     starts = list(range(0, len(y_all), cfg.batch_size))
     mine, t0 = [], time.perf_counter()
     # batch b draws its noise from seed * 1000003 + b and runs on rank b % world: the samples do not depend on the
@@ -196,8 +197,7 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
         y = y_all[starts[b]:starts[b] + cfg.batch_size].to(device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
         noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
-        eps_fn = make_eps_fn(g.name, unet, y, float(cfg.scale), classifier, diffusion.abar, nets["guide"],
-                             **guidance_params(g))
+        eps_fn = make_eps_fn(g.name, unet, y, float(cfg.scale), classifier, diffusion, nets["guide"], **params)
         x = sampling.sample(cfg.sampler.name, eps_fn, diffusion, noise, cfg.sampler.steps, cfg.sampler.eta,
                             cfg.sampler.clip_x0, generator=gen, spacing=cfg.sampler.spacing)
         mine.append((b, to_uint8(x)))
@@ -216,7 +216,7 @@ def generate(cfg, run_dir: str | os.PathLike) -> dict:
     save_class_grid(images_np, labels_np, num_classes, run_dir / "grid.png")
     respaced = diffusion.respace(cfg.sampler.steps, cfg.sampler.spacing)
     cfg_scale = g.name in CFG_SCALE_MODES  # w = s - 1 is Ho & Salimans' CFG strength; CG and the others have no w
-    options = {k: v for k, v in guidance_params(g).items() if k not in ("classifier_scale", "base")}
+    options = {k: v for k, v in params.items() if k not in ("classifier_scale", "base")}
     if g.name == "autoguidance":  # which guide: its run dir and checkpoint file
         options["guide"] = "/".join(Path(g.guide_ckpt).parts[-3:])
     result = {"guidance": g.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1 if cfg_scale else None,
@@ -248,7 +248,7 @@ def network_evaluations(guidance, scale: float, abar_steps: torch.Tensor) -> dic
     steps, name = len(abar_steps), guidance.name
     guided = steps
     if name in ("cfg_interval", "cg_interval"):
-        guided = interval_steps(abar_steps, guidance.sigma_lo, guidance.sigma_hi)
+        guided = int(in_interval(abar_steps, guidance.sigma_lo, guidance.sigma_hi).sum())
     doubled = name in TWO_PASSES and scale not in TWO_PASSES[name]
     cls_scale = scale if name in ("cg", "cg_interval") else guidance.get("classifier_scale", 0)
     with_classifier = name in CLASSIFIER_MODES and cls_scale != 0

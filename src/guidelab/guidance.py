@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from guidelab.diffusion import Diffusion, _gather
 from guidelab.errors import GuidelabError
 
 BASES = ("uncond", "cond")
@@ -128,12 +129,12 @@ def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Te
 
 @dataclass
 class Context:
-    """What every builder may use: the networks, the labels and the noise schedule at the model's timesteps."""
+    """What every builder may use: the networks, the labels and the model's own noise schedule."""
     unet: torch.nn.Module
     y: torch.Tensor
     scale: float
     classifier: torch.nn.Module | None = None
-    abar: torch.Tensor | None = None  # abar over the model's own T timesteps (x0-space modes need it)
+    diffusion: Diffusion | None = None  # the model's T-step process (x0-space and interval modes need it)
     guide: torch.nn.Module | None = None  # the weaker model of autoguidance
 
     @property
@@ -141,15 +142,13 @@ class Context:
         return torch.full_like(self.y, self.unet.null_class)
 
     def abar_t(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.abar.to(x.device)[t].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        return _gather(self.diffusion.abar, t, x)
 
     def to_x0(self, x, t, eps):
-        a = self.abar_t(x, t)
-        return (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return self.diffusion.predict_x0(x, t, eps)
 
     def to_eps(self, x, t, x0):
-        a = self.abar_t(x, t)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return self.diffusion.eps_from_x0(x, t, x0)
 
     def pair(self, x, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_u, eps_c) from one doubled batch (cond first)."""
@@ -299,17 +298,17 @@ BUILDERS = {"none": _none, "cfg": _cfg, "cg": _cg, "cfg_cg": _cfg_cg, "cfg_resca
             "dynamic_threshold": _dynamic_threshold, "autoguidance": _autoguidance}
 MODES = tuple(BUILDERS)
 CLASSIFIER_MODES = ("cg", "cfg_cg", "cg_interval")  # modes that need a noisy classifier
-X0_MODES = ("cfg_rescale", "cfg_interval", "cg_interval", "apg", "cfgpp", "dynamic_threshold")  # need the schedule
+X0_MODES = ("cfg_rescale", "cfg_interval", "cg_interval", "apg", "cfgpp", "dynamic_threshold")  # need `diffusion`
 CFG_SCALE_MODES = ("cfg", "cfg_cg", "cfg_rescale", "cfg_interval", "apg", "dynamic_threshold")  # s is CFG's (w = s - 1)
 
 
-def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier=None, abar: torch.Tensor | None = None,
+def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier=None, diffusion: Diffusion | None = None,
                 guide=None, **params) -> EpsFn:
     """Build the eps-function of one guidance mode for labels y.
 
-    `params` are the mode's own keys (its configs/guidance/<mode>.yaml, e.g. phi for cfg_rescale); `abar` is the
-    schedule over the model's timesteps (Diffusion.abar), needed by the modes that work on x0; `guide` the weaker
-    network of autoguidance."""
+    `params` are the mode's own keys (its configs/guidance/<mode>.yaml, e.g. phi for cfg_rescale); `diffusion` is the
+    model's own T-step process (not respaced: eps-functions get the model's timesteps), needed by the modes that work
+    on x0 or on the noise level; `guide` the weaker network of autoguidance."""
     if mode not in BUILDERS:
         raise GuidelabError(f"unknown guidance mode {mode!r}; valid: {', '.join(MODES)}")
     if mode in CLASSIFIER_MODES:
@@ -317,16 +316,11 @@ def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier
             raise GuidelabError(f"guidance={mode} needs a noisy classifier: pass classifier_ckpt=PATH "
                                 "(train one with `python train_classifier.py`)")
         classifier.requires_grad_(False)
-    if mode in X0_MODES and abar is None:
-        raise GuidelabError(f"guidance={mode} works on x0 and needs the noise schedule: pass abar=Diffusion.abar")
-    ctx = Context(unet, y, float(scale), classifier, abar, guide)
+    if mode in X0_MODES and diffusion is None:
+        raise GuidelabError(f"guidance={mode} needs the noise schedule: pass diffusion=Diffusion(...)")
+    ctx = Context(unet, y, float(scale), classifier, diffusion, guide)
     try:
         return BUILDERS[mode](ctx, **params)
     except TypeError as e:  # a key the mode does not have
         raise GuidelabError(f"guidance={mode} got an unknown option: {e}; see configs/guidance/{mode}.yaml") from None
-
-
-def interval_steps(abar: torch.Tensor, sigma_lo: float, sigma_hi: float) -> int:
-    """How many of a sampler's timesteps (their abar) fall inside the guidance interval (for NFE accounting)."""
-    return int(in_interval(abar, sigma_lo, sigma_hi).sum())
 

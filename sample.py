@@ -1,13 +1,120 @@
-"""Sample from a trained diffusion UNet with or without guidance.
+"""Sample from a trained diffusion UNet with or without guidance, and judge the samples.
 
-    python sample.py ckpt=RUN/checkpoints/last.pt guidance=cfg scale=3.0
-    python sample.py ckpt=... guidance=cg classifier_ckpt=CLS/checkpoints/last.pt scale=3.0
+    python sample.py guidance=cfg scale=3.0      # ckpt=latest: the newest train_diffusion run under outputs/
+    python sample.py ckpt=RUN/checkpoints/last.pt guidance=cg classifier_ckpt=CLS/checkpoints/last.pt scale=3.0
+
+The story: load the networks, then per batch draw the noise, build the guidance eps-function and run the sampler;
+write samples.npz and grid.png; evaluate into metrics.json. Batch b draws its noise from seed * 1000003 + b and runs on
+DDP rank b % world, so the samples do not depend on the number of ranks.
 """
+import json
+import os
+import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from guidelab import dist, guidance, networks, sampling
 from guidelab.cli import main
-from guidelab.generate import generate
+from guidelab.errors import GuidelabError
+from guidelab.images import save_class_grid, to_uint8
+from guidelab.metrics import BACKENDS, EvaluatorFeatures, class_accuracy, evaluate_samples, extract, find_inception_weights
+from guidelab.registry import OneOf, Range
+
+
+def check(cfg) -> None:
+    """Every value check that needs no network, for every job of a sweep before the first one runs."""
+    guidance.check(cfg.guidance.name, cfg.scale, guidance.MODES.own(cfg.guidance))
+    sampling.SAMPLERS.check(cfg.sampler.name, sampling.SAMPLERS.own(cfg.sampler))
+    for key in ("num_samples", "batch_size"):
+        Range(1).check(key, cfg[key], cfg)
+    if cfg.ckpt == "latest":  # nothing to find: say so before Hydra makes a run dir
+        networks.find_latest(cfg.runs_root, "diffusion")
+    if cfg.eval.enabled:
+        if not cfg.evaluator_ckpt:
+            raise GuidelabError("eval=true needs evaluator_ckpt=PATH (or latest): accuracy and evaluator features; "
+                                "train one with `python train_classifier.py classifier=evaluator dataset=...`")
+        OneOf(BACKENDS).check("metrics.features", cfg.metrics.features, cfg.metrics)
+        if cfg.metrics.features == "inception":
+            find_inception_weights(cfg.metrics.inception_weights)
+
+
+def requested_labels(labels, num_samples: int, num_classes: int) -> torch.Tensor:
+    """`labels=null`: all classes, evenly (sample i gets class i % K); otherwise the listed classes in turn."""
+    classes = list(range(num_classes)) if labels is None else [labels] if isinstance(labels, int) else list(labels)
+    for c in classes:
+        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < num_classes:
+            raise GuidelabError(f"labels must be class indices in [0, {num_classes}); got {c!r}; "
+                                f"e.g. labels=[0,3] or labels=null for all classes")
+    return torch.tensor(classes, dtype=torch.long).repeat(num_samples // len(classes) + 1)[:num_samples]
+
+
+def sample(cfg, run_dir: Path) -> dict:
+    check(cfg)
+    device = dist.setup(dist.select_device(cfg.device))
+    world, rank, is_main = dist.world_size(), dist.rank(), dist.is_main()
+    nets = networks.for_sampling(cfg, device)
+    if is_main and (run_dir / ".hydra").is_dir():  # the run's config records the checkpoints `latest` chose
+        OmegaConf.save(OmegaConf.merge(cfg, nets.paths), run_dir / ".hydra" / "config.yaml")
+    if cfg.compile:  # CUDA graphs on CUDA: every step of a batch has the same shapes
+        mode = "reduce-overhead" if device.type == "cuda" and cfg.compile_backend == "inductor" else None
+        nets.unet.net = torch.compile(nets.unet.net, backend=cfg.compile_backend, dynamic=False, mode=mode)
+    unet, num_classes = nets.unet, nets.train_config["data_info"]["num_classes"]
+    labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
+    y_all = requested_labels(labels, cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples, num_classes)
+    mode, params = cfg.guidance.name, guidance.MODES.own(cfg.guidance)
+    starts = list(range(0, len(y_all), cfg.batch_size))
+    mine, t0 = [], time.perf_counter()
+    for b in tqdm(range(rank, len(starts), world), desc=f"sample {mode} s={cfg.scale}", dynamic_ncols=True,
+                  disable=not (cfg.progress and is_main)):
+        y = y_all[starts[b]:starts[b] + cfg.batch_size].to(device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
+        noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
+        eps_fn = guidance.make_eps_fn(mode, unet, y, cfg.scale, nets.classifier, nets.diffusion, nets.guide, **params)
+        x = sampling.sample(cfg.sampler.name, eps_fn, nets.diffusion, noise, cfg.sampler.steps, cfg.sampler.spacing,
+                            cfg.sampler.clip_x0, gen, **sampling.SAMPLERS.own(cfg.sampler))
+        mine.append((b, to_uint8(x)))
+    gathered = dist.gather((mine, nets.evaluations()))
+    seconds = time.perf_counter() - t0
+    dist.cleanup()
+    if not is_main:
+        return {}
+    images = np.concatenate([img for _, img in sorted(sum((m for m, _ in gathered), []), key=lambda item: item[0])])
+    y_np = y_all.numpy().astype(np.int64)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".samples.tmp.npz"
+    np.savez(tmp, images=images, labels=y_np)
+    os.replace(tmp, run_dir / "samples.npz")
+    save_class_grid(images, y_np, num_classes, run_dir / "grid.png")
+
+    entry = guidance.MODES[mode]
+    options = {k: v for k, v in params.items() if k not in ("classifier_scale", "base")}
+    if "guide" in entry.traits["needs"]:  # which guide: its run dir and checkpoint file
+        options["guide"] = "/".join(Path(cfg.guide_ckpt).parts[-3:])
+    evaluations = {k: sum(n[k] for _, n in gathered) / len(y_np) for k in ("nfe", "classifier_nfe")}  # per sample
+    result = {"guidance": mode, "scale": cfg.scale, "w": cfg.scale - 1 if entry.traits["w"] else None,
+              "options": " ".join(f"{k}={v}" for k, v in options.items()) or None, "sampler": cfg.sampler.name,
+              "spacing": cfg.sampler.spacing, "steps": cfg.sampler.steps, **evaluations, "num_samples": len(y_np),
+              "seconds": seconds, "seconds_per_sample": seconds / len(y_np), "seed": cfg.seed,
+              "classifier_scale": params.get("classifier_scale"), "base": params.get("base"),
+              "p_uncond": nets.train_config["model"].get("p_uncond"), "ckpt": nets.paths["ckpt"]}
+    if nets.evaluator is not None:
+        result["evaluator_test_acc"] = nets.evaluator_test_acc  # how good the judge itself is
+        if cfg.eval.enabled:
+            result.update(evaluate_samples(images, y_np, cfg.metrics, nets.train_config["dataset"], nets.evaluator,
+                                           nets.paths["evaluator_ckpt"], device))
+        else:
+            result.update(class_accuracy(extract(EvaluatorFeatures(nets.evaluator), images, device).logits, y_np))
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    shown = {k: result[k] for k in ("fid", "is", "precision", "recall", "accuracy") if k in result}
+    print(f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(y_np)} samples, {seconds:.1f} s)"
+          + "".join(f"; {k} {v:.3f}" for k, v in shown.items()))
+    return result
+
 
 if __name__ == "__main__":
-    main(Path(__file__).parent / "configs", "sample", generate,
-         groups=("guidance", "sampler", "logger", "experiment"), protect="samples", aliases={"eval": "eval.enabled"})
+    main(Path(__file__).parent / "configs", "sample", sample, check=check, protect="samples",
+         aliases={"eval": "eval.enabled"})

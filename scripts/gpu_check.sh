@@ -26,7 +26,7 @@ timed() {  # name command...: run it, log to $W/name.log, append "name seconds" 
   "$@" > "$W/$name.log" 2>&1 || { tail -20 "$W/$name.log"; exit 1; }
   printf '%-24s %8d ms\n' "$name" $(( ($(date +%s%N) - t0) / 1000000 )) | tee -a "$report"
 }
-timed bench                  $PY -m guidelab.bench --levers --compile-backend "$backend" --json "$OUT/bench.json"
+timed bench                  $PY benchmarks/bench.py --levers --compile-backend "$backend" --json "$OUT/bench.json"
 cat "$W/bench.log" | tee -a "$report"
 timed smoke_train_diffusion  $PY train_diffusion.py experiment=smoke hydra.run.dir="$W/R1"
 timed smoke_train_classifier $PY train_classifier.py experiment=smoke hydra.run.dir="$W/R2"

@@ -15,8 +15,8 @@ sweep cg_interval guidance=cg_interval scale=2,4,6,8 "${NETS[@]}"
 sweep apg guidance=apg scale=2,3,4,6,8 "${NETS[@]}"
 sweep cfgpp guidance=cfgpp scale=0.2,0.4,0.6,0.8,1 "${NETS[@]}"
 sweep dynamic_threshold guidance=dynamic_threshold scale=2,3,4,6,8 "${NETS[@]}"
-sweep autoguidance_early guidance=autoguidance guidance.guide_ckpt="$EARLY" scale=1.5,2,3,4 "${NETS[@]}"
-sweep autoguidance_small guidance=autoguidance guidance.guide_ckpt="$OUT/guide_small/checkpoints/last.pt" \
+sweep autoguidance_early guidance=autoguidance guide_ckpt="$EARLY" scale=1.5,2,3,4 "${NETS[@]}"
+sweep autoguidance_small guidance=autoguidance guide_ckpt="$OUT/guide_small/checkpoints/last.pt" \
   scale=1.5,2,3,4 "${NETS[@]}"
 $PY -m guidelab.report --merge "$OUT/variants" "$OUT"/{cfg,cg,cfg_cg,cfg_rescale,cfg_interval,cg_interval,apg,cfgpp} \
   "$OUT"/{dynamic_threshold,autoguidance_early,autoguidance_small}

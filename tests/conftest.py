@@ -1,5 +1,8 @@
 """Shared helpers: run the real entry points in a subprocess, and hash a directory to prove nothing changed."""
+import contextlib
 import hashlib
+import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -11,11 +14,44 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 
-def run_script(script: str, *overrides: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(script: str, *overrides: str, cwd: Path, timeout: int = 300, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
     """python SCRIPT overrides... in `cwd`, offline wandb, no progress bars; returns the finished process."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _script_module(script: str):
+    """An entry script imported as a module (its `if __name__ == "__main__"` part does not run)."""
+    name = f"_script_{script.removesuffix('.py')}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / script)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def check_command_line(script: str, *overrides: str) -> str:
+    """What `python SCRIPT overrides...` checks before Hydra starts (group options, run dir, types, nan, the script's
+    value checks for every job), run in this process by the same functions its main runs: the one `error:` line it
+    prints (exit status 2), or "" if the command line passes."""
+    from guidelab import cli, config
+
+    config.register(CONFIGS)
+    name = script.removesuffix(".py")
+    argv = cli.expand_aliases(list(overrides), {"eval": "eval.enabled"})
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            cli.preflight(argv, CONFIGS, name, "samples" if name == "sample" else "checkpoints")
+            cli.check_jobs(argv, CONFIGS, name, _script_module(script).check)
+        except SystemExit as e:
+            assert e.code == 2, e.code
+            lines = err.getvalue().strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), lines
+            return lines[0]
+    return ""
 
 
 def tree_digest(path: Path) -> dict[str, str]:

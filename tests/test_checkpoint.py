@@ -79,8 +79,64 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 
 def test_check_compatible_names_the_mismatch():
+    from guidelab.networks import check_compatible
+
     a, b = _ckpt(), _ckpt()
     b["config"]["dataset"] = {"name": "mnist5k", "image_size": 28}
-    checkpoint.check_compatible(a, "diffusion checkpoint", _ckpt(), "classifier")
+    check_compatible(a, "diffusion checkpoint", _ckpt(), "classifier")
     with pytest.raises(GuidelabError, match="dataset procedural vs mnist5k, image_size 16 vs 28"):
-        checkpoint.check_compatible(a, "diffusion checkpoint", b, "classifier")
+        check_compatible(a, "diffusion checkpoint", b, "classifier")
+
+
+def test_save_names_last_pt_as_the_newest_and_keeps_the_newest_few(tmp_path):
+    for step in (10, 20, 30, 40):
+        checkpoint.save(_ckpt(step), tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000030.pt", "0000040.pt", "last.pt"]
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "0000040.pt")
+
+
+def test_resume_skips_a_damaged_last_pt_for_the_newest_intact_checkpoint(tmp_path, capsys):
+    for step in (10, 20, 30):
+        checkpoint.save(_ckpt(step), tmp_path, keep=3)
+    assert checkpoint.newest_intact(tmp_path, "diffusion")[0]["step"] == 30
+    data = (tmp_path / "0000030.pt").read_bytes()
+    (tmp_path / "0000030.pt").write_bytes(data[: len(data) // 2])  # last.pt is the same file: both damaged
+    ckpt, path = checkpoint.newest_intact(tmp_path, "diffusion")
+    assert ckpt["step"] == 20 and path.name == "0000020.pt"
+    assert "skipped damaged last.pt" in capsys.readouterr().out
+    for p in tmp_path.glob("*.pt"):
+        p.write_bytes(b"junk")
+    with pytest.raises(GuidelabError, match="every checkpoint in .* is damaged"):
+        checkpoint.newest_intact(tmp_path, "diffusion")
+    assert checkpoint.newest_intact(tmp_path / "empty", "diffusion") is None
+
+
+def test_each_rank_gets_its_own_rng_state_back(monkeypatch, capsys):
+    """restore() gives DDP rank r the RNG state rank r saved; a rank the checkpoint has no state for is seeded."""
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    data_gen = torch.Generator().manual_seed(5)
+    ckpt = {**checkpoint.state("diffusion", {"model": torch.nn.Linear(2, 2)}, 7, {"cursor": 0},
+                               [{"torch": s, "cuda": []} for s in states], data_gen, _ckpt()["config"])}
+    for rank, world in ((0, 2), (1, 2), (2, 3), (0, 3)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        step, data = checkpoint.restore(ckpt, "x.pt", _ckpt()["config"], {"model": torch.nn.Linear(2, 2)},
+                                        torch.Generator(), torch.device("cpu"), seed=3)
+        assert step == 7 and data == {"cursor": 0}
+        if rank < 2:
+            assert torch.equal(torch.get_rng_state(), states[rank])
+        else:
+            a = torch.rand(3)
+            torch.manual_seed(3 + 2 + 7919 * 7)
+            assert torch.equal(a, torch.rand(3))
+    assert capsys.readouterr().out.count("RNG states of 2 rank(s), this run has 3") == 1  # said once, by rank 0
+
+
+def test_resume_refuses_another_network_config():
+    ckpt = checkpoint.state("diffusion", {}, 1, {}, [], torch.Generator(), {**_ckpt()["config"], "model": {"channels": 8}})
+    with pytest.raises(GuidelabError, match="the model config differs"):
+        checkpoint.restore(ckpt, "x.pt", {**_ckpt()["config"], "model": {"channels": 16}}, {}, torch.Generator(),
+                           torch.device("cpu"), seed=0)

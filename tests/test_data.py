@@ -222,3 +222,19 @@ def test_registry_and_bad_arguments():
     assert "'val'" in _assert_one_line(err)
     with pytest.raises(GuidelabError):
         load_dataset("procedural", image_size=0)
+
+
+def test_a_dataset_is_one_registered_loader():
+    """The spec carries the loader: registering one function makes load_dataset serve it (uint8 pixels -> [-1, 1])."""
+    from guidelab.data import dataset
+
+    @dataset("two_squares", 1, 4, ("dark", "light"), default_model="unet_tiny")
+    def _two_squares(train, root, download, seed):
+        return torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 1, 4, 4), torch.tensor([0, 1])
+
+    try:
+        ds = load_dataset("two_squares", image_size=4)
+        assert ds.images.tolist() == [[[[-1.0] * 4] * 4], [[[1.0] * 4] * 4]] and ds.class_names == ["dark", "light"]
+        assert dataset_info("two_squares").num_classes == 2 and dataset_info("two_squares").default_model == "unet_tiny"
+    finally:
+        del DATASETS["two_squares"]

@@ -74,9 +74,9 @@ def test_eps_loss_is_zero_for_the_true_noise():
 
 def test_respacing_keeps_alpha_bar_on_the_kept_steps():
     d = Diffusion(linear_betas(1000))
-    r = d.respace(50)
-    assert r.num_steps == 50 and r.model_t[0] == 0 and r.model_t[-1] == 999
-    assert torch.allclose(r.abar, d.abar[r.model_t], rtol=1e-10)
-    assert d.respace(None) is d and d.respace(1000) is d
-    with pytest.raises(GuidelabError, match="sampler.steps"):
-        d.respace(1001)
+    keep = torch.tensor([3, 10, 400, 999])
+    r = d.respace(keep)
+    assert r.num_steps == 4 and r.model_t.tolist() == keep.tolist()
+    assert torch.allclose(r.abar, d.abar[keep], rtol=1e-10)
+    assert r.abar_prev[0] == 1  # the grid's last step goes to abar = 1 (sigma = 0)
+    assert d.respace(torch.arange(1000)) is d

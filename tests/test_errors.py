@@ -1,10 +1,11 @@
 """Bad input: one `error:` line naming the problem and the fix, a non-zero exit, and no existing file changed."""
+import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_script, tree_digest
+from conftest import assert_one_line_error, check_command_line, run_script, tree_digest
 
 
 @pytest.fixture
@@ -26,44 +27,78 @@ def _sample(runs, tmp_path, *overrides):
     ("sample.py", "guidance=pag", ["unknown guidance 'pag'", "apg, autoguidance, cfg, cfg_cg, cfg_interval, cfg_rescale, "
                                    "cfgpp, cg, cg_interval, dynamic_threshold, none"]),
     ("sample.py", "sampler=euler", ["unknown sampler 'euler'", "ddim, ddpm, dpmpp_2m"]),
-    ("train_diffusion.py", "model=unet_huge", ["unknown model 'unet_huge'", "unet_cifar, unet_small"]),
+    ("train_diffusion.py", "model=unet_huge", ["unknown model 'unet_huge'", "unet16, unet_cifar, unet_small, unet_tiny"]),
+    ("sample.py", "experiment=fmnist16", ["unknown experiment 'fmnist16'", "cg_vs_cfg, demo", "configs/sample/experiment"]),
+    ("train_classifier.py", "model=unet_small", ["model= is not a config group of train_classifier.py",
+                                                 "dataset, classifier, diffusion, logger, experiment"]),
+    ("sample.py", "dataset=mnist", ["dataset= is not a config group of sample.py"]),
 ])
-def test_unknown_group_option_lists_the_valid_ones(tmp_path, script, override, fragments):
-    proc = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert_one_line_error(proc, *fragments)
-    assert not (tmp_path / "run").exists()  # refused before Hydra wrote anything
+def test_unknown_group_option_lists_the_valid_ones(script, override, fragments):
+    line = check_command_line(script, override)
+    assert all(f in line for f in fragments), line
+
+
+def test_a_bad_command_line_through_the_real_script_writes_nothing(tmp_path):
+    for override, fragment in (("guidance=pag", "unknown guidance 'pag'"), ("scale=x=1", "malformed override"),
+                               ("seed=abc", "could not be converted to Integer")):
+        proc = run_script("sample.py", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+        assert_one_line_error(proc, fragment)
+        assert not (tmp_path / "run").exists()  # refused before Hydra wrote anything
 
 
 @pytest.mark.parametrize("overrides,fragments", [
-    (["scale=-1"], ["scale must be >= 0, got -1"]),
-    (["scale=abc"], ["scale must be a number", "scale=3.0"]),
-    (["guidance=cg"], ["classifier_ckpt=PATH", "train_classifier.py"]),
-    (["guidance=cfg_cg"], ["classifier_ckpt=PATH"]),
-    (["num_samples=0"], ["num_samples must be a positive integer"]),
-    (["batch_size=2.5"], ["batch_size must be a positive integer, got 2.5"]),
-    (["sampler.steps=0"], ["sampler.steps must be a positive integer"]),
-    (["sampler.eta=1.5"], ["sampler.eta must be in [0, 1]"]),
-    (["labels=[0,10]"], ["labels must be class indices in [0, 10)", "got 10"]),
-    (["sampler.steps=5000"], ["sampler.steps must be in [1, 1000]"]),
-    (["sampler.spacing=log"], ["sampler.spacing must be time or logsnr, got 'log'"]),
-    (["guidance=cg_interval"], ["guidance=cg_interval needs classifier_ckpt=PATH"]),
-    (["guidance=cfgpp", "scale=2"], ["guidance=cfgpp reads scale as its lambda in [0, 1], got 2", "scale=0.6"]),
+    (["scale=-1"], ["scale must be >= 0, got -1; 0 = unconditional"]),
+    (["scale=abc"], ["scale=abc: Value 'abc' of type 'str' could not be converted to Float", "--cfg job"]),
+    (["scale=nan"], ["scale is nan; give it a finite number"]),
+    (["scale=inf"], ["scale is inf"]),
+    (["seed=abc"], ["seed=abc", "could not be converted to Integer"]),
+    (["num_samples=0"], ["num_samples must be >= 1, got 0"]),
+    (["batch_size=2.5"], ["batch_size=2.5", "could not be converted to Integer"]),
+    (["sampler.eta=1.5"], ["sampler.eta must be in [0, 1], got 1.5; 0 = deterministic DDIM"]),
+    (["sampler=ddpm", "sampler.eta=0.5"], ["unknown key 'sampler.eta' for sample.py"]),
+    (["guidance=cfgpp", "scale=2"], ["scale must be in [0, 1], got 2; guidance=cfgpp reads scale as its lambda",
+                                     "scale=0.6"]),
     (["guidance=cfg_rescale", "guidance.phi=1.5"], ["guidance.phi must be in [0, 1], got 1.5"]),
-    (["guidance=cfg_rescale", "guidance.space=v"], ["guidance.space must be x0 or eps, got 'v'"]),
+    (["guidance=cfg_rescale", "guidance.phi=nan"], ["guidance.phi is nan"]),
+    (["guidance=cfg_rescale", "guidance.space=v"], ["guidance.space must be one of x0, eps, got 'v'"]),
     (["guidance=cfg_interval", "guidance.sigma_lo=5", "guidance.sigma_hi=1"], ["must be above guidance.sigma_lo"]),
     (["guidance=apg", "guidance.momentum=1.5"], ["guidance.momentum must be in [-0.99, 0.99], got 1.5"]),
-    (["guidance=apg", "guidance.norm_threshold=0"], ["guidance.norm_threshold must be in"]),
+    (["guidance=apg", "guidance.norm_threshold=0"], ["guidance.norm_threshold must be > 0, got 0"]),
     (["guidance=dynamic_threshold", "guidance.percentile=2"], ["guidance.percentile must be in [0.5, 1], got 2"]),
-    (["guidance=autoguidance"], ["guidance=autoguidance needs guidance.guide_ckpt=PATH"]),
+    (["-m", "guidance=cfgpp", "scale=0.5,2"], ["scale must be in [0, 1], got 2", "(in the job", "scale=2"]),
+    (["+foo=1"], ["+foo=1: guidelab's configs hold exactly the keys their code reads"]),
+    (["eval=true"], ["eval=true needs evaluator_ckpt=PATH"]),
+    (["eval=true", "evaluator_ckpt=E.pt", "metrics.features=clip"],
+     ["metrics.features must be one of evaluator, inception, got 'clip'"]),
+    (["eval=true", "evaluator_ckpt=E.pt", "metrics.features=inception", "metrics.inception_weights=/nonexistent/i.pth"],
+     ["Inception weights not found", "metrics.inception_weights=FILE", "metrics.features=evaluator"]),
 ])
-def test_bad_sampling_options(guarded, tmp_path, overrides, fragments):
+def test_bad_sampling_values_are_refused_before_hydra_starts(overrides, fragments):
+    line = check_command_line("sample.py", "experiment=smoke", "ckpt=C.pt", *overrides)
+    assert all(f in line for f in fragments), line
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["guidance=cg"], ["classifier_ckpt=latest found no classifier run on procedural at 16px", "train_classifier.py",
+                       "classifier_ckpt=PATH"]),
+    (["guidance=cg_interval"], ["classifier_ckpt=latest found no classifier run"]),
+    (["labels=[0,10]"], ["labels must be class indices in [0, 10)", "got 10"]),
+    (["sampler.steps=5000"], ["sampler.steps must be in [1, 1000]"]),
+    (["sampler.steps=0"], ["sampler.steps must be in [1, 1000], got 0"]),
+    (["sampler.spacing=time"], ["sampler.spacing must be one of linspace, leading, trailing, logsnr, got 'time'"]),
+    (["guidance=autoguidance"], ["guidance=autoguidance needs guide_ckpt=PATH"]),
+])
+def test_bad_sampling_options_that_need_the_networks(guarded, tmp_path, overrides, fragments):
+    """Refused once the checkpoint is read (the class count, T, a classifier to find): still one line, nothing written."""
     assert_one_line_error(_sample(guarded, tmp_path, *overrides), *fragments)
     assert not (tmp_path / "out" / "samples.npz").exists()
 
 
-def test_missing_ckpt_argument(tmp_path):
-    proc = run_script("sample.py", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert_one_line_error(proc, "ckpt=PATH is required", "train_diffusion.py")
+def test_nothing_to_sample_from(tmp_path):
+    """ckpt=latest (the default) with no training run under outputs/: one line, before Hydra makes a run dir."""
+    proc = run_script("sample.py", "guidance=cfg", "scale=3.0", cwd=tmp_path)
+    assert_one_line_error(proc, "ckpt=latest found no diffusion run", "train_diffusion.py", "ckpt=PATH")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_missing_corrupt_truncated_and_foreign_checkpoints(guarded, tmp_path):
@@ -151,28 +186,28 @@ def test_existing_samples_are_not_overwritten(guarded, tmp_path):
     assert (out / "samples.npz").read_bytes() == b"earlier results"
 
 
-@pytest.mark.parametrize("override,fragment", [("train.steps=0", "train.steps"), ("model.p_uncond=1.5", "p_uncond"),
-                                               ("train.batch_size=-4", "train.batch_size"), ("train.lr=0", "train.lr")])
-def test_bad_training_options(tmp_path, override, fragment):
-    proc = run_script("train_diffusion.py", "experiment=smoke", override, f"hydra.run.dir={tmp_path / 'run'}",
-                      cwd=tmp_path)
-    assert_one_line_error(proc, fragment)
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-@pytest.mark.parametrize("overrides,fragments", [
-    (["metrics.features=inception", "metrics.inception_weights=/nonexistent/inception.pth"],
-     ["Inception weights not found", "metrics.inception_weights=FILE", "metrics.features=evaluator"]),
-    (["metrics.features=clip"], ["unknown metrics.features 'clip'"]),
+@pytest.mark.parametrize("script,override,fragment", [
+    ("train_diffusion.py", "train.steps=0", "train.steps must be >= 1, got 0"),
+    ("train_diffusion.py", "model.p_uncond=1.5", "model.p_uncond must be in [0, 1]"),
+    ("train_diffusion.py", "train.batch_size=-4", "train.batch_size"),
+    ("train_diffusion.py", "train.lr=0", "train.lr must be > 0, got 0"),
+    ("train_diffusion.py", "train.lr=nan", "train.lr is nan"),
+    ("train_diffusion.py", "train.steps=1.5", "train.steps=1.5"),
+    ("train_diffusion.py", "seed=abc", "seed=abc"),
+    ("train_diffusion.py", "train.lr_schedule=step", "train.lr_schedule must be one of constant, cosine"),
+    ("train_diffusion.py", "train.ema_decay=1", "train.ema_decay must be in [0, 1]"),
+    ("train_classifier.py", "classifier.dropout=inf", "classifier.dropout is inf"),
+    ("train_classifier.py", "train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
 ])
-def test_bad_evaluation_options_fail_before_sampling(guarded, tmp_path, overrides, fragments):
-    proc = _sample(guarded, tmp_path, "eval=true", f"evaluator_ckpt={guarded['evaluator']}", *overrides)
-    assert_one_line_error(proc, *fragments)
-    assert not (tmp_path / "out" / "samples.npz").exists()
+def test_bad_training_values_are_refused_before_hydra_starts(script, override, fragment):
+    assert fragment in check_command_line(script, "experiment=smoke", override)
 
 
-def test_eval_without_evaluator(guarded, tmp_path):
-    assert_one_line_error(_sample(guarded, tmp_path, "eval=true"), "eval=true needs evaluator_ckpt=PATH")
+def test_a_bad_training_value_through_the_real_script_writes_nothing(tmp_path):
+    proc = run_script("train_diffusion.py", "experiment=smoke", "model.p_uncond=1.5", f"hydra.run.dir={tmp_path / 'run'}",
+                      cwd=tmp_path)
+    assert_one_line_error(proc, "model.p_uncond must be in [0, 1], got 1.5")
+    assert not (tmp_path / "run").exists()
 
 
 def test_noisy_classifier_is_refused_as_the_evaluator(guarded, tmp_path):
@@ -186,7 +221,19 @@ def test_noisy_classifier_is_refused_as_the_evaluator(guarded, tmp_path):
     ("train_classifier.py", "train.steps=[1,2", ["malformed override", "key=value"]),
     ("sample.py", "scale=x=1", ["malformed override"]),
 ])
-def test_unknown_keys_and_malformed_overrides_are_one_line(tmp_path, script, override, fragments):
-    proc = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert_one_line_error(proc, *fragments)
-    assert not (tmp_path / "run").exists()
+def test_unknown_keys_and_malformed_overrides_are_one_line(script, override, fragments):
+    line = check_command_line(script, override)
+    assert all(f in line for f in fragments), line
+
+
+def test_wandb_logger_without_wandb_names_the_extra(tmp_path):
+    """`logger=wandb` where wandb cannot be imported (a stub package that raises ImportError stands in for a missing
+    install): one line naming the extra, before anything is written."""
+    stub = tmp_path / "stub" / "wandb"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
+    env_path = f"{stub.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    proc = run_script("train_diffusion.py", "experiment=smoke", "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}",
+                      cwd=tmp_path, env={"PYTHONPATH": env_path})
+    assert_one_line_error(proc, "logger=wandb needs the wandb package", "pip install -e '.[wandb]'")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -104,20 +104,30 @@ def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
 
 
 @pytest.mark.parametrize("mode,kwargs,match", [
-    ("cg", {}, "classifier_ckpt"),
+    ("cg", {}, "needs a noisy classifier: pass classifier_ckpt=PATH"),
     ("cfg_cg", {}, "classifier_ckpt"),
-    ("cg_interval", {}, "classifier_ckpt"),
-    ("foo", {}, "none, cfg, cg, cfg_cg, cfg_rescale"),
-    ("none", {"base": "both"}, "guidance.base"),
+    ("cg_interval", {"diffusion": PROCESS}, "classifier_ckpt"),
+    ("foo", {}, "unknown guidance 'foo'; valid: apg, autoguidance, cfg, cfg_cg"),
+    ("none", {"base": "both"}, "guidance.base must be one of uncond, cond, got 'both'"),
     ("cfg_rescale", {"phi": 0.5}, "noise schedule"),
-    ("cfg_rescale", {"diffusion": PROCESS, "space": "v"}, "guidance.space"),
-    ("cfg", {"phi": 0.5}, "unknown option"),
+    ("cfg_rescale", {"diffusion": PROCESS, "space": "v"}, "guidance.space must be one of x0, eps"),
+    ("cfg_rescale", {"diffusion": PROCESS, "phi": 1.5}, r"guidance.phi must be in \[0, 1\], got 1.5"),
+    ("cfg_interval", {"diffusion": PROCESS, "sigma_lo": 5.0, "sigma_hi": 1.0}, "must be above guidance.sigma_lo"),
+    ("cfg", {"phi": 0.5}, "unknown options"),
     ("autoguidance", {}, "guide_ckpt"),
 ])
 def test_bad_guidance_arguments(mode, kwargs, match):
     unet, (x, t, y) = ToyUNet(), _inputs()
     with pytest.raises(GuidelabError, match=match):
         make_eps_fn(mode, unet, y, 1.0, **kwargs)
+
+
+@pytest.mark.parametrize("mode,scale,match", [("cfg", -1.0, r"scale must be >= 0, got -1; 0 = unconditional"),
+                                              ("cfgpp", 2.0, r"scale must be in \[0, 1\], got 2; guidance=cfgpp reads"),
+                                              ("cg", -0.5, "classifier gradient")])
+def test_each_mode_checks_its_scale(mode, scale, match):
+    with pytest.raises(GuidelabError, match=match):
+        make_eps_fn(mode, ToyUNet(), _inputs()[2], scale, classifier=ToyClassifier(), diffusion=PROCESS)
 
 
 # --- variants: each reduces to plain CFG / CG where its paper says, and has its defining property -------------------
@@ -210,8 +220,8 @@ def test_apg_parts_are_orthogonal_threshold_caps_the_norm_and_momentum_accumulat
 
 def test_apg_eps_fn_keeps_its_momentum_across_steps():
     unet, (x, t, y) = ToyUNet(), _inputs()
-    with_m = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, momentum=-0.5)
-    without = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, momentum=0.0)
+    with_m = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=-0.5)
+    without = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=0.0)
     assert torch.allclose(with_m(x, t).eps, without(x, t).eps, atol=1e-4)  # first step: nothing accumulated yet
     assert not torch.allclose(with_m(x, t).eps, without(x, t).eps, atol=1e-3)
 

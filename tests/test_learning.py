@@ -15,7 +15,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
     jobs = [("train_diffusion.py", "D", ["train.steps=400", "model.channels=32", "train.ema_decay=0.995"]),
             ("train_classifier.py", "C", ["train.steps=300", "classifier.channels=32"]),
-            ("train_classifier.py", "E", ["train.steps=150", "classifier=evaluator"])]
+            ("train_classifier.py", "E", ["train.steps=150", "classifier=evaluator", "classifier.channels=16",
+                                          "classifier.channel_mult=[1,2]"])]  # the size of the old smoke evaluator
     for script, name, extra in jobs:
         proc = run_script(script, *TINY, *extra, f"hydra.run.dir={root / name}", cwd=root, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Speed levers change speed, not results: a compiled, channels_last training run follows the eager run's loss
 trajectory and writes the same checkpoint keys; compiled sampling gives the eager samples. (aot_eager traces the
 network through torch.compile without generating kernels, so the test stays within CPU time; inductor's own
-kernels are PyTorch's to test. Speeds are measured by `python -m guidelab.bench --levers`, never asserted.)"""
+kernels are PyTorch's to test. Speeds are measured by `python benchmarks/bench.py --levers`, never asserted.)"""
 import json
 
 import numpy as np

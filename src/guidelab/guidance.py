@@ -1,24 +1,19 @@
 """Guidance modes: each turns the networks and the requested labels into `eps_fn(x_t, t) -> Guided`.
 
-Samplers know nothing about guidance: they call eps_fn and apply what it returns, each in its own form:
-  eps    the (guided) noise prediction;
-  score  an optional classifier term s * grad_x log p_phi(y | x_t) (DDPM: mean shift, Dhariwal & Nichol 2021
-         Alg. 1; DDIM and DPM-Solver++: eps correction, their Alg. 2);
-  x0     an optional data prediction that replaces the one implied by eps; `eps` is then only the direction the
-         sampler re-noises along (CFG++: guided x0, unconditional eps).
-A mode is one builder `_mode(ctx, **params) -> eps_fn` below (its config file in configs/guidance/ holds the params),
-and the tensor algebra of each variant is a separate pure function, tested on constructed tensors.
+Samplers know nothing about guidance: they call eps_fn and apply what it returns, each in its own form: `eps` the
+(guided) noise prediction; `score` an optional classifier term s * grad_x log p_phi(y | x_t) (DDPM: mean shift,
+Dhariwal & Nichol 2021 Alg. 1; the others: eps correction, their Alg. 2); `x0` an optional data prediction that
+replaces the one implied by eps, `eps` then being only the direction the sampler re-noises along (CFG++).
 
-Scale convention (see README): `scale` is s in eps = eps_u + s (eps_c - eps_u); s = 0 unconditional, s = 1
-conditional, s > 1 guided. Ho & Salimans 2022 write w = s - 1. For classifier guidance `scale` multiplies
-grad log p_phi(y | x_t) (Dhariwal & Nichol's s; 0 = off). CFG++ reads `scale` as its lambda in [0, 1];
-autoguidance as the weight of the main model over the guide (s = 1: the main model alone).
-
-Variants that work on the denoised image x0 (CFG rescale, APG, CFG++, dynamic thresholding) get x0 from eps at the
-model's own timestep t: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), and hand back eps from the modified x0.
+A mode is one builder `_mode(ctx, **params) -> eps_fn` registered in MODES: its keyword parameters are exactly the keys
+of configs/guidance/<mode>.yaml, and the decorator declares the networks it needs besides the UNet, what `scale` means
+for it (its range; `w`: whether it is a CFG strength, Ho & Salimans' w = s - 1) and the checks of its values. The
+tensor algebra of each variant is a separate pure function, tested on constructed tensors. Variants that work on the
+denoised image get x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) at the model's own timestep and hand eps back.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -27,8 +22,14 @@ import torch.nn.functional as F
 
 from guidelab.diffusion import Diffusion, _gather
 from guidelab.errors import GuidelabError
+from guidelab.registry import Above, OneOf, Range, Registry
 
-BASES = ("uncond", "cond")
+CFG_SCALE = Range(0, math.inf, "0 = unconditional, 1 = conditional, > 1 guided (w = s - 1)")
+MODES = Registry("guidance", fixed=("ctx",), needs=(), scale=CFG_SCALE, w=True)  # needs: classifier, guide, diffusion
+BASE = OneOf(("uncond", "cond"), "uncond = eps(x_t, null), cond = eps(x_t, y)")
+CLASSIFIER_SCALE = Range(0, math.inf, "the classifier gradient's weight (Dhariwal & Nichol's s; 0 = off)")
+SIGMA = Range(0, math.inf, "sigma = sqrt((1 - abar_t) / abar_t) >= 0")
+INTERVAL_TOP = Above("sigma_lo", "guidance.sigma_lo=0.28 guidance.sigma_hi=5.42")
 
 
 class Guided(NamedTuple):
@@ -40,14 +41,10 @@ class Guided(NamedTuple):
 EpsFn = Callable[[torch.Tensor, torch.Tensor], Guided]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The algebra of each mode, on plain tensors
-# ---------------------------------------------------------------------------------------------------------------
-
+# ---------------------------------------------------------------- the algebra of each mode, on plain tensors
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with w = s - 1).
-
-    torch.lerp computes exactly this and returns eps_u at s = 0 and eps_c at s = 1 bit for bit."""
+    """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with w = s - 1); torch.lerp is exactly this and
+    returns eps_u at s = 0 and eps_c at s = 1 bit for bit."""
     return torch.lerp(eps_uncond, eps_cond, scale)
 
 
@@ -123,10 +120,7 @@ def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Te
     return grad
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The modes: builders of eps-functions
-# ---------------------------------------------------------------------------------------------------------------
-
+# ---------------------------------------------------------------- the modes: builders of eps-functions
 @dataclass
 class Context:
     """What every builder may use: the networks, the labels and the model's own noise schedule."""
@@ -141,13 +135,13 @@ class Context:
     def null(self) -> torch.Tensor:
         return torch.full_like(self.y, self.unet.null_class)
 
-    def abar_t(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def abar_t(self, x, t) -> torch.Tensor:
         return _gather(self.diffusion.abar, t, x)
 
-    def to_x0(self, x, t, eps):
+    def to_x0(self, x, t, eps) -> torch.Tensor:
         return self.diffusion.predict_x0(x, t, eps)
 
-    def to_eps(self, x, t, x0):
+    def to_eps(self, x, t, x0) -> torch.Tensor:
         return self.diffusion.eps_from_x0(x, t, x0)
 
     def pair(self, x, t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,22 +160,23 @@ class Context:
         return None if scale == 0 else scale * classifier_score(self.classifier, x, t, self.y)
 
     def base_labels(self, base: str) -> torch.Tensor:
-        if base not in BASES:
-            raise GuidelabError(f"unknown guidance.base {base!r}; use guidance.base=uncond or guidance.base=cond")
         return self.y if base == "cond" else self.null
 
 
-def _none(ctx: Context, base: str = "uncond") -> EpsFn:
+@MODES.register(scale=None, w=False, base=BASE)
+def _none(ctx: Context, base: str = "cond") -> EpsFn:
     """eps(x_t, y) (base=cond, the conditional model) or eps(x_t, null) (base=uncond): no guidance."""
     labels = ctx.base_labels(base)
     return lambda x, t: Guided(ctx.unet(x, t, labels))
 
 
+@MODES.register()
 def _cfg(ctx: Context) -> EpsFn:
     """eps_u + s (eps_c - eps_u), cond and uncond as one doubled batch (Ho & Salimans 2022, Eq. 6)."""
     return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale))
 
 
+@MODES.register(needs=("classifier",), scale=CLASSIFIER_SCALE, w=False, base=BASE)
 def _cg(ctx: Context, base: str = "uncond") -> EpsFn:
     """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x_t)
     (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2)."""
@@ -189,17 +184,17 @@ def _cg(ctx: Context, base: str = "uncond") -> EpsFn:
     return lambda x, t: Guided(ctx.unet(x, t, labels), ctx.score(x, t, ctx.scale))
 
 
+@MODES.register(needs=("classifier",), classifier_scale=Range(0, math.inf, "0 = plain CFG"))
 def _cfg_cg(ctx: Context, classifier_scale: float = 1.0) -> EpsFn:
     """Both at once: the CFG prediction at `scale` plus the classifier term at `classifier_scale`."""
     return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale), ctx.score(x, t, classifier_scale))
 
 
+@MODES.register(needs=("diffusion",), phi=Range(0, 1, "0 = plain CFG, 1 = fully rescaled (Lin et al. use 0.7)"),
+                space=OneOf(("x0", "eps"), "x0 is the paper's form"))
 def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
     """CFG, then `rescale_combine` (Lin et al. 2023, Sec. 3.4) with weight phi. space=x0 rescales the denoised image,
     the paper's form (it rescales x0 / v predictions); space=eps rescales the noise prediction, diffusers' form."""
-    if space not in ("x0", "eps"):
-        raise GuidelabError(f"unknown guidance.space {space!r}; use guidance.space=x0 (the paper's) or guidance.space=eps")
-
     def eps_fn(x, t):
         if ctx.scale == 1:  # CFG is the conditional prediction: nothing to rescale
             return Guided(ctx.unet(x, t, ctx.y))
@@ -211,6 +206,7 @@ def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
     return eps_fn
 
 
+@MODES.register(needs=("diffusion",), sigma_lo=SIGMA, sigma_hi=INTERVAL_TOP)
 def _cfg_interval(ctx: Context, sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
     """CFG where sigma in (sigma_lo, sigma_hi], the conditional prediction elsewhere (Kynkaanniemi et al. 2024;
     defaults: their ImageNet-512 interval)."""
@@ -225,6 +221,8 @@ def _cfg_interval(ctx: Context, sigma_lo: float = 0.28, sigma_hi: float = 5.42) 
     return eps_fn
 
 
+@MODES.register(needs=("classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, sigma_lo=SIGMA,
+                sigma_hi=INTERVAL_TOP)
 def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
     """Classifier guidance only where sigma in (sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024's interval applied to
     the classifier term); elsewhere the base prediction alone."""
@@ -240,7 +238,11 @@ def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sig
     return eps_fn
 
 
-def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = None, momentum: float = 0.0) -> EpsFn:
+@MODES.register(needs=("diffusion",),
+                eta=Range(0, math.inf, "1 = CFG's parallel part, 0 = none (the paper's choice)"),
+                norm_threshold=Range(0, math.inf, "r > 0, or null for no cap", open_lo=True),
+                momentum=Range(-0.99, 0.99, "beta; the paper uses negative values such as -0.5"))
+def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = 4.0, momentum: float = -0.5) -> EpsFn:
     """Adaptive projected guidance on the denoised predictions (`apg_combine`, Sadat et al. 2024). The
     momentum's running sum lives as long as this eps-function: one sampling run."""
     state = {"running": None}
@@ -253,6 +255,8 @@ def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = None, mo
     return eps_fn
 
 
+@MODES.register(needs=("diffusion",), scale=Range(0, 1, "guidance=cfgpp reads scale as its lambda, e.g. scale=0.6"),
+                w=False)
 def _cfgpp(ctx: Context) -> EpsFn:
     """CFG++, Chung et al. 2024 ("CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models"),
     the guided data prediction x0_u + lambda (x0_c - x0_u), lambda = `scale` in [0, 1], re-noised along the
@@ -265,6 +269,8 @@ def _cfgpp(ctx: Context) -> EpsFn:
     return eps_fn
 
 
+@MODES.register(needs=("diffusion",),
+                percentile=Range(0.5, 1, "the quantile of |x0| that is mapped to 1 (Imagen: 0.995)"))
 def _dynamic_threshold(ctx: Context, percentile: float = 0.995) -> EpsFn:
     """CFG whose denoised image goes through `dynamic_threshold` (Saharia et al. 2022, Sec. 2.3), which keeps large
     scales from saturating; with the sampler's clip_x0 on, quantiles <= 1 make it plain CFG."""
@@ -274,15 +280,14 @@ def _dynamic_threshold(ctx: Context, percentile: float = 0.995) -> EpsFn:
     return eps_fn
 
 
+@MODES.register(needs=("guide",), scale=Range(0, math.inf, "the main model's weight over the guide; 1 = the main model"),
+                w=False)
 def _autoguidance(ctx: Context) -> EpsFn:
     """Autoguidance, Karras et al. 2024 ("Guiding a Diffusion Model with a Bad Version of Itself"): the CFG form
     D_0 + w (D_1 - D_0) with the unconditional model D_0 replaced by a weaker conditional guide (a smaller network or
     an earlier checkpoint):
     eps = eps_0(x_t, y) + s (eps_1(x_t, y) - eps_0(x_t, y)). With the main model's unconditional half as the guide
     this is CFG; s = 1 is the main model alone."""
-    if ctx.guide is None:
-        raise GuidelabError("guidance=autoguidance needs a guide: pass guidance.guide_ckpt=PATH (a smaller network or "
-                            "an earlier checkpoint of the same model, e.g. RUN_DIR/checkpoints/0000500.pt)")
     ctx.guide.requires_grad_(False)
 
     def eps_fn(x, t):
@@ -293,34 +298,33 @@ def _autoguidance(ctx: Context) -> EpsFn:
     return eps_fn
 
 
-BUILDERS = {"none": _none, "cfg": _cfg, "cg": _cg, "cfg_cg": _cfg_cg, "cfg_rescale": _cfg_rescale,
-            "cfg_interval": _cfg_interval, "cg_interval": _cg_interval, "apg": _apg, "cfgpp": _cfgpp,
-            "dynamic_threshold": _dynamic_threshold, "autoguidance": _autoguidance}
-MODES = tuple(BUILDERS)
-CLASSIFIER_MODES = ("cg", "cfg_cg", "cg_interval")  # modes that need a noisy classifier
-X0_MODES = ("cfg_rescale", "cfg_interval", "cg_interval", "apg", "cfgpp", "dynamic_threshold")  # need `diffusion`
-CFG_SCALE_MODES = ("cfg", "cfg_cg", "cfg_rescale", "cfg_interval", "apg", "dynamic_threshold")  # s is CFG's (w = s - 1)
+NEEDS = {"classifier": "a noisy classifier: pass classifier_ckpt=PATH (train one with `python train_classifier.py`)",
+         "guide": "a guide network: pass guide_ckpt=PATH (a smaller network or an earlier checkpoint of the same "
+                  "model, e.g. RUN_DIR/checkpoints/0000500.pt)",
+         "diffusion": "the noise schedule: pass diffusion=Diffusion(...)"}
+
+
+def check(mode: str, scale: float, params: dict) -> None:
+    """The mode's checks of `scale` and of its own keys (before any network is loaded)."""
+    entry = MODES.get_entry(mode)
+    if entry.traits["scale"] is not None:
+        entry.traits["scale"].check("scale", scale, {})
+    MODES.check(mode, params)
 
 
 def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier=None, diffusion: Diffusion | None = None,
                 guide=None, **params) -> EpsFn:
-    """Build the eps-function of one guidance mode for labels y.
-
-    `params` are the mode's own keys (its configs/guidance/<mode>.yaml, e.g. phi for cfg_rescale); `diffusion` is the
-    model's own T-step process (not respaced: eps-functions get the model's timesteps), needed by the modes that work
-    on x0 or on the noise level; `guide` the weaker network of autoguidance."""
-    if mode not in BUILDERS:
-        raise GuidelabError(f"unknown guidance mode {mode!r}; valid: {', '.join(MODES)}")
-    if mode in CLASSIFIER_MODES:
-        if classifier is None:
-            raise GuidelabError(f"guidance={mode} needs a noisy classifier: pass classifier_ckpt=PATH "
-                                "(train one with `python train_classifier.py`)")
+    """The eps-function of guidance `mode` for labels y; `params` are the mode's own keys (configs/guidance/<mode>.yaml),
+    `diffusion` the model's own T-step process (eps-functions get the model's timesteps), `guide` autoguidance's."""
+    entry = MODES.get_entry(mode)
+    unknown = set(params) - set(entry.params)
+    if unknown:
+        raise GuidelabError(f"guidance={mode} got unknown options {sorted(unknown)}; see configs/guidance/{mode}.yaml")
+    check(mode, scale, params)
+    given = {"classifier": classifier, "guide": guide, "diffusion": diffusion}
+    for need in entry.traits["needs"]:
+        if given[need] is None:
+            raise GuidelabError(f"guidance={mode} needs {NEEDS[need]}")
+    if classifier is not None and "classifier" in entry.traits["needs"]:
         classifier.requires_grad_(False)
-    if mode in X0_MODES and diffusion is None:
-        raise GuidelabError(f"guidance={mode} needs the noise schedule: pass diffusion=Diffusion(...)")
-    ctx = Context(unet, y, float(scale), classifier, diffusion, guide)
-    try:
-        return BUILDERS[mode](ctx, **params)
-    except TypeError as e:  # a key the mode does not have
-        raise GuidelabError(f"guidance={mode} got an unknown option: {e}; see configs/guidance/{mode}.yaml") from None
-
+    return entry.fn(Context(unet, y, float(scale), classifier, diffusion, guide), **params)

@@ -1,7 +1,7 @@
 """Metrics logging: always a local `metrics.jsonl` in the run dir; wandb too with `logger=wandb`.
 
-wandb is imported lazily (only when asked for), runs offline unless WANDB_MODE says otherwise, and never prompts for
-a login. Only rank 0 should construct a Logger with wandb on.
+wandb is an optional extra (`pip install -e '.[wandb]'`), imported lazily (only when asked for); it runs offline
+unless WANDB_MODE says otherwise, and never prompts for a login. Only rank 0 should construct a Logger with wandb on.
 """
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ import json
 import math
 import os
 from pathlib import Path
+
+from guidelab.errors import GuidelabError
+
+
+def require_logger(logger_cfg) -> None:
+    """Fail before anything is written if the chosen logger cannot be imported."""
+    if logger_cfg is None or logger_cfg.get("name") != "wandb":
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise GuidelabError("logger=wandb needs the wandb package: pip install -e '.[wandb]' (or use logger=none)") \
+            from None
 
 
 class Logger:

@@ -22,7 +22,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 
 from guidelab.errors import GuidelabError
-from guidelab.guidance import CFG_SCALE_MODES, MODES
+from guidelab.guidance import MODES
 from guidelab.images import class_rows, grid, save_png
 
 MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
@@ -51,8 +51,8 @@ def collect(sweep_dirs: list[Path]) -> list[dict]:
     if not rows:
         raise GuidelabError(f"no */samples.npz under {', '.join(map(str, sweep_dirs))}; pass the hydra.sweep.dir "
                             "of a `sample.py -m` run")
-    return sorted(rows, key=lambda r: (MODE_ORDER.get(r["guidance"], 9), str(r["base"]), str(r["p_uncond"]),
-                                       r["steps"], r["s"]))
+    return sorted(rows, key=lambda r: (MODE_ORDER.get(r["guidance"], 99), str(r["base"]), str(r["p_uncond"]),
+                                       r["steps"] or 1e9, r["s"]))
 
 
 def _from_overrides(job_dir: Path) -> dict:
@@ -60,7 +60,7 @@ def _from_overrides(job_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    cfg_scale = cfg.guidance.name in CFG_SCALE_MODES
+    cfg_scale = cfg.guidance.name in MODES and MODES[cfg.guidance.name].traits["w"]
     return {"guidance": cfg.guidance.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1 if cfg_scale else None,
             "sampler": cfg.sampler.name, "steps": cfg.sampler.steps, "base": cfg.guidance.get("base")}  # fmt: skip
 
@@ -71,9 +71,7 @@ def _fmt(v) -> str:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows([[_fmt(r[c]) for c in COLUMNS] for r in rows])
+        csv.writer(f).writerows([COLUMNS] + [[_fmt(r[c]) for c in COLUMNS] for r in rows])
 
 
 def markdown(rows: list[dict]) -> str:
@@ -105,13 +103,16 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    written = []
+
+def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    plt, written = _pyplot(), []
     for name, (x, y, title) in PLOTS.items():
         if not any(r[x] is not None and r[y] is not None for r in rows):
             continue
@@ -119,8 +120,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8.5, 4.2) if many else (5, 3.6))
         for i, (label, series) in enumerate(_series(rows).items()):
             _trace(ax, series, x, y, label, style=dict(color=plt.cm.tab20(i % 20), marker="os^vD<>"[i % 7]))
-        ax.set_xlabel("s (w = s - 1)" if x == "s" else x)
-        ax.set_ylabel(y)
+        ax.set(xlabel="s (w = s - 1)" if x == "s" else x, ylabel=y)
         ax.set_title(title + ("" if x == "s" else "; points labelled with s"), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, **(dict(loc="upper left", bbox_to_anchor=(1.01, 1)) if many else {}))
@@ -147,8 +147,7 @@ def variant_panels(rows: list[dict], out_dir: Path) -> list[Path]:
     """fid_vs_accuracy_panels.png: one panel per guidance variant (every mode but cfg and cg), each with that
     variant's FID-accuracy curve(s) against plain CFG and plain CG of the same report. Only when the report holds
     CFG or CG rows with accuracy and FID, and at least one variant."""
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     series = {k: v for k, v in _series(rows).items() if any(r["fid"] is not None and r["accuracy"] is not None for r in v)}
     anchors = {k: v for k, v in series.items() if v[0]["guidance"] in ("cfg", "cg")}
     variants: dict[str, dict[str, list[dict]]] = {}
@@ -211,11 +210,7 @@ def scale_grids(rows: list[dict], out_dir: Path, per_class: int = 1) -> list[Pat
 
 def comparison_figure(rows: list[dict], path: Path) -> None:
     """One row per (guidance, scale): the first sample of each class, labelled with mode, s and accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     label = {id(r): name for name, series in _series(rows).items() for r in series}
     strips = []
     for r in rows:
@@ -228,8 +223,7 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
     fig.subplots_adjust(left=label_w / fig_w, right=0.99, top=1 - 0.3 / fig_h, bottom=0.01, hspace=0.08)
     for ax, img, r in zip(axes[:, 0], strips, rows):
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         acc = "" if r["accuracy"] is None else f"\naccuracy {r['accuracy']:.2f}"
         ax.set_ylabel(f"{label[id(r)]}  s={r['s']:g}{acc}", rotation=0, ha="right", va="center", fontsize=9)
     axes[0, 0].set_title("requested class: one sample each, in class order", fontsize=9)
@@ -239,14 +233,12 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
 
 def write_report(sweep_dirs: list[Path], out_dir: Path, wandb_run=None) -> str:
     """Write every table and figure of one sweep (or several, merged) into out_dir; returns the markdown table."""
-    rows = collect(sweep_dirs)
-    sweep_dir = out_dir
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, sweep_dir / "results.csv")
-    md = markdown(rows)
-    (sweep_dir / "results.md").write_text(md + "\n")
-    figures = plots(rows, sweep_dir) + scale_grids(rows, sweep_dir)
-    comparison_figure(rows, sweep_dir / "comparison.png")
+    rows, md = collect(sweep_dirs), None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "results.csv")
+    (out_dir / "results.md").write_text((md := markdown(rows)) + "\n")
+    figures = plots(rows, out_dir) + scale_grids(rows, out_dir)
+    comparison_figure(rows, out_dir / "comparison.png")
     if wandb_run is not None:
         import wandb
 

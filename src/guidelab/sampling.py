@@ -1,11 +1,19 @@
 """Samplers: pure functions over any eps-function (see guidance.py); they know nothing about guidance modes.
 
+A sampler is one function registered in SAMPLERS with the shared signature
+`(eps_fn, noise, process, *, clip_x0, generator, progress, **its own keys)`: `process` is the diffusion respaced to the
+timestep grid of `timesteps` (every sampler's grid, ending with a step to sigma = 0), its own keys are its config
+keys (configs/sampler/<name>.yaml holds them plus the shared steps, spacing and clip_x0).
+
 Each applies what the eps-function returns in its own form: the classifier score term `Guided.score`
-(s * grad log p(y | x_t)) as Dhariwal & Nichol 2021 prescribe (DDPM shifts the mean, Alg. 1; DDIM and DPM-Solver++
-correct eps, Alg. 2), and a data prediction `Guided.x0` (CFG++) in place of the one implied by eps, with eps kept as
-the direction to re-noise along.
+(s * grad log p(y | x_t)) as Dhariwal & Nichol 2021 prescribe (DDPM shifts the mean, Alg. 1; the others correct eps,
+Alg. 2), and a data prediction `Guided.x0` (CFG++) in place of the one implied by eps, with eps kept as the direction
+to re-noise along.
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -13,8 +21,45 @@ from tqdm.auto import tqdm
 from guidelab.diffusion import Diffusion, _gather
 from guidelab.errors import GuidelabError
 from guidelab.guidance import EpsFn, Guided
+from guidelab.registry import MISSING, OneOf, Range, Registry
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS = Registry("sampler", fixed=("eps_fn", "noise", "process", "clip_x0", "generator", "progress"),
+                    shared=(("steps", Optional[int], MISSING), ("spacing", str, MISSING), ("clip_x0", bool, True)))
+SPACINGS = ("linspace", "leading", "trailing", "logsnr")
+SIGMA_MAX = 80.0  # Karras et al. 2022, Sec. 5: beyond sigma = 80 data in [-1, 1] are lost in the noise
+
+
+def log_snr(abar: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)) (Lu et al. 2022, Sec. 2)."""
+    return 0.5 * (abar.log() - (1 - abar).log())
+
+
+def timesteps(diffusion: Diffusion, steps: int | None, spacing: str) -> torch.Tensor:
+    """The `steps` model timesteps a sampler evaluates (increasing; None = all T); every grid then ends with a step
+    from its lowest timestep to sigma = 0 (abar = 1). Spacings as diffusers' schedulers name them:
+      linspace  round(linspace(0, T - 1, steps)), t = 0 included (DDIMScheduler's linspace);
+      leading   0, T // steps, 2 T // steps, ... (steps_offset 0);
+      trailing  round(T - i T / steps) - 1, t = T - 1 first, the last T / steps - 1;
+      logsnr    T - 1, then the timesteps nearest to evenly spaced lambda from min(lambda_{T-1}, -log SIGMA_MAX) to
+                lambda_0 (DPM-Solver's logSNR grid, Lu et al. 2022, Sec. 3.3), `steps` distinct ones: with the cosine
+                schedule lambda_{T-1} ~ -10 and evenly spaced targets would fall on few timesteps."""
+    T = diffusion.num_steps
+    OneOf(SPACINGS).check("sampler.spacing", spacing, {})
+    if steps is None:
+        return torch.arange(T)
+    Range(1, T, "the number of network evaluations of the grid; null = all").check("sampler.steps", steps, {})
+    if spacing == "linspace":
+        return torch.linspace(0, T - 1, steps).round().long()
+    if spacing == "leading":
+        return torch.arange(steps) * (T // steps)
+    if spacing == "trailing":
+        return ((T - torch.arange(steps - 1, -1, -1) * T / steps).round() - 1).long()
+    lam = log_snr(diffusion.abar.cpu())
+    targets = torch.linspace(max(float(lam[-1]), -math.log(SIGMA_MAX)), float(lam[0]), steps - 1, dtype=lam.dtype)
+    keep = [T - 1]
+    for i, nearest in enumerate((lam.view(1, -1) - targets.view(-1, 1)).abs().argmin(1).tolist()):
+        keep.append(max(steps - 2 - i, min(nearest, keep[-1] - 1)))  # below the previous, room left for the rest
+    return torch.tensor(keep[::-1])
 
 
 def _x0_and_eps(diffusion: Diffusion, x: torch.Tensor, t: torch.Tensor, out: Guided, clip_x0: bool,
@@ -36,22 +81,22 @@ def _x0_and_eps(diffusion: Diffusion, x: torch.Tensor, t: torch.Tensor, out: Gui
     return x0, eps
 
 
-def _timesteps(d: Diffusion, x: torch.Tensor, progress: bool, desc: str):
-    """(respaced index i, model timestep) pairs from the noisiest to the cleanest, with a progress bar."""
+def _steps(d: Diffusion, x: torch.Tensor, progress: bool, desc: str):
+    """(grid index i, model timestep) pairs from the noisiest to the cleanest, with a progress bar."""
     model_t = d.model_t.to(x.device)
     for i in tqdm(range(d.num_steps - 1, -1, -1), disable=not progress, desc=desc, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         yield i, t, model_t[t]
 
 
+@SAMPLERS.register()
 @torch.no_grad()
-def ddpm(eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: int | None = None, clip_x0: bool = True,
-         generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time") -> torch.Tensor:
-    """Ancestral sampling, Ho et al. 2020 Alg. 2 (posterior variance, Eq. 7), optionally respaced to `steps`
-    (Nichol & Dhariwal 2021, Sec. 4); classifier term as the mean shift mu + Sigma * score (Dhariwal & Nichol 2021, Alg. 1)."""
-    d = diffusion.respace(steps, spacing)
-    x = noise
-    for i, t, model_t in _timesteps(d, x, progress, "ddpm"):
+def ddpm(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: bool, generator: torch.Generator | None,
+         progress: bool) -> torch.Tensor:
+    """Ancestral sampling, Ho et al. 2020 Alg. 2 (posterior variance, Eq. 7) on the grid's respaced process (Nichol &
+    Dhariwal 2021, Sec. 4); classifier term as the mean shift mu + Sigma * score (Dhariwal & Nichol 2021, Alg. 1)."""
+    d, x = process, noise
+    for i, t, model_t in _steps(d, x, progress, "ddpm"):
         out = eps_fn(x, model_t)
         x0, eps = _x0_and_eps(d, x, t, out, clip_x0, eps_correction=False)
         # a given x_0 (CFG++) is paired with x_t re-noised along its eps; otherwise that point is x_t itself
@@ -65,15 +110,14 @@ def ddpm(eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: int | 
     return x
 
 
+@SAMPLERS.register(eta=Range(0, 1, "0 = deterministic DDIM, 1 = DDPM-like noise"))
 @torch.no_grad()
-def ddim(eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: int | None = 50, eta: float = 0.0,
-         clip_x0: bool = True, generator: torch.Generator | None = None, progress: bool = False,
-         spacing: str = "time") -> torch.Tensor:
+def ddim(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: bool, generator: torch.Generator | None,
+         progress: bool, eta: float = 0.0) -> torch.Tensor:
     """DDIM, Song et al. 2021 Eq. 12 with sigma from Eq. 16 (eta = 0 deterministic, eta = 1 DDPM-like);
     classifier term as eps - sqrt(1 - abar_t) * score (Dhariwal & Nichol 2021, Alg. 2)."""
-    d = diffusion.respace(steps, spacing)
-    x = noise
-    for i, t, model_t in _timesteps(d, x, progress, "ddim"):
+    d, x = process, noise
+    for i, t, model_t in _steps(d, x, progress, "ddim"):
         x0, eps = _x0_and_eps(d, x, t, eps_fn(x, model_t), clip_x0)
         abar_prev = _gather(d.abar_prev, t, x)
         sigma = eta * ((1 - abar_prev) / (1 - _gather(d.abar, t, x)) * (1 - _gather(d.alphas, t, x))).sqrt()
@@ -83,9 +127,10 @@ def ddim(eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: int | 
     return x
 
 
+@SAMPLERS.register()
 @torch.no_grad()
-def dpmpp_2m(eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: int | None = 20, clip_x0: bool = True,
-             progress: bool = False, spacing: str = "logsnr") -> torch.Tensor:
+def dpmpp_2m(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: bool,
+             generator: torch.Generator | None, progress: bool) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models"), Alg. 2: the multistep second-order solver of the probability-flow ODE in the data prediction x_0.
 
@@ -94,16 +139,12 @@ def dpmpp_2m(eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: in
     D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev (D = x0 at the first step) is written here as
     x_next = alpha_next x0 + sigma_next eps - alpha_next (e^{-h} - 1) (D - x0),
     which is the same update (x = alpha x0 + sigma eps) and lets a guided x0 and eps (CFG++, the classifier's eps
-    correction) enter as in DDIM: the first-order part is exactly DDIM(eta=0). The last step, to abar = 1, is first
-    order (x_0 itself), as diffusers' `lower_order_final` does. Steps are spaced evenly in lambda by default
-    (spacing=logsnr, DPM-Solver's recommendation for low-resolution pixel models): with evenly spaced timesteps the
-    last step into t = 0 is several times longer in lambda than the one before it, and the multistep extrapolation
-    over it is poor (tests/test_sampling.py measures both)."""
-    d = diffusion.respace(steps, spacing)
-    x = noise
-    lam = 0.5 * (d.abar.log() - (1 - d.abar).log())  # log(alpha / sigma) at each respaced step
+    correction) enter as in DDIM: the first-order part is exactly DDIM(eta=0). The last step, to sigma = 0, is first
+    order (x_0 itself), as diffusers' `lower_order_final` does."""
+    d, x = process, noise
+    lam = log_snr(d.abar)
     x0_prev, h_prev = None, None
-    for i, t, model_t in _timesteps(d, x, progress, "dpmpp_2m"):
+    for i, t, model_t in _steps(d, x, progress, "dpmpp_2m"):
         x0, eps = _x0_and_eps(d, x, t, eps_fn(x, model_t), clip_x0)
         if i == 0:  # abar_prev = 1: the data itself
             return x0
@@ -117,15 +158,12 @@ def dpmpp_2m(eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: in
     return x
 
 
-def sample(name: str, eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: int | None, eta: float = 0.0,
+def sample(name: str, eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: int | None, spacing: str,
            clip_x0: bool = True, generator: torch.Generator | None = None, progress: bool = False,
-           spacing: str | None = None) -> torch.Tensor:
-    """Dispatch by sampler name (`sampler.name` in the config); spacing None = the sampler's default."""
-    extra = {} if spacing is None else {"spacing": spacing}
-    if name == "ddpm":
-        return ddpm(eps_fn, diffusion, noise, steps, clip_x0, generator, progress, **extra)
-    if name == "ddim":
-        return ddim(eps_fn, diffusion, noise, steps, eta, clip_x0, generator, progress, **extra)
-    if name == "dpmpp_2m":
-        return dpmpp_2m(eps_fn, diffusion, noise, steps, clip_x0, progress, **extra)
-    raise GuidelabError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+           **params) -> torch.Tensor:
+    """Run sampler `name` (its own keys in `params`) from `noise` over the grid `timesteps(diffusion, steps, spacing)`
+    of the model's T-step process."""
+    entry = SAMPLERS.get_entry(name)
+    SAMPLERS.check(name, params)
+    process = diffusion.respace(timesteps(diffusion, steps, spacing))
+    return entry.fn(eps_fn, noise, process, clip_x0=clip_x0, generator=generator, progress=progress, **params)

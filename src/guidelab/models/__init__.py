@@ -15,18 +15,12 @@ from guidelab.models.unet import UNet
 
 __all__ = ["UNet", "NoisyClassifier", "build_unet", "build_classifier"]
 
-_NOT_ARGS = ("name", "noisy")  # config keys that describe the run, not the network
-
-
 def _kwargs(cls: type, cfg: Mapping, group: str) -> dict:
-    """Config keys -> constructor keyword arguments (lists become tuples); unknown keys are an error."""
-    if OmegaConf.is_config(cfg):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in _NOT_ARGS}
-    accepted = list(inspect.signature(cls).parameters)[3:]  # after in_channels, image_size, num_classes
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise GuidelabError(f"{group} config has unknown keys {unknown}; {cls.__name__} accepts {accepted}")
+    """Config keys (but name, noisy: they describe the run) -> constructor keyword arguments (lists as tuples)."""
+    cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in ("name", "noisy")}
+    if unknown := sorted(set(kwargs) - set(list(inspect.signature(cls).parameters)[3:])):
+        raise GuidelabError(f"{group} config has unknown keys {unknown} for {cls.__name__}")
     return kwargs
 
 

@@ -9,21 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guidelab.models.layers import (
-    AttentionBlock,
-    Downsample,
-    EmbedSequential,
-    ResBlock,
-    TimestepEmbedder,
-    Upsample,
-    group_norm,
-    zero_module,
-)
+from guidelab.models.layers import (AttentionBlock, Downsample, EmbedSequential, ResBlock, TimestepEmbedder, Upsample,
+                                    group_norm, zero_module)
+from guidelab.registry import Range
 
 
-def res_block(
-    in_ch: int, out_ch: int, emb_dim: int, dropout: float, attn: bool, num_heads: int, use_scale_shift_norm: bool
-) -> EmbedSequential:
+def res_block(in_ch: int, out_ch: int, emb_dim: int, dropout: float, attn: bool, num_heads: int,
+              use_scale_shift_norm: bool) -> EmbedSequential:
     """ResBlock, followed by self-attention when `attn` (DDPM: at the attention resolutions)."""
     layers = [ResBlock(in_ch, out_ch, emb_dim, dropout, use_scale_shift_norm)]
     if attn:
@@ -40,19 +32,8 @@ class Encoder(nn.Module):
     size at each level for an image_size input), `out_channels` (of h).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        image_size: int,
-        channels: int,
-        channel_mult: tuple,
-        num_res_blocks: int,
-        attn_resolutions: tuple,
-        dropout: float,
-        num_heads: int,
-        emb_dim: int,
-        use_scale_shift_norm: bool,
-    ):
+    def __init__(self, in_channels: int, image_size: int, channels: int, channel_mult: tuple, num_res_blocks: int,
+                 attn_resolutions: tuple, dropout: float, num_heads: int, emb_dim: int, use_scale_shift_norm: bool):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.blocks = nn.ModuleList()
@@ -70,11 +51,8 @@ class Encoder(nn.Module):
                 self.blocks.append(EmbedSequential(Downsample(ch)))
                 self.skip_channels.append(ch)
                 res = (res + 1) // 2  # stride-2 conv3x3 with padding 1 gives ceil(res / 2)
-        self.mid = EmbedSequential(
-            ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm),
-            AttentionBlock(ch, num_heads),
-            ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm),
-        )
+        self.mid = EmbedSequential(ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm), AttentionBlock(ch, num_heads),
+                                   ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm))
         self.out_channels = ch
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -93,10 +71,7 @@ class UNet(nn.Module):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        image_size: int,
-        num_classes: int,
+        self, in_channels: int, image_size: int, num_classes: int,
         channels: int = 128,  # base width; DDPM CIFAR-10: 128
         channel_mult: tuple = (1, 2, 2, 2),  # width multiplier per resolution level (32, 16, 8, 4 on CIFAR)
         num_res_blocks: int = 2,  # ResBlocks per encoder level (decoder: one more, as in DDPM)
@@ -107,16 +82,15 @@ class UNet(nn.Module):
         use_scale_shift_norm: bool = False,  # ADM AdaGN; False keeps DDPM's additive embedding and 35.7M params
     ):
         super().__init__()
+        Range(0, 1, "the label-dropout rate; 0.1 in Ho & Salimans 2022").check("model.p_uncond", p_uncond, {})
         self.in_channels, self.image_size = in_channels, image_size  # the shape samplers draw x_T in
         self.null_class = num_classes
         self.p_uncond = p_uncond
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedder(channels, emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim)  # last row: the null (unconditional) label
-        self.encoder = Encoder(
-            in_channels, image_size, channels, channel_mult, num_res_blocks, attn_resolutions, dropout, num_heads,
-            emb_dim, use_scale_shift_norm,
-        )  # fmt: skip
+        self.encoder = Encoder(in_channels, image_size, channels, channel_mult, num_res_blocks, attn_resolutions, dropout,
+                               num_heads, emb_dim, use_scale_shift_norm)
 
         skip_channels = list(self.encoder.skip_channels)
         ch = self.encoder.out_channels

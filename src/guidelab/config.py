@@ -1,0 +1,99 @@
+"""Typed configs: the Hydra schemas of the three scripts and of every config group, in Hydra's ConfigStore.
+
+A script's own keys, their defaults and their comments live in its primary config (configs/<script>.yaml); the
+schema is made from it, each key typed by its value (int, float, bool, str; null: see NULL_TYPES), nested mappings as
+nested dataclasses. The network groups are typed by the networks' own signatures, guidance modes and samplers by
+their registered functions (each yaml merges onto `schema/<group>/<option>`, chosen in the primary config's defaults
+list). Hydra then refuses a wrong type (`seed=abc`, `train.steps=1.5`) or an unknown key; `check_finite` refuses nan
+and inf; range checks live in the functions that own the values.
+
+Two resolvers serve the primary configs: `${default_model:${dataset}}` (the dataset spec's default diffusion model)
+and `${guidelab_configs:}` (the configs dir, for each script's own presets in configs/<script>/experiment/).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import field, make_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from guidelab.data import dataset_info
+from guidelab.errors import GuidelabError
+from guidelab.guidance import MODES
+from guidelab.models import NoisyClassifier, UNet
+from guidelab.registry import schema_of
+from guidelab.sampling import SAMPLERS
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's; cli.main registers the scripts' own
+
+
+NULL_TYPES = {"labels": Any, "reference_num": Optional[int]}  # keys whose default is null; other nulls: Optional[str]
+NETWORKS = {"model": (UNet, [("name", str, MISSING)]),  # a network group: typed by its network's keyword arguments
+            "classifier": (NoisyClassifier, [("name", str, MISSING), ("noisy", bool, MISSING)])}
+
+
+def typed(values: dict, name: str, head: tuple = ()) -> type:
+    """A dataclass of `head` fields and of `values`, each key typed by its value (int, float, bool, str; null: see
+    NULL_TYPES), nested mappings as nested dataclasses."""
+    fields = list(head)
+    for key, value in values.items():
+        if isinstance(value, dict):
+            sub = typed(value, f"{name}_{key}")
+            fields.append((key, sub, field(default_factory=sub)))
+        else:
+            fields.append((key, NULL_TYPES.get(key, Optional[str]) if value is None else type(value), value))
+    return make_dataclass(name, fields)
+
+
+def group_schema(group: str):
+    """A group's node type: the registry's or the network's (typed per option elsewhere: Any), else the keys of all
+    its option files (configs/<group>/*.yaml), typed by their values."""
+    if group in NETWORKS:
+        cls, head = NETWORKS[group]
+        return schema_of(cls.__init__, group, head, dict(list(inspect.signature(cls).parameters.items())[3:]))
+    if group in (MODES.group, SAMPLERS.group):
+        return Any
+    values = {}
+    for option in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        values = {**OmegaConf.to_container(OmegaConf.load(option)), **values}
+    return typed(values, group)
+
+
+def script_schema(script: str) -> type:
+    """The dataclass of configs/<script>.yaml: its group nodes, then its own keys typed by their values."""
+    values = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{script}.yaml"))
+    groups = [next(iter(e)) for e in values["defaults"] if isinstance(e, dict) and next(iter(e)) != "experiment"]
+    head = [(g, group_schema(g), MISSING) for g in groups if not g.startswith("schema")]
+    return typed({k: v for k, v in values.items() if k not in ("defaults", "hydra")}, script, head)
+
+
+def register(config_dir: Path = CONFIG_DIR) -> None:
+    """Put every schema into Hydra's ConfigStore and the two resolvers into OmegaConf (again: replaced)."""
+    global CONFIG_DIR
+    CONFIG_DIR = Path(config_dir).resolve()
+    store = ConfigStore.instance()
+    for script in ("train_diffusion", "train_classifier", "sample"):
+        store.store(group="schema", name=script, node=script_schema(script))
+    for registry in (MODES, SAMPLERS):
+        for name in registry:
+            store.store(group=f"schema/{registry.group}", name=name, node=registry.schema(name))
+    OmegaConf.register_new_resolver("default_model", lambda name: dataset_info(name).default_model, replace=True)
+    OmegaConf.register_new_resolver("guidelab_configs", lambda: str(CONFIG_DIR), replace=True)
+
+
+def check_finite(cfg, prefix: str = "") -> None:
+    """Refuse nan and inf anywhere in the config: no key of guidelab means anything by them."""
+    items = cfg.items() if isinstance(cfg, (DictConfig, dict)) else enumerate(cfg)
+    for key, value in items:
+        name = f"{prefix}{key}" if isinstance(cfg, (DictConfig, dict)) else f"{prefix[:-1]}[{key}]"
+        if isinstance(value, (DictConfig, ListConfig, dict, list)):
+            check_finite(value, f"{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise GuidelabError(f"{name} is {value}; give it a finite number")
+
+
+register()

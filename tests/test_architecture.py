@@ -1,0 +1,32 @@
+"""The package's layering: every guidelab module imports only modules below it in one order, so there is no import
+cycle and no import from a lower module up to a higher one. A new module must take its place in ORDER."""
+import ast
+from pathlib import Path
+
+import guidelab
+
+PACKAGE = Path(guidelab.__file__).parent
+ORDER = ["errors", "registry", "diffusion", "dist", "images", "log", "checkpoint", "data", "models", "guidance",
+         "sampling", "metrics", "networks", "train", "report", "config", "cli"]
+
+
+def _unit(module: str) -> str:
+    """guidelab.models.unet -> models (a subpackage is one unit; imports inside it are its own business)."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+def test_every_module_imports_only_modules_below_it():
+    units = {p.stem if p.parent == PACKAGE else p.parent.name for p in PACKAGE.rglob("*.py")} - {"__init__"}
+    assert units == set(ORDER), f"place new modules in ORDER: {sorted(units ^ set(ORDER))}"
+    for path in PACKAGE.rglob("*.py"):
+        me = path.stem if path.parent == PACKAGE else path.parent.name
+        if me == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "guidelab":
+                names = [f"guidelab.{a.name}" for a in node.names]
+            for name in names:
+                if name.startswith("guidelab.") and _unit(name) != me:
+                    assert ORDER.index(_unit(name)) < ORDER.index(me), f"{path.name} imports {name}"

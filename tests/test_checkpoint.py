@@ -1,6 +1,5 @@
 """Atomic writes, weights_only loading, and the one-line errors for bad checkpoint files."""
 import os
-import pickle
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Configs: every group option composes, Hydra types every key, each registered guidance mode, sampler and dataset has
 exactly its config file, and presets select groups through their defaults list while a group named on the command
 line wins."""
-import inspect
 import re
 import subprocess
 
@@ -12,7 +11,7 @@ from omegaconf import OmegaConf
 
 import guidelab.config  # noqa: F401  (the schemas and resolvers)
 from conftest import CONFIGS
-from guidelab.cli import groups_of
+from guidelab.config import groups_of
 from guidelab.data import DATASETS
 from guidelab.guidance import MODES
 from guidelab.sampling import SAMPLERS
@@ -26,10 +25,10 @@ def _compose(script, overrides=()):
 
 
 def options(script: str, group: str) -> list[str]:
-    return sorted(p.stem for p in groups_of(CONFIGS, script)[group].glob("*.yaml"))
+    return sorted(p.stem for p in groups_of(script)[group].glob("*.yaml"))
 
 
-CASES = [(script, group, option) for script in SCRIPTS for group in groups_of(CONFIGS, script)
+CASES = [(script, group, option) for script in SCRIPTS for group in groups_of(script)
          for option in options(script, group)]
 
 
@@ -42,9 +41,9 @@ def test_every_group_option_composes(script, group, option):
 
 
 def test_groups_of_each_script():
-    assert list(groups_of(CONFIGS, "train_diffusion")) == ["dataset", "model", "diffusion", "logger", "experiment"]
-    assert list(groups_of(CONFIGS, "train_classifier")) == ["dataset", "classifier", "diffusion", "logger", "experiment"]
-    assert list(groups_of(CONFIGS, "sample")) == ["guidance", "sampler", "logger", "experiment"]
+    assert list(groups_of("train_diffusion")) == ["dataset", "model", "diffusion", "logger", "experiment"]
+    assert list(groups_of("train_classifier")) == ["dataset", "classifier", "diffusion", "logger", "experiment"]
+    assert list(groups_of("sample")) == ["guidance", "sampler", "logger", "experiment"]
 
 
 def _yaml(group: str, name: str) -> dict:
@@ -94,7 +93,7 @@ def test_types_are_hydras(script, override, cause):
 
 
 PRESET_CASES = [(script, preset, group) for script in SCRIPTS for preset in options(script, "experiment")
-                if preset != "none" for group in groups_of(CONFIGS, script) if group != "experiment"]
+                if preset != "none" for group in groups_of(script) if group != "experiment"]
 
 
 @pytest.mark.parametrize("script,preset,group", PRESET_CASES, ids=["-".join(c) for c in PRESET_CASES])

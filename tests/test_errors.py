@@ -1,6 +1,5 @@
 """Bad input: one `error:` line naming the problem and the fix, a non-zero exit, and no existing file changed."""
 import os
-import shutil
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ from typing import Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
 
 from guidelab import config
 from guidelab.checkpoint import refuse_overwrite
@@ -25,24 +24,13 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def groups_of(config_dir: Path, config_name: str) -> dict[str, Path]:
-    """The config groups of a script (from its primary config's defaults list) and the directory of each."""
-    out = {}
-    for entry in OmegaConf.load(config_dir / f"{config_name}.yaml").defaults:
-        group = next(iter(entry)).split("@")[0] if not isinstance(entry, str) else None
-        if group and not group.startswith("schema"):
-            own = config_dir / config_name / group  # the script's own groups (its presets)
-            out[group] = own if own.is_dir() else config_dir / group
-    return out
-
-
 def preflight(argv: list[str], config_dir: Path, config_name: str, protect: str) -> None:
     """Refuse, before Hydra creates or writes the run dir, (a) an unknown option of a config group, listing the valid
     ones, and (b) an explicit hydra.run.dir that already holds results (`protect` names them: "checkpoints" or
     "samples") unless resume=true."""
     overrides = dict(m.groups() for a in argv if (m := _OVERRIDE.match(a)))
     multirun = "-m" in argv or "--multirun" in argv
-    groups = groups_of(config_dir, config_name)
+    groups = config.groups_of(config_name)
     for key in overrides:
         if key not in groups and (config_dir / key).is_dir():
             fail(f"{key}= is not a config group of {config_name}.py (its groups: {', '.join(groups)}); "

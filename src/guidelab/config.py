@@ -63,11 +63,19 @@ def group_schema(group: str):
     return typed(values, group)
 
 
+def groups_of(script: str) -> dict[str, Path]:
+    """A script's config groups (its primary config's defaults list) and the directory of each (the script's own
+    presets in configs/<script>/<group>/, the shared groups in configs/<group>/)."""
+    entries = OmegaConf.load(CONFIG_DIR / f"{script}.yaml").defaults
+    groups = [next(iter(e)).split("@")[0] for e in entries if not isinstance(e, str)]
+    return {g: CONFIG_DIR / script / g if (CONFIG_DIR / script / g).is_dir() else CONFIG_DIR / g
+            for g in groups if not g.startswith("schema")}
+
+
 def script_schema(script: str) -> type:
     """The dataclass of configs/<script>.yaml: its group nodes, then its own keys typed by their values."""
     values = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{script}.yaml"))
-    groups = [next(iter(e)) for e in values["defaults"] if isinstance(e, dict) and next(iter(e)) != "experiment"]
-    head = [(g, group_schema(g), MISSING) for g in groups if not g.startswith("schema")]
+    head = [(g, group_schema(g), MISSING) for g in groups_of(script) if g != "experiment"]
     return typed({k: v for k, v in values.items() if k not in ("defaults", "hydra")}, script, head)
 
 

@@ -206,22 +206,14 @@ def _mnist5k(train: bool, root: Path | None, download: bool, seed: int):
 
 def _procedural_templates() -> torch.Tensor:
     """Ten binary 16x16 patterns, one per class, kept 2 px away from the border (room for jitter)."""
-    t = torch.zeros(10, 16, 16)
-    t[0, 3:5, 3:13] = 1  # bar at the top
-    t[1, 11:13, 3:13] = 1  # bar at the bottom
-    t[2, 3:13, 3:5] = 1  # bar on the left
-    t[3, 3:13, 11:13] = 1  # bar on the right
-    i = torch.arange(3, 13)
-    t[4, i, i] = t[4, i[:-1], i[1:]] = 1  # thick diagonal
-    t[5, i, 15 - i] = t[5, i[:-1], 14 - i[:-1]] = 1  # thick anti-diagonal
-    t[6, 7:9, 3:13] = t[6, 3:13, 7:9] = 1  # plus
-    t[7, 3:13, 3:13] = 1
-    t[7, 5:11, 5:11] = 0  # square ring
+    t, i = torch.zeros(10, 16, 16), torch.arange(3, 13)
+    t[0, 3:5, 3:13] = t[1, 11:13, 3:13] = t[2, 3:13, 3:5] = t[3, 3:13, 11:13] = 1  # bars: top, bottom, left, right
+    t[4, i, i] = t[4, i[:-1], i[1:]] = t[5, i, 15 - i] = t[5, i[:-1], 14 - i[:-1]] = 1  # thick diagonals
+    t[6, 7:9, 3:13] = t[6, 3:13, 7:9] = t[7, 3:13, 3:13] = 1  # plus; a square, hollowed into a ring below
+    t[7, 5:11, 5:11] = 0
     yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
     t[8] = ((yy - 7.5) ** 2 + (xx - 7.5) ** 2 <= 3.3**2).float()  # disk
-    for y in (2, 11):
-        for x in (2, 11):
-            t[9, y:y + 3, x:x + 3] = 1  # four corner blobs
+    t[9, 2:5, 2:5] = t[9, 2:5, 11:14] = t[9, 11:14, 2:5] = t[9, 11:14, 11:14] = 1  # four corner blobs
     return t
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 
+
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Linear schedule of Ho et al. 2020, Sec. 4 (beta_1 = 1e-4 .. beta_T = 0.02 at T = 1000), scaled with T as in
     Nichol & Dhariwal 2021 so that other T keep the same total noise."""
@@ -31,11 +32,9 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> t
 
 
 def make_betas(schedule: str, num_steps: int) -> torch.Tensor:
-    if schedule == "linear":
-        return linear_betas(num_steps)
-    if schedule == "cosine":
-        return cosine_betas(num_steps)
-    raise GuidelabError(f"unknown noise schedule {schedule!r}; use diffusion=linear or diffusion=cosine")
+    if schedule not in ("linear", "cosine"):
+        raise GuidelabError(f"unknown noise schedule {schedule!r}; use diffusion=linear or diffusion=cosine")
+    return (linear_betas if schedule == "linear" else cosine_betas)(num_steps)
 
 
 def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

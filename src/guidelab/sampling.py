@@ -19,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from guidelab.diffusion import Diffusion, _gather
-from guidelab.errors import GuidelabError
 from guidelab.guidance import EpsFn, Guided
 from guidelab.registry import MISSING, OneOf, Range, Registry
 

@@ -86,7 +86,7 @@ def test_classifier_term_tilts_a_gaussian(name, steps):
 
 def test_unknown_sampler():
     d = Diffusion(linear_betas(10))
-    with pytest.raises(GuidelabError, match="unknown sampler 'euler'; valid: ddim, ddpm, dpmpp_2m"):
+    with pytest.raises(GuidelabError, match=f"unknown sampler 'euler'; valid: {', '.join(sorted(SAMPLERS))}"):
         sample("euler", lambda x, t: Guided(x), d, torch.zeros(1, 1, 1, 1), None, "linspace")
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval, make_eps_fn,
-                               noise_level, project, rescale_combine)
+                               noise_level, project, rescale_combine, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -277,3 +277,42 @@ def test_autoguidance_with_the_unconditional_model_as_guide_is_cfg():
     out = make_eps_fn("autoguidance", unet, y, 2.0, guide=guide)(x, t).eps
     assert torch.allclose(out, guide(x, t, y) + 2.0 * (unet(x, t, y) - guide(x, t, y)), atol=1e-6)
     assert not any(p.requires_grad for p in guide.parameters())
+
+
+def test_zero_star_scale_is_the_least_squares_multiple_of_eps_u():
+    """s* = <eps_c, eps_u> / ||eps_u||^2 per sample (Fan et al. 2025): the residual eps_c - s* eps_u is orthogonal to
+    eps_u, no other multiple comes closer to eps_c, and s* = 1 when eps_c = eps_u."""
+    torch.manual_seed(0)
+    eps_u, eps_c = torch.randn(5, 1, 4, 4), torch.randn(5, 1, 4, 4)
+    s_star = zero_star_scale(eps_u, eps_c)
+    assert s_star.shape == (5, 1, 1, 1)
+    residual = eps_c - s_star * eps_u
+    assert torch.allclose((residual * eps_u).flatten(1).sum(1), torch.zeros(5), atol=1e-5)
+    for k in (0.9, 1.1):
+        assert ((eps_c - k * s_star * eps_u).flatten(1).norm(dim=1) > residual.flatten(1).norm(dim=1)).all()
+    assert torch.allclose(zero_star_scale(eps_u, eps_u), torch.ones(5, 1, 1, 1))
+
+
+def test_cfg_zero_star_is_cfg_on_the_scaled_unconditional_prediction():
+    """eps = s* eps_u + s (eps_c - s* eps_u); where s* = 1 (eps_c - eps_u orthogonal to eps_u) that is plain CFG, and
+    s = 1 is the conditional model."""
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
+    out = make_eps_fn("cfg_zero_star", unet, y, 2.5, zero_init_steps=0)(x, t).eps
+    s_star = zero_star_scale(eps_u, eps_c)
+    assert torch.allclose(out, s_star * eps_u + 2.5 * (eps_c - s_star * eps_u), atol=1e-5)
+    assert (s_star - 1).abs().max() > 0.01 and not torch.allclose(out, make_eps_fn("cfg", unet, y, 2.5)(x, t).eps)
+    assert torch.equal(make_eps_fn("cfg_zero_star", unet, y, 1.0, zero_init_steps=0)(x, t).eps, eps_c)
+    orthogonal = project(torch.randn_like(eps_u), eps_u)[1]
+    assert torch.allclose(zero_star_scale(eps_u, eps_u + orthogonal), torch.ones(len(x), 1, 1, 1), atol=1e-5)
+
+
+def test_cfg_zero_star_zeroes_the_first_noise_levels_without_calling_the_network():
+    unet, (x, _, y) = ToyUNet(), _inputs()
+    eps_fn = make_eps_fn("cfg_zero_star", unet, y, 3.0, zero_init_steps=2)
+    for step, level in enumerate((999, 899, 899, 799, 699)):  # a level seen twice counts once (Heun's second pass)
+        out = eps_fn(x, torch.full_like(y, level)).eps
+        assert torch.equal(out, torch.zeros_like(x)) == (step < 3), step
+    assert unet.calls == [2 * len(x)] * 2  # one doubled batch per guided step, none while zeroed
+    with pytest.raises(GuidelabError, match="guidance.zero_init_steps must be >= 0, got -1"):
+        make_eps_fn("cfg_zero_star", unet, y, 3.0, zero_init_steps=-1)

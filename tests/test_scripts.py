@@ -122,6 +122,7 @@ def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smok
     inside = int(in_interval(process.abar[timesteps(process, 5, "logsnr")], 0.28, 5.42).sum())  # dpmpp_2m's grid
     assert 0 < inside < 5 and nfe["cfg_interval"] == (5 + inside, 0) and nfe["cg_interval"] == (5, inside)
     assert rows["cfg_rescale"]["options"] == "phi=0.7 space=x0"
+    assert nfe["cfg_zero_star"] == (2 * 4, 0)  # zero-init: the first of the 5 noise levels costs no network call
     images = {m: np.load(next(sweep.glob(f"*_{m}_s3*/samples.npz")))["images"] for m in modes}
     assert all(not np.array_equal(images["none"], images[m]) for m in modes if m != "none")
 

@@ -95,6 +95,13 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
+def zero_star_scale(eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
+    """CFG-Zero*'s optimized scale, Fan et al. 2025 (arXiv 2503.18886), Sec. 3: s* = <eps_c, eps_u> / ||eps_u||^2 per
+    sample, the multiple of eps_u closest to eps_c in least squares. CFG-Zero* is then cfg_combine(s* eps_u, eps_c, s)."""
+    u, c = eps_uncond.double().flatten(1), eps_cond.double().flatten(1)
+    return ((u * c).sum(1) / (u * u).sum(1).clamp(min=1e-12)).view(-1, *[1] * (eps_cond.dim() - 1)).to(eps_cond.dtype)
+
+
 def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
     """sigma = sqrt((1 - abar_t) / abar_t): the noise-to-signal ratio, the EDM sigma of x_t / sqrt(abar_t)
     (Karras et al. 2022, Sec. 2), in which Kynkaanniemi et al. 2024 state their guidance interval."""
@@ -266,6 +273,25 @@ def _cfgpp(ctx: Context) -> EpsFn:
             return Guided(ctx.unet(x, t, ctx.null))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(eps_u, x0=ctx.to_x0(x, t, cfg_combine(eps_u, eps_c, ctx.scale)))
+    return eps_fn
+
+
+@MODES.register(zero_init_steps=Range(0, math.inf, "the first noise levels of a run whose prediction is zeroed"))
+def _cfg_zero_star(ctx: Context, zero_init_steps: int = 1) -> EpsFn:
+    """CFG-Zero*, Fan et al. 2025 (arXiv 2503.18886), Sec. 3: eps = s* eps_u + s (eps_c - s* eps_u) with the optimized
+    scale s* (`zero_star_scale`), and zero-init: the prediction is zero at the first `zero_init_steps` noise levels of
+    the run (no network call). s* = 1 and no zero-init is CFG; s = 1 is the conditional model."""
+    levels: list[int] = []  # the noise levels seen so far in this run (one per sampler step; Heun's come twice)
+
+    def eps_fn(x, t):
+        if len(levels) < zero_init_steps and int(t[0]) not in levels:
+            levels.append(int(t[0]))
+        if int(t[0]) in levels:
+            return Guided(torch.zeros_like(x))
+        if ctx.scale == 1:
+            return Guided(ctx.unet(x, t, ctx.y))
+        eps_u, eps_c = ctx.pair(x, t)
+        return Guided(cfg_combine(zero_star_scale(eps_u, eps_c) * eps_u, eps_c, ctx.scale))
     return eps_fn
 
 

@@ -21,9 +21,9 @@ sweep autoguidance_small guidance=autoguidance guide_ckpt="$OUT/guide_small/chec
 $PY -m guidelab.report --merge "$OUT/variants" "$OUT"/{cfg,cg,cfg_cg,cfg_rescale,cfg_interval,cg_interval,apg,cfgpp} \
   "$OUT"/{dynamic_threshold,autoguidance_early,autoguidance_small}
 # step-count study under guidance: each sampler at its default spacing, and DDIM on DPM-Solver's logSNR grid as control
-sweep steps_cfg guidance=cfg scale=3 sampler=ddim,dpmpp_2m sampler.steps=10,20,50 "${NETS[@]}"
+sweep steps_cfg guidance=cfg scale=3 sampler=ddim,dpmpp_2m,heun sampler.steps=10,20,50 "${NETS[@]}"
 sweep steps_cfg_ddim_logsnr guidance=cfg scale=3 sampler=ddim sampler.spacing=logsnr sampler.steps=10,20,50 "${NETS[@]}"
-sweep steps_cg guidance=cg scale=4 sampler=ddim,dpmpp_2m sampler.steps=10,20,50 "${NETS[@]}"
+sweep steps_cg guidance=cg scale=4 sampler=ddim,dpmpp_2m,heun sampler.steps=10,20,50 "${NETS[@]}"
 sweep steps_cg_ddim_logsnr guidance=cg scale=4 sampler=ddim sampler.spacing=logsnr sampler.steps=10,20,50 "${NETS[@]}"
 $PY -m guidelab.report --merge "$OUT/steps" "$OUT"/steps_cfg "$OUT"/steps_cfg_ddim_logsnr "$OUT"/steps_cg \
   "$OUT"/steps_cg_ddim_logsnr

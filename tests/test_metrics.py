@@ -40,12 +40,52 @@ def test_precision_recall_sees_mode_dropping():
     assert precision > 0.9 and 0.4 < recall < 0.55
 
 
+def _brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[int, int]:
+    """Kynkaanniemi et al. 2019 by hand: how many fakes lie in some real k-NN ball, how many reals in some fake one."""
+    def radius(points, i):  # distance from points[i] to its k-th nearest other point
+        return sorted(math.dist(points[i], points[j]) for j in range(len(points)) if j != i)[k - 1]
+
+    def inside(query, support):
+        radii = [radius(support, j) for j in range(len(support))]
+        return sum(any(math.dist(q, s) <= r for s, r in zip(support, radii)) for q in query)
+
+    return inside(fake, real), inside(real, fake)
+
+
+def test_precision_recall_matches_a_brute_force_reference():
+    """torch-fidelity's features_1 = generated / features_2 = real convention, checked point by point: a tight fake
+    cloud inside a wide real one has high precision and low recall, so a swap would show."""
+    g = torch.Generator().manual_seed(5)
+    real = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    fake = 0.5 * torch.randn(40, 2, generator=g, dtype=torch.float64) + torch.tensor([1.5, 0.0], dtype=torch.float64)
+    n_precise, n_recalled = _brute_force_precision_recall(real.tolist(), fake.tolist(), k=3)
+    assert 0 < n_recalled < n_precise < 40  # a case that tells precision from recall
+    precision, recall = metrics.precision_recall(real, fake, k=3)
+    assert (round(precision * 40), round(recall * 40)) == (n_precise, n_recalled)
+    assert (precision, recall) == pytest.approx((n_precise / 40, n_recalled / 40), abs=1e-7)
+    assert metrics.precision_recall(fake, real, k=3) == (recall, precision)
+
+
 def test_inception_score_limits():
     k = 10
     assert metrics.inception_score(torch.zeros(1000, k), splits=1) == pytest.approx(1.0, abs=1e-6)
     confident = torch.nn.functional.one_hot(torch.arange(1000) % k, k).float() * 100
     assert metrics.inception_score(confident, splits=1) == pytest.approx(k, rel=1e-4)
     assert metrics.inception_score(confident, splits=10) == pytest.approx(k, rel=0.05)
+
+
+def test_inception_score_does_not_depend_on_the_global_rng():
+    """The split shuffle has its own fixed seed: reseeding torch and numpy between calls changes nothing."""
+    logits = 3 * torch.randn(1000, 10, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    first = metrics.inception_score(logits, 10)
+    torch.manual_seed(12345)
+    np.random.seed(54321)
+    torch.rand(7)
+    np.random.rand(7)
+    assert metrics.inception_score(logits, 10) == first
+    assert metrics.inception_score(logits, 10, seed=metrics.IS_SEED + 1) != first  # the seed does pick the splits
 
 
 def test_class_accuracy_overall_and_per_class():

@@ -1,8 +1,9 @@
-"""Sample metrics: FID and IS (torchmetrics), improved precision and recall (Kynkaanniemi et al. 2019), and class
-accuracy, in one of two feature spaces:
+"""Sample metrics: FID, IS and improved precision and recall, by torch-fidelity's feature-level functions (on
+features extracted here once), and class accuracy, in one of two feature spaces:
 
-  evaluator   the codebase's clean-image evaluator: penultimate features for FID / P-R, its softmax for IS. Works
-              offline; numbers are NOT comparable with literature FIDs (tables say which features were used).
+  evaluator   an evaluator (models/evaluator.py: a ResNet or a VGG, never of the guidance networks' family): its
+              pooled features for FID / P-R, its softmax for IS. Works offline; numbers are NOT comparable with
+              literature FIDs (tables say which features and which evaluator were used).
   inception   the standard TF-Inception v3 (2048-d pool features, logits for IS) via torch-fidelity, from a local
               weights file (metrics.inception_weights=FILE or the torch hub cache); never downloaded here.
 
@@ -25,6 +26,7 @@ from guidelab.errors import GuidelabError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF-Inception FID net
 BACKENDS = ("evaluator", "inception")
+IS_SEED = 2020  # torch-fidelity's default: the split shuffle of the Inception Score, fixed
 
 
 class Features(NamedTuple):
@@ -39,7 +41,7 @@ def _to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class EvaluatorFeatures:
-    """The clean-image evaluator: (penultimate features, logits) at t = 0."""
+    """An evaluator: (pooled penultimate features, logits) of clean images."""
 
     name = "evaluator"
 
@@ -51,7 +53,7 @@ class EvaluatorFeatures:
         x = _to_input(images, device)
         t = torch.zeros(len(x), dtype=torch.long, device=device)
         feats = self.net.features(x, t)
-        return Features(feats.float().cpu(), self.net.head.proj(feats).float().cpu())
+        return Features(feats.float().cpu(), self.net.classify(feats).float().cpu())
 
 
 def find_inception_weights(path: str | None) -> Path:
@@ -66,8 +68,10 @@ def find_inception_weights(path: str | None) -> Path:
 
 
 class InceptionFeatures:
-    """TF-Inception v3 as ported by torch-fidelity (the network behind torchmetrics' FID): 2048-d pool features and
-    the 1008 unbiased logits, on uint8 images resized inside to 299x299; grey images are repeated to RGB."""
+    """TF-Inception v3 as ported by torch-fidelity (the FID network of the literature): 2048-d pool features and
+    the 1008 unbiased logits, on uint8 images resized inside to 299x299 by TF1's bilinear resize as the original FID
+    code does (torch-fidelity's interpolate_bilinear_2d_like_tensorflow1x: no antialias); grey images are repeated to
+    RGB."""
 
     name = "inception"
 
@@ -93,56 +97,37 @@ def extract(backend, images: np.ndarray, device: torch.device, batch_size: int =
 
 
 # ---------------------------------------------------------------- metrics on features
-class _Given(nn.Module):
-    """Lets torchmetrics' FID / IS consume features computed once outside it."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017, Eq. 6), by torchmetrics."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    """Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017, Eq. 6), by torch-fidelity
+    (mean and covariance in float64)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
-    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]))
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    return float(metric.compute())
-
-
-def inception_score(logits: torch.Tensor, splits: int = 10) -> float:
-    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean over `splits` splits, by torchmetrics."""
-    from torchmetrics.image.inception import InceptionScore
-
-    metric = InceptionScore(feature=_Given(logits.shape[1]), splits=splits)
-    metric.update(logits.double())
-    return float(metric.compute()[0])
+    stats_real = fid_features_to_statistics(real.detach().double().cpu())
+    stats_fake = fid_features_to_statistics(fake.detach().double().cpu())
+    return float(fid_statistics_to_metric(stats_real, stats_fake, verbose=False)[KEY_METRIC_FID])
 
 
-def _kth_neighbour_radius(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
-    """Distance from each row of x to its k-th nearest other row."""
-    out = [torch.cdist(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)]
-    return torch.cat(out)
+def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = IS_SEED) -> float:
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean over `splits` splits, by torch-fidelity. The
+    samples are shuffled into splits by their own RNG seeded with `seed`, never the global one, so the same logits
+    give the same score in any job of a sweep."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+
+    out = isc_features_to_metric(logits.detach().cpu(), splits=splits, shuffle=True, rng_seed=seed)
+    return float(out[KEY_METRIC_ISC_MEAN])
 
 
-def _covered(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """For each query row: is it inside at least one support ball (centre support_j, radius radii_j)?"""
-    out = [(torch.cdist(query[i:i + chunk], support) <= radii[None]).any(dim=1) for i in range(0, len(query), chunk)]
-    return torch.cat(out)
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, batch_size: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, Eqs. 1-3), by torch-fidelity: the data manifold is the
+    union of balls around each real feature reaching its k-th nearest real neighbour; precision = share of fakes
+    inside it, recall = share of reals inside the same construction around the fakes. Distances are computed
+    `batch_size` rows at a time (torch-fidelity's save_cpu_ram path), never as one full N x N matrix."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019, Eqs. 1-3): the data manifold is the union of balls
-    around each real feature reaching its k-th nearest real neighbour; precision = share of fakes inside it, recall =
-    share of reals inside the same construction around the fakes."""
-    real, fake = real.float(), fake.float()
-    precision = _covered(fake, real, _kth_neighbour_radius(real, k)).float().mean()
-    recall = _covered(real, fake, _kth_neighbour_radius(fake, k)).float().mean()
-    return float(precision), float(recall)
+    # torch-fidelity's convention: features_1 = generated, features_2 = real
+    out = prc_features_to_metric(features_1=fake.detach().float().cpu(), features_2=real.detach().float().cpu(),
+                                 prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=True, verbose=False)
+    return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
 
 
 def class_accuracy(logits: torch.Tensor, labels: np.ndarray) -> dict:
@@ -191,11 +176,11 @@ def reference_features(key: dict, backend, dataset: dict, cache_dir: str | Path,
 
 
 def evaluate_samples(images: np.ndarray, labels: np.ndarray, metrics_cfg, dataset: dict, evaluator,
-                     evaluator_path: str | None, device: torch.device) -> dict:
-    """All metrics of one sample set: FID, IS, precision, recall in `metrics_cfg.features`, accuracy under the
-    evaluator. Returns a flat dict for metrics.json."""
+                     evaluator_path: str | None, device: torch.device, features: str | None = None) -> dict:
+    """All metrics of one sample set: FID, IS, precision, recall in `features` (default `metrics_cfg.features`),
+    accuracy under the evaluator. Returns a flat dict for metrics.json."""
     ev = EvaluatorFeatures(evaluator)
-    if metrics_cfg.features == "inception":
+    if (features or metrics_cfg.features) == "inception":
         backend = InceptionFeatures(metrics_cfg.inception_weights, device)
         weights_file = backend.weights
     else:

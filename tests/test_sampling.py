@@ -262,3 +262,19 @@ def test_heun_costs_two_evaluations_per_step_but_the_last():
     sample("heun", eps_fn, d, torch.zeros(2, 1, 1, 1), 7, "logsnr")
     grid = timesteps(d, 7, "logsnr").flip(0).tolist()
     assert len(calls) == 2 * 7 - 1 and calls == [grid[0]] + [g for g in grid[1:] for _ in (0, 1)]
+
+
+def test_the_classifier_correction_comes_after_the_clip_and_is_not_clipped_again():
+    """guided-diffusion's order (condition_score on the clipped prediction): eps of the clipped x_0, minus
+    sqrt(1 - abar_t) score, and x_0 of that eps left unclipped: one DDIM step from T - 1 to the data."""
+    d = Diffusion(linear_betas(1000))
+    x = torch.full((2, 1, 2, 2), 0.5)
+    t = torch.full((2,), 999)
+    eps, score = torch.full_like(x, -3.0), torch.full_like(x, 0.02)  # x_0 of this eps is far above 1
+    abar = d.abar[999]
+    clipped = torch.ones_like(x)
+    eps_clipped = (x - abar.sqrt() * clipped) / (1 - abar).sqrt()
+    guided = eps_clipped - (1 - abar).sqrt() * score
+    expected = (x - (1 - abar).sqrt() * guided) / abar.sqrt()  # beyond 1: the push survives
+    out = sample("ddim", lambda x_t, t_: Guided(eps, score), d, x, 1, "trailing")  # the one timestep T - 1
+    assert torch.allclose(out, expected, atol=1e-4) and out.min() > 1.0

@@ -33,6 +33,9 @@ def check(cfg) -> None:
         Range(1).check(key, cfg[key], cfg)
     if cfg.ckpt == "latest":  # nothing to find: say so before Hydra makes a run dir
         networks.find_latest(cfg.runs_root, "diffusion")
+    if cfg.second_evaluator_ckpt and not cfg.evaluator_ckpt:
+        raise GuidelabError("second_evaluator_ckpt is set but evaluator_ckpt is not; give the primary evaluator too "
+                            "(evaluator_ckpt=PATH or latest)")
     if cfg.eval.enabled:
         if not cfg.evaluator_ckpt:
             raise GuidelabError("eval=true needs evaluator_ckpt=PATH (or latest): accuracy and evaluator features; "
@@ -100,14 +103,23 @@ def sample(cfg, run_dir: Path) -> dict:
               "spacing": cfg.sampler.spacing, "steps": cfg.sampler.steps, **evaluations, "num_samples": len(y_np),
               "seconds": seconds, "seconds_per_sample": seconds / len(y_np), "seed": cfg.seed,
               "classifier_scale": params.get("classifier_scale"), "base": params.get("base"),
-              "p_uncond": nets.train_config["model"].get("p_uncond"), "ckpt": nets.paths["ckpt"]}
-    if nets.evaluator is not None:
-        result["evaluator_test_acc"] = nets.evaluator_test_acc  # how good the judge itself is
+              "p_uncond": nets.train_config["model"].get("p_uncond"), "ckpt": nets.paths["ckpt"],
+              "classifier": Path(nets.paths["classifier_ckpt"]).parts[-3] if "classifier_ckpt" in nets.paths else None,
+              "classifier_test_acc": {k[len("test_acc_"):] or "clean": v for k, v in nets.classifier_metrics.items()
+                                      if k.startswith("test_acc")} or None}
+    for i, (evaluator, ev_config, ev_metrics) in enumerate(nets.evaluators):  # the primary, then the second opinion
+        suffix, key = ("", "evaluator_ckpt") if i == 0 else ("_2", "second_evaluator_ckpt")
+        result[f"evaluator{suffix}"] = ev_config["classifier"]["name"]
+        result[f"evaluator{suffix}_test_acc"] = ev_metrics.get("test_acc")  # how good the judge itself is on real data
         if cfg.eval.enabled:
-            result.update(evaluate_samples(images, y_np, cfg.metrics, nets.train_config["dataset"], nets.evaluator,
-                                           nets.paths["evaluator_ckpt"], device))
+            scores = evaluate_samples(images, y_np, cfg.metrics, nets.train_config["dataset"], evaluator,
+                                      nets.paths[key], device, cfg.metrics.features if i == 0 else "evaluator")
         else:
-            result.update(class_accuracy(extract(EvaluatorFeatures(nets.evaluator), images, device).logits, y_np))
+            scores = class_accuracy(extract(EvaluatorFeatures(evaluator), images, device).logits, y_np)
+        result.update({f"{k}{suffix}": v for k, v in scores.items()})
+    if len(nets.evaluators) == 2:
+        result["disagreement"] = result["accuracy"] - result["accuracy_2"]
+    if nets.evaluators:
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     shown = {k: result[k] for k in ("fid", "is", "precision", "recall", "accuracy") if k in result}
     print(f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(y_np)} samples, {seconds:.1f} s)"

@@ -1,8 +1,10 @@
-"""Train a time-conditioned noisy classifier for classifier guidance, or (classifier=evaluator) the clean-image
-evaluator that judges samples.
+"""Train a time-conditioned noisy classifier for classifier guidance, a clean classifier (classifier=clean, for
+guidance=cg_x0), or one of the evaluators that judge samples (classifier=evaluator: a ResNet; evaluator_vgg: the
+second opinion; evaluator_adv: the ResNet trained on PGD examples too).
 
     python train_classifier.py dataset=cifar10
     python train_classifier.py dataset=cifar10 classifier=evaluator
+    python train_classifier.py dataset=cifar10 classifier=evaluator_vgg seed=1
 
 The loop (optimizer, EMA, checkpoints, resume, DDP, logging) is guidelab.train's; this script says what is trained.
 """
@@ -12,28 +14,48 @@ import torch
 import torch.nn.functional as F
 
 from guidelab.cli import main
-from guidelab.data import ImageData, dataset_info
+from guidelab.data import ImageData, dataset_info, random_affine
 from guidelab.diffusion import Diffusion
 from guidelab.models import build_classifier
+from guidelab.registry import Range
 from guidelab.train import Task, load_data, train, validate
 
 
 def network(cfg, channels: int, num_classes: int):
-    """The classifier the `classifier` config describes (guidelab.models.NoisyClassifier)."""
+    """The classifier the `classifier` config describes (its family: classifier.arch, guidelab.models.CLASSIFIERS)."""
     return build_classifier(cfg.classifier, channels, cfg.dataset.image_size, num_classes)
+
+
+def pgd(net, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
+    """L_inf projected gradient ascent on the loss (Madry et al. 2018, Sec. 2): a uniform start in the eps-ball, then
+    `steps` signed-gradient steps of 2.5 eps / steps, each projected onto the eps-ball and the data range [-1, 1]."""
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(-1, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(net(x_adv, t).float(), y), x_adv)
+        x_adv = torch.minimum(torch.maximum(x_adv.detach() + 2.5 * eps / steps * grad.sign(), x - eps), x + eps)
+        x_adv = x_adv.clamp(-1, 1)
+    return x_adv.detach()
 
 
 def task(cfg, data: ImageData, device: torch.device) -> Task:
     """Noisy classifier p_phi(y | x_t, t) on q_sample(x_0, t) with t uniform (Dhariwal & Nichol 2021, Sec. 4.1), or,
-    with classifier.noisy=false, the clean-image evaluator (t = 0 always). Evaluated on the held-out split: accuracy
-    at the middle of each quarter of the noise range, or (evaluator) on clean images."""
+    with classifier.noisy=false, a clean-image classifier (t = 0 always). Each image is first randomly shifted and
+    rotated (classifier.shift, classifier.rotate); with classifier.pgd_eps > 0 the loss is the mean over the batch and
+    its PGD examples (Goodfellow et al. 2015, Sec. 5, weight 1/2). Evaluated on the held-out split: accuracy at the
+    middle of each quarter of the noise range, or (clean) on clean images."""
     diffusion = Diffusion.from_config(cfg.diffusion).to(device)
-    noisy, T = bool(cfg.classifier.noisy), diffusion.num_steps
+    c = cfg.classifier
+    noisy, T = bool(c.noisy), diffusion.num_steps
     test = load_data(cfg, "test")
 
     def loss(net, x0, y):
+        x0 = random_affine(x0, c.shift, c.rotate)
         t = torch.randint(0, T, (len(y),), device=x0.device) if noisy else torch.zeros_like(y)
-        logits = net(diffusion.q_sample(x0, t, torch.randn_like(x0)) if noisy else x0, t)
+        x = diffusion.q_sample(x0, t, torch.randn_like(x0)) if noisy else x0
+        if c.pgd_eps > 0:
+            x, y, t = torch.cat([x, pgd(net, x, y, t, c.pgd_eps, c.pgd_steps)]), torch.cat([y, y]), torch.cat([t, t])
+        logits = net(x, t)
         correct = (logits.argmax(-1) == y).float()
         stats = {"acc": correct.mean()}
         if noisy:  # accuracy per quarter of the time range: 0 = least noise
@@ -62,6 +84,13 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
 def check(cfg) -> None:
     """The training options, and the classifier's own arguments (built on the meta device: no memory, no time)."""
     validate(cfg)
+    c = cfg.classifier
+    Range(0, cfg.dataset.image_size // 2, "pixels of random shift; 0 = none").check("classifier.shift", c.shift, c)
+    Range(0, 180, "degrees of random rotation; 0 = none").check("classifier.rotate", c.rotate, c)
+    Range(0, 2, "the L_inf radius of PGD in the [-1, 1] data range; 0 = no adversarial training") \
+        .check("classifier.pgd_eps", c.pgd_eps, c)
+    Range(1 if c.pgd_eps > 0 else 0, 100, "PGD steps (at least 1 with pgd_eps > 0)").check("classifier.pgd_steps",
+                                                                                           c.pgd_steps, c)
     spec = dataset_info(cfg.dataset.name)
     with torch.device("meta"):
         network(cfg, spec.channels, spec.num_classes)

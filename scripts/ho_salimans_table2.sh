@@ -3,6 +3,5 @@
 #   OUT=outputs/ho_salimans_table2/run1 bash scripts/ho_salimans_table2.sh
 . "$(dirname "$0")/lib.sh" ho_salimans_table2
 train train_diffusion.py diffusion
-train train_classifier.py evaluator classifier=evaluator
-sweep sweep sampler.steps=16,32,64,128,256 ckpt="$OUT/diffusion/checkpoints/last.pt" \
-  evaluator_ckpt="$OUT/evaluator/checkpoints/last.pt"
+train_evaluators
+sweep sweep sampler.steps=16,32,64,128,256 ckpt="$OUT/diffusion/checkpoints/last.pt" "${EVALS[@]}"

@@ -25,12 +25,20 @@ sweep() {
   echo "$name swept in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/timings.txt"
 }
 
-# train_guidance_set: the UNet, the noisy classifier and the evaluator into $OUT/{diffusion,classifier,evaluator};
-# NETS then holds the three checkpoint overrides of sample.py
+# train_guidance_set: the UNet, the noisy classifier and the two evaluators (a ResNet; a VGG with another seed) into
+# $OUT/{diffusion,classifier,evaluator,evaluator_vgg}; NETS then holds the four checkpoint overrides of sample.py
 train_guidance_set() {
   train train_diffusion.py diffusion
   train train_classifier.py classifier
-  train train_classifier.py evaluator classifier=evaluator
-  NETS=(ckpt="$OUT/diffusion/checkpoints/last.pt" classifier_ckpt="$OUT/classifier/checkpoints/last.pt"
-        evaluator_ckpt="$OUT/evaluator/checkpoints/last.pt")
+  train_evaluators train.steps=2000  # 2.1 epochs of Fashion-MNIST (the preset's 800 steps give a weaker judge)
+  NETS=(ckpt="$OUT/diffusion/checkpoints/last.pt" classifier_ckpt="$OUT/classifier/checkpoints/last.pt" "${EVALS[@]}")
+}
+
+# train_evaluators [overrides...]: the two judges into $OUT/{evaluator,evaluator_vgg}; EVALS holds their sample.py
+# overrides
+train_evaluators() {
+  train train_classifier.py evaluator classifier=evaluator "$@"
+  train train_classifier.py evaluator_vgg classifier=evaluator_vgg seed=1 "$@"
+  EVALS=(evaluator_ckpt="$OUT/evaluator/checkpoints/last.pt"
+         second_evaluator_ckpt="$OUT/evaluator_vgg/checkpoints/last.pt")
 }

@@ -74,12 +74,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 
 @pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory):
-    """The command contract with experiment=smoke: a diffusion UNet, a noisy classifier and an evaluator."""
+    """The command contract with experiment=smoke: a diffusion UNet, a noisy classifier, a clean classifier of the
+    guidance family (cg_x0) and the two evaluators (a ResNet, a VGG with another seed)."""
     root = tmp_path_factory.mktemp("smoke")
-    runs = {"diffusion": root / "RUN1", "classifier": root / "RUN2", "evaluator": root / "EVAL"}
+    runs = {"diffusion": root / "RUN1", "classifier": root / "RUN2", "clean": root / "CLEAN", "evaluator": root / "EVAL",
+            "evaluator2": root / "EVAL2"}
+    small = ["classifier.channels=16", "classifier.channel_mult=[1,2]"]
     for script, run_dir, extra in [("train_diffusion.py", runs["diffusion"], []),
                                    ("train_classifier.py", runs["classifier"], []),
-                                   ("train_classifier.py", runs["evaluator"], ["classifier=evaluator"])]:
+                                   ("train_classifier.py", runs["clean"], ["classifier=clean", *small]),
+                                   ("train_classifier.py", runs["evaluator"], ["classifier=evaluator", *small]),
+                                   ("train_classifier.py", runs["evaluator2"], ["classifier=evaluator_vgg", "seed=1",
+                                                                                *small])]:
         proc = run_script(script, "experiment=smoke", f"hydra.run.dir={run_dir}", *extra, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"root": root, **{k: v / "checkpoints" / "last.pt" for k, v in runs.items()}}

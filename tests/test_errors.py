@@ -123,7 +123,26 @@ def test_classifier_checkpoint_passed_as_the_diffusion_model(guarded, tmp_path):
 
 def test_evaluator_is_refused_as_a_guidance_classifier(guarded, tmp_path):
     proc = _sample(guarded, tmp_path, "guidance=cg", f"classifier_ckpt={guarded['evaluator']}")
-    assert_one_line_error(proc, "clean-image evaluator, not a noisy classifier")
+    assert_one_line_error(proc, "is an evaluator", "this use needs a noisy guidance classifier",
+                          "python train_classifier.py`")
+
+
+def test_a_judge_must_be_of_another_family_and_a_network_of_its_own(guarded, tmp_path):
+    """The clean classifier of the guidance family (cg_x0's) is no judge; the second opinion is neither the primary
+    evaluator itself nor another network of the primary's family."""
+    assert_one_line_error(_sample(guarded, tmp_path, f"evaluator_ckpt={guarded['clean']}"),
+                          "is a clean classifier of the guidance family", "this use needs an evaluator")
+    assert_one_line_error(_sample(guarded, tmp_path, f"evaluator_ckpt={guarded['evaluator']}",
+                                  f"second_evaluator_ckpt={guarded['evaluator']}"), "already used as another network")
+    assert_one_line_error(_sample(guarded, tmp_path, f"second_evaluator_ckpt={guarded['evaluator2']}"),
+                          "second_evaluator_ckpt is set but evaluator_ckpt is not")
+    twin = tmp_path / "twin"
+    proc = run_script("train_classifier.py", "experiment=smoke", "classifier=evaluator", "classifier.channels=8",
+                      "classifier.channel_mult=[1]", "train.steps=2", f"hydra.run.dir={twin}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_one_line_error(_sample(guarded, tmp_path, f"evaluator_ckpt={guarded['evaluator']}",
+                                  f"second_evaluator_ckpt={twin / 'checkpoints/last.pt'}"),
+                          "is a resnet like the primary evaluator", "classifier=evaluator_vgg")
 
 
 def test_classifier_of_another_dataset_names_both(guarded, tmp_path):

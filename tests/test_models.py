@@ -6,7 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from guidelab.models import NoisyClassifier, UNet, build_classifier, build_unet
+from guidelab.data import random_affine
+from guidelab.errors import GuidelabError
+from guidelab.models import CLASSIFIERS, NoisyClassifier, UNet, build_classifier, build_unet
 from guidelab.models.layers import timestep_embedding
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -173,4 +175,44 @@ def test_build_classifier_from_yaml(path):
 
 def test_yaml_configs_present():
     assert {p.stem for p in (CONFIGS / "model").glob("*.yaml")} >= {"unet_cifar", "unet_small"}
-    assert {p.stem for p in (CONFIGS / "classifier").glob("*.yaml")} >= {"noisy", "evaluator"}
+    assert {p.stem for p in (CONFIGS / "classifier").glob("*.yaml")} >= {"noisy", "clean", "evaluator", "evaluator_vgg"}
+
+
+@pytest.mark.parametrize("arch", ["resnet", "vgg"])
+@pytest.mark.parametrize("in_channels,image_size", SIZES)
+def test_evaluators_ignore_time_and_their_features_feed_their_head(arch, in_channels, image_size):
+    """The evaluators have no time input (a different family from the guidance networks): any t gives the same
+    logits; logits are classify(features); BatchNorm and no GroupNorm, no attention anywhere."""
+    model = perturb(CLASSIFIERS[arch](in_channels, image_size, num_classes=7, channels=8)).eval()
+    x = torch.randn(3, in_channels, image_size, image_size)
+    with torch.no_grad():
+        logits = model(x, torch.tensor([0, 0, 0]))
+        assert logits.shape == (3, 7) and torch.equal(logits, model(x, torch.tensor([999, 5, 500])))
+        assert torch.equal(logits, model.classify(model.features(x)))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "BatchNorm2d" in kinds and not kinds & {"GroupNorm", "AttentionPool2d", "AttentionBlock", "TimestepEmbedder"}
+
+
+def test_checkpoints_without_an_arch_are_the_unet_encoder_and_an_unknown_arch_is_named():
+    cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS / "classifier" / "noisy16.yaml")).items()
+           if k not in ("arch", "shift", "rotate", "pgd_eps", "pgd_steps")}
+    assert isinstance(build_classifier(cfg, 1, 16, 10), NoisyClassifier)
+    with pytest.raises(GuidelabError, match="unknown classifier.arch 'mlp'; valid: unet_encoder, resnet, vgg"):
+        build_classifier({**cfg, "arch": "mlp"}, 1, 16, 10)
+
+
+def test_random_affine_is_the_identity_at_zero_and_shifts_whole_pixels():
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.equal(random_affine(x, 0, 0.0), x)
+    torch.manual_seed(0)
+    moved = random_affine(x, 3, 0.0)
+    assert moved.shape == x.shape and not torch.allclose(moved, x)
+    # one bright pixel on the background: each copy's centre of mass moves by at most `shift` pixels
+    point = torch.full((1, 1, 16, 16), -1.0)
+    point[0, 0, 8, 8] = 1.0
+    torch.manual_seed(1)
+    out = random_affine(point.repeat(64, 1, 1, 1), 2, 0.0)
+    centre = torch.stack([(out[:, 0] + 1).sum((1, 2)), ((out[:, 0] + 1) * torch.arange(16.0).view(1, 16)).sum((1, 2))])
+    col = centre[1] / centre[0]
+    assert (col - 8).abs().max() <= 2 + 1e-4 and (col - 8).abs().max() > 0.5  # moved, by at most `shift` pixels
+    assert torch.allclose(centre[0], torch.full_like(centre[0], 2.0), atol=1e-4)  # mass kept: border is background

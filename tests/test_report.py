@@ -1,7 +1,7 @@
 """Report pieces that need no sweep on disk: the per-variant trade-off panels and file names of series grids."""
 from PIL import Image
 
-from guidelab.report import COLUMNS, _file_name, variant_panels
+from guidelab.report import COLUMNS, _file_name, best_rows, markdown, variant_panels
 
 
 def _row(guidance, s, fid, acc, options=None):
@@ -24,3 +24,17 @@ def test_series_labels_become_flat_file_names():
     assert _file_name("autoguidance options=guide=runs/a/checkpoints/0000500.pt") == \
         "autoguidance_optionsguideruns_a_checkpoints_0000500.pt"
     assert "/" not in _file_name("cfg steps=25 x/y") and " " not in _file_name("a b")
+
+
+def test_best_rows_and_the_flag_where_the_two_evaluators_disagree():
+    rows = [_row("cfg", 1.0, 2.0, 0.90), _row("cfg", 3.0, 4.0, 0.99), _row("cfg", 5.0, 3.0, 0.99),
+            _row("cg", 3.0, 5.0, 0.80), _row("cg", 10.0, 6.0, 0.86)]
+    assert [(r["guidance"], r["s"]) for r in best_rows(rows)] == [("cfg", 5.0), ("cg", 10.0)]  # tie: lower FID
+    for r, second in zip(rows, [0.89, 0.98, 0.985, 0.70, 0.85]):
+        r.update(accuracy_2=second, disagreement=r["accuracy"] - second, evaluator="evaluator", evaluator_test_acc=0.99)
+    rows[3]["classifier_test_acc"] = {"t125": 0.9, "t875": 0.25}
+    md = markdown(rows)
+    assert "guidance classifier held-out accuracy 0.90 at t = 125, 0.25 at t = 875" in md
+    assert "**!** marks the 1 rows whose evaluators differ by more than 3%" in md
+    assert md.count("**!**") == 2 and "| 0.1 **!** |" in md  # the note, and the cg s = 3 row only
+    assert "Each series at its best scale" in md and md.count("\n| cfg |") == 4

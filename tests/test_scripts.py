@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -79,11 +80,16 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
     proc = run_script("sample.py", "-m", "experiment=smoke", "guidance=cfg,cg", "scale=0,3", "eval=true",
                       "eval.num_samples=40", "batch_size=40", "metrics.is_splits=2", f"metrics.cache_dir={cache}",
                       f"ckpt={smoke_runs['diffusion']}", f"classifier_ckpt={smoke_runs['classifier']}",
-                      f"evaluator_ckpt={smoke_runs['evaluator']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                      f"evaluator_ckpt={smoke_runs['evaluator']}", f"second_evaluator_ckpt={smoke_runs['evaluator2']}",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == COLUMNS and len(rows) == 4
+    for r in rows:  # two opinions: the primary's columns, the second's, and their difference
+        assert (r["evaluator"], r["evaluator_2"]) == ("evaluator", "evaluator_vgg")
+        assert float(r["disagreement"]) == pytest.approx(float(r["accuracy"]) - float(r["accuracy_2"]), abs=1e-3)
+        assert float(r["fid_2"]) >= 0 and 0 < float(r["evaluator_test_acc"]) <= 1
     assert [(r["guidance"], r["s"], r["w"], r["nfe"], r["classifier_nfe"]) for r in rows] == [
         ("cfg", "0", "-1", "5", "0"), ("cfg", "3", "2", "10", "0"), ("cg", "0", "", "5", "0"), ("cg", "3", "", "5", "5")]
     for r in rows:
@@ -91,14 +97,16 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
         for c in ("fid", "is", "precision", "recall", "accuracy", "seconds"):
             assert float(r[c]) >= 0, (c, r)
     metrics = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
-    assert [m["reference_reused"] for m in metrics] == [False, True, True, True]  # computed once, then cached
-    assert len(list(cache.glob("*.pt"))) == 1
+    for key in ("reference_reused", "reference_reused_2"):  # each judge's real features: computed once, then cached
+        assert [m[key] for m in metrics] == [False, True, True, True], key
+    assert len(list(cache.glob("*.pt"))) == 2
     for name in ("fid_vs_scale", "is_vs_scale", "fid_vs_is", "fid_vs_accuracy", "precision_vs_recall",
                  "accuracy_vs_scale", "grid_cfg",
                  "grid_cg", "comparison"):
         assert Image.open(sweep / f"{name}.png").size[0] > 50, name
     md = (sweep / "results.md").read_text()
-    assert "evaluator** features" in md and md.count("\n| c") == 4
+    assert "evaluator** features" in md and md.count("\n| c") == 4 + 2  # the rows, then each mode at its best scale
+    assert "primary evaluator: evaluator (held-out accuracy on real data" in md and "second evaluator" in md
     # the report command rebuilds the same table by hand
     report = subprocess.run([sys.executable, "-m", "guidelab.report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0 and (sweep / "results.md").read_text() == md, report.stderr

@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from guidelab.data import dataset_info
 from guidelab.errors import GuidelabError
 from guidelab.guidance import MODES
-from guidelab.models import NoisyClassifier, UNet
+from guidelab.models import CLASSIFIERS, RUN_KEYS, UNet
 from guidelab.registry import schema_of
 from guidelab.sampling import SAMPLERS
 
@@ -32,8 +32,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's
 
 
 NULL_TYPES = {"labels": Any, "reference_num": Optional[int]}  # keys whose default is null; other nulls: Optional[str]
-NETWORKS = {"model": (UNet, [("name", str, MISSING)]),  # a network group: typed by its network's keyword arguments
-            "classifier": (NoisyClassifier, [("name", str, MISSING), ("noisy", bool, MISSING)])}
+RUN_TYPES = {"name": str, "noisy": bool, "arch": str, "shift": int, "rotate": float, "pgd_eps": float, "pgd_steps": int}
 
 
 def typed(values: dict, name: str, head: tuple = ()) -> type:
@@ -49,13 +48,17 @@ def typed(values: dict, name: str, head: tuple = ()) -> type:
     return make_dataclass(name, fields)
 
 
+def network_schema(cls: type, name: str, head: list) -> type:
+    """A network group's schema: `head` fields, then the network's keyword arguments typed by their annotations."""
+    return schema_of(cls.__init__, name, head, dict(list(inspect.signature(cls).parameters.items())[3:]))
+
+
 def group_schema(group: str):
-    """A group's node type: the registry's or the network's (typed per option elsewhere: Any), else the keys of all
-    its option files (configs/<group>/*.yaml), typed by their values."""
-    if group in NETWORKS:
-        cls, head = NETWORKS[group]
-        return schema_of(cls.__init__, group, head, dict(list(inspect.signature(cls).parameters.items())[3:]))
-    if group in (MODES.group, SAMPLERS.group):
+    """A group's node type: UNet's keyword arguments for `model`; for registries and `classifier`, typed per option
+    elsewhere, Any; else the keys of all its option files (configs/<group>/*.yaml), typed by their values."""
+    if group == "model":
+        return network_schema(UNet, "model", [("name", str, MISSING)])
+    if group in (MODES.group, SAMPLERS.group, "classifier"):
         return Any
     values = {}
     for option in sorted((CONFIG_DIR / group).glob("*.yaml")):
@@ -89,6 +92,11 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
     for registry in (MODES, SAMPLERS):
         for name in registry:
             store.store(group=f"schema/{registry.group}", name=name, node=registry.schema(name))
+    for option in (CONFIG_DIR / "classifier").glob("*.yaml"):  # typed by the network family the option names
+        arch = OmegaConf.load(option).get("arch", "unet_encoder")
+        head = [(k, RUN_TYPES[k], MISSING if k in ("name", "noisy") else v) for k, v in RUN_KEYS.items()]
+        node = network_schema(CLASSIFIERS[arch], f"classifier_{arch}", head) if arch in CLASSIFIERS else Any
+        store.store(group="schema/classifier", name=option.stem, node=node)
     OmegaConf.register_new_resolver("default_model", lambda name: dataset_info(name).default_model, replace=True)
     OmegaConf.register_new_resolver("guidelab_configs", lambda: str(CONFIG_DIR), replace=True)
 

@@ -15,7 +15,11 @@ from guidelab.guidance import MODES
 from guidelab.models import build_classifier, build_unet
 
 TRAIN_HINT = {"diffusion": "python train_diffusion.py", "classifier": "python train_classifier.py",
-              "evaluator": "python train_classifier.py classifier=evaluator"}
+              "clean_classifier": "python train_classifier.py classifier=clean",
+              "evaluator": "python train_classifier.py classifier=evaluator (and classifier=evaluator_vgg seed=1 for "
+                           "the second opinion)"}
+ROLE_NAMES = {"classifier": "a noisy guidance classifier", "clean_classifier": "a clean classifier of the guidance "
+              "family (UNet encoder)", "evaluator": "an evaluator (a clean classifier of another family)"}
 
 
 class Counted:
@@ -44,29 +48,38 @@ def load(path: str | Path, kind: str, device: torch.device):
     except RuntimeError:
         raise GuidelabError(f"the weights in {path} do not fit the network its own config describes; the checkpoint "
                             "was written by another version of guidelab or edited; retrain it") from None
-    return net.to(device).eval(), ckpt
+    return net.to(device).eval().requires_grad_(False), ckpt  # inference only: guidance takes input gradients
 
 
-def _role(run: dict) -> str | None:
-    if "model" in run:
+def role_of(config: dict) -> str | None:
+    """What a run trained: "diffusion", "classifier" (noisy), "clean_classifier" (clean, of the guidance family: the
+    UNet encoder) or "evaluator" (clean, of another family)."""
+    if "model" in config:
         return "diffusion"
-    return None if "classifier" not in run else "classifier" if run["classifier"]["noisy"] else "evaluator"
+    if "classifier" not in config:
+        return None
+    c = config["classifier"]
+    return "classifier" if c["noisy"] else "clean_classifier" if c.get("arch", "unet_encoder") == "unet_encoder" \
+        else "evaluator"
 
 
-def find_latest(root: str | Path, role: str, like: dict | None = None, key: str = "ckpt") -> Path:
+def find_latest(root: str | Path, role: str, like: dict | None = None, key: str = "ckpt", unlike: str | None = None) \
+        -> Path:
     """RUN/checkpoints/last.pt of the newest run (by last.pt's time) under `root` whose RUN/.hydra/config.yaml says it
-    trained a `role` network ("diffusion", "classifier": noisy, "evaluator": clean); with `like` (a diffusion
-    checkpoint's config) only runs on the same dataset and image size (and, for a noisy classifier, schedule)."""
+    trained a `role` network (see role_of); with `like` (a diffusion checkpoint's config) only runs on the same dataset
+    and image size (and, for a noisy classifier, schedule); with `unlike` only classifiers of another arch."""
     runs = []
     for last in Path(root).glob("**/checkpoints/last.pt"):
         cfg_file = last.parents[1] / ".hydra" / "config.yaml"
         run = OmegaConf.to_container(OmegaConf.load(cfg_file)) if cfg_file.is_file() else {}
         same = like is None or (all(run["dataset"][k] == like["dataset"][k] for k in ("name", "image_size"))
                                 and (role != "classifier" or run["diffusion"] == like["diffusion"]))
-        if _role(run) == role and same:
+        other = unlike is None or run.get("classifier", {}).get("arch") != unlike
+        if role_of(run) == role and same and other:
             runs.append((last.stat().st_mtime, str(last)))
     if not runs:
         match = "" if like is None else f" on {like['dataset']['name']} at {like['dataset']['image_size']}px"
+        match += "" if unlike is None else f" of another arch than {unlike}"
         raise GuidelabError(f"{key}=latest found no {role} run{match} under {Path(root).resolve()} (RUN/checkpoints/"
                             f"last.pt with RUN/.hydra/config.yaml); train one with `{TRAIN_HINT[role]}` or pass {key}=PATH")
     return Path(max(runs)[1])
@@ -98,10 +111,10 @@ class Networks:
     unet: Counted
     diffusion: Diffusion  # the model's own T-step process
     train_config: dict  # the UNet's training config (dataset, data_info, model, diffusion)
-    classifier: Counted | None = None
+    classifier: Counted | None = None  # the noisy classifier, or the clean one of guidance=cg_x0
+    classifier_metrics: dict = field(default_factory=dict)  # its held-out accuracy (per quarter of t if noisy)
     guide: Counted | None = None
-    evaluator: torch.nn.Module | None = None
-    evaluator_test_acc: float | None = None  # the judge's own held-out accuracy
+    evaluators: list = field(default_factory=list)  # (network, its checkpoint's config and metrics): primary first
     paths: dict = field(default_factory=dict)  # config key -> the checkpoint path used (`latest` resolved)
 
     def evaluations(self) -> dict:
@@ -111,7 +124,7 @@ class Networks:
 
 
 def for_sampling(cfg, device: torch.device) -> Networks:
-    """The UNet and what the guidance mode needs (noisy classifier, guide), plus the evaluator if asked for."""
+    """The UNet and what the guidance mode needs (noisy or clean classifier, guide), plus the evaluators asked for."""
     needs = MODES.get_entry(cfg.guidance.name).traits["needs"]
     paths = {"ckpt": resolve("ckpt", cfg.ckpt, cfg.runs_root, "diffusion")}
     unet, unet_ckpt = load(paths["ckpt"], "diffusion", device)
@@ -123,38 +136,45 @@ def for_sampling(cfg, device: torch.device) -> Networks:
                                 "earlier checkpoint of the same run (RUN_DIR/checkpoints/0000500.pt)")
         paths["guide_ckpt"] = cfg.guide_ckpt
         nets.guide = Counted(_partner(cfg.guide_ckpt, "guide", unet_ckpt, device)[0])
-    if "classifier" in needs:
-        paths["classifier_ckpt"] = resolve("classifier_ckpt", cfg.classifier_ckpt, cfg.runs_root, "classifier",
-                                           unet_ckpt["config"])
-        nets.classifier = Counted(_partner(paths["classifier_ckpt"], "classifier", unet_ckpt, device)[0])
-    if cfg.evaluator_ckpt:
-        paths["evaluator_ckpt"] = resolve("evaluator_ckpt", cfg.evaluator_ckpt, cfg.runs_root, "evaluator",
-                                          unet_ckpt["config"])
-        nets.evaluator, ev_ckpt = _partner(paths["evaluator_ckpt"], "evaluator", unet_ckpt, device)
-        nets.evaluator_test_acc = ev_ckpt["metrics"].get("test_acc")
+    for role in ("classifier", "clean_classifier"):
+        if role in needs:
+            paths["classifier_ckpt"] = resolve("classifier_ckpt", cfg.classifier_ckpt, cfg.runs_root, role,
+                                               unet_ckpt["config"])
+            net, cls_ckpt = _partner(paths["classifier_ckpt"], role, unet_ckpt, device)
+            nets.classifier, nets.classifier_metrics = Counted(net), cls_ckpt["metrics"]
+    unlike = None
+    for key in ("evaluator_ckpt", "second_evaluator_ckpt"):
+        if not cfg[key]:
+            continue
+        paths[key] = resolve(key, cfg[key], cfg.runs_root, "evaluator", unet_ckpt["config"], unlike)
+        used = [paths.get("classifier_ckpt")] + ([paths["evaluator_ckpt"]] if key == "second_evaluator_ckpt" else [])
+        if paths[key] in used:
+            raise GuidelabError(f"{key} {paths[key]} is already used as another network of this run; each judge must "
+                                "be a network of its own")
+        net, ev_ckpt = _partner(paths[key], "evaluator", unet_ckpt, device)
+        if unlike is not None and ev_ckpt["config"]["classifier"].get("arch") == unlike:
+            raise GuidelabError(f"second_evaluator_ckpt is a {unlike} like the primary evaluator; the second opinion "
+                                "must be of another family (train one with classifier=evaluator_vgg seed=1)")
+        nets.evaluators.append((net, ev_ckpt["config"], ev_ckpt["metrics"]))
+        unlike = ev_ckpt["config"]["classifier"].get("arch")
     return nets
 
 
-WRONG_ROLE = {"classifier": "{} is a clean-image evaluator, not a noisy classifier; train one with "
-                            "`python train_classifier.py classifier=noisy` for guidance",
-              "evaluator": "{} is a noisy guidance classifier; judge samples with a clean-image evaluator "
-                           "(`python train_classifier.py classifier=evaluator`) instead"}
-
-
 def _partner(path: str, role: str, unet_ckpt: dict, device: torch.device):
-    """A network that works with the UNet (guide, noisy classifier, evaluator), checked: the same data, the same noise
-    schedule (guide, classifier), and the right kind of classifier."""
+    """A network that works with the UNet (guide, noisy or clean classifier, evaluator), checked: the same data, the
+    same noise schedule (guide, noisy classifier), and the right kind of classifier."""
     net, ckpt = load(path, "diffusion" if role == "guide" else "classifier", device)
-    check_compatible(unet_ckpt, "diffusion checkpoint", ckpt, role, schedule=role != "evaluator")
-    if role != "guide" and ckpt["config"]["classifier"]["noisy"] != (role == "classifier"):
-        raise GuidelabError(WRONG_ROLE[role].format(path))
+    check_compatible(unet_ckpt, "diffusion checkpoint", ckpt, role, schedule=role in ("guide", "classifier"))
+    if role != "guide" and (found := role_of(ckpt["config"])) != role:
+        raise GuidelabError(f"{path} is {ROLE_NAMES[found]}, but this use needs {ROLE_NAMES[role]}; train one with "
+                            f"`{TRAIN_HINT[role]}`")
     return net, ckpt
 
 
-def resolve(key: str, value: str, root: str, role: str, like: dict | None = None) -> str:
+def resolve(key: str, value: str, root: str, role: str, like: dict | None = None, unlike: str | None = None) -> str:
     """A checkpoint path as given, or for `latest` the newest matching run's (printed)."""
     if value != "latest":
         return value
-    path = str(find_latest(root, role, like, key).resolve())
+    path = str(find_latest(root, role, like, key, unlike).resolve())
     print(f"{key}=latest: {path}")
     return path

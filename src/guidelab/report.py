@@ -26,9 +26,11 @@ from guidelab.guidance import MODES
 from guidelab.images import class_rows, grid, save_png
 
 MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
-COLUMNS = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe",
-           "classifier_nfe", "features", "fid", "is", "precision", "recall", "accuracy", "evaluator_test_acc",
-           "num_samples", "seconds", "seconds_per_sample", "run"]
+COLUMNS = ["guidance", "base", "options", "p_uncond", "classifier", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe",
+           "classifier_nfe", "features", "fid", "is", "precision", "recall", "accuracy", "evaluator", "evaluator_test_acc",
+           "fid_2", "accuracy_2", "evaluator_2", "evaluator_2_test_acc", "disagreement", "num_samples", "seconds",
+           "seconds_per_sample", "run"]
+DISAGREE = 0.03  # rows whose two evaluators' accuracies differ by more are flagged in results.md
 PLOTS = {  # file: (x, y, title)
     "fid_vs_scale.png": ("s", "fid", "FID vs guidance scale"),
     "is_vs_scale.png": ("s", "is", "IS vs guidance scale"),
@@ -75,19 +77,44 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["guidance", "base", "options", "p_uncond", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe",
-            "classifier_nfe", "fid", "is", "precision", "recall", "accuracy", "seconds_per_sample"]
+    cols = ["guidance", "base", "options", "p_uncond", "classifier", "s", "w", "classifier_scale", "sampler", "spacing",
+            "steps", "nfe", "classifier_nfe", "fid", "is", "precision", "recall", "accuracy", "fid_2", "accuracy_2",
+            "disagreement", "seconds_per_sample"]
     cols = [c for c in cols if any(r[c] is not None for r in rows)]
     features = sorted({r["features"] for r in rows if r["features"]})
-    judges = sorted({r["evaluator_test_acc"] for r in rows if r["evaluator_test_acc"] is not None})
     note = (f"FID / IS / precision / recall in **{', '.join(features)}** features"
-            + (" (the codebase's own evaluator: not comparable with literature FIDs)" if "evaluator" in features else "")
+            + (" (the codebase's own evaluators: not comparable with literature FIDs)" if "evaluator" in features else "")
             if features else "no evaluation (run with eval=true evaluator_ckpt=PATH)")
-    if judges:
-        note += f"; accuracy by the evaluator, whose own held-out test accuracy is {', '.join(f'{a:.3f}' for a in judges)}"
-    lines = [note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    for suffix, which in (("", "primary evaluator"), ("_2", "second evaluator (`_2` columns)")):
+        judges = sorted({(r[f"evaluator{suffix}"], r[f"evaluator{suffix}_test_acc"]) for r in rows
+                         if r[f"evaluator{suffix}"] is not None}, key=str)
+        if judges:
+            note += f"; {which}: " + ", ".join(f"{name} (held-out accuracy on real data {_fmt(acc)})"
+                                               for name, acc in judges)
+    guides = {json.dumps(r["classifier_test_acc"]) for r in rows if r.get("classifier_test_acc")}
+    for accs in map(json.loads, sorted(guides)):  # the guidance classifier's own held-out accuracy
+        note += "; guidance classifier held-out accuracy " + ", ".join(
+            f"{a:.2f}" + ("" if t == "clean" else f" at t = {t[1:]}") for t, a in accs.items())
+    flagged = [r for r in rows if r["disagreement"] is not None and abs(r["disagreement"]) > DISAGREE + 1e-9]
+    if any(r["disagreement"] is not None for r in rows):
+        note += (f"; **!** marks the {len(flagged)} rows whose evaluators differ by more than {DISAGREE:.0%} in accuracy"
+                 if flagged else f"; the two evaluators agree within {DISAGREE:.0%} on every row")
+    table = lambda rs: ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(_fmt(r[c]) + (" **!**" if c == "disagreement" and r in flagged else "") for c in cols) + " |"
+        for r in rs]
+    lines = [note, ""] + table(rows)
+    if (best := best_rows(rows)) and len(best) < len(rows):
+        lines += ["", "Each series at its best scale (the highest primary-evaluator accuracy; ties: the lower FID):", ""]
+        lines += table(best)
     return "\n".join(lines)
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per series (see _series) the row of highest primary accuracy, ties broken by the lower FID; [] without
+    accuracies."""
+    scored = {k: [r for r in v if r["accuracy"] is not None] for k, v in _series(rows).items()}
+    return [max(v, key=lambda r: (round(r["accuracy"], 6), -(r["fid"] if r["fid"] is not None else 0)))
+            for v in scored.values() if v]
 
 
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
@@ -96,7 +123,8 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for mode in dict.fromkeys(r["guidance"] for r in rows):
         mode_rows = [r for r in rows if r["guidance"] == mode]
-        varying = [k for k in ("base", "options", "p_uncond", "steps", "classifier_scale", "sampler", "spacing")
+        varying = [k for k in ("base", "options", "p_uncond", "classifier", "steps", "classifier_scale", "sampler",
+                               "spacing")
                    if len({str(r[k]) for r in mode_rows}) > 1]
         for r in mode_rows:
             out.setdefault(" ".join([mode] + [f"{k}={r[k]}" for k in varying]), []).append(r)

@@ -1,7 +1,8 @@
-"""Networks: the class-conditional UNet (eps-prediction) and the time-conditioned classifier.
+"""Networks: the class-conditional UNet (eps-prediction), the time-conditioned classifier and the evaluators.
 
 The builders turn a config group (configs/model/*.yaml, configs/classifier/*.yaml; a DictConfig or a
-plain dict) into a network; in_channels, image_size and num_classes come from the dataset.
+plain dict) into a network; in_channels, image_size and num_classes come from the dataset. A classifier config names
+its family in `arch` (CLASSIFIERS; checkpoints written before there was a choice are `unet_encoder`).
 """
 
 import inspect
@@ -11,14 +12,19 @@ from omegaconf import OmegaConf
 
 from guidelab.errors import GuidelabError
 from guidelab.models.classifier import NoisyClassifier
+from guidelab.models.evaluator import VGG, ResNet
 from guidelab.models.unet import UNet
 
-__all__ = ["UNet", "NoisyClassifier", "build_unet", "build_classifier"]
+__all__ = ["UNet", "NoisyClassifier", "ResNet", "VGG", "CLASSIFIERS", "RUN_KEYS", "build_unet", "build_classifier"]
+CLASSIFIERS = {"unet_encoder": NoisyClassifier, "resnet": ResNet, "vgg": VGG}  # classifier.arch -> network
+RUN_KEYS = {"name": "", "noisy": False, "arch": "unet_encoder",  # classifier keys that describe the run, not the network
+            "shift": 0, "rotate": 0.0, "pgd_eps": 0.0, "pgd_steps": 0}  # (their defaults: see train_classifier.py)
+
 
 def _kwargs(cls: type, cfg: Mapping, group: str) -> dict:
-    """Config keys (but name, noisy: they describe the run) -> constructor keyword arguments (lists as tuples)."""
+    """Config keys (but RUN_KEYS: they describe the run) -> constructor keyword arguments (lists as tuples)."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in ("name", "noisy")}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in RUN_KEYS}
     if unknown := sorted(set(kwargs) - set(list(inspect.signature(cls).parameters)[3:])):
         raise GuidelabError(f"{group} config has unknown keys {unknown} for {cls.__name__}")
     return kwargs
@@ -29,6 +35,11 @@ def build_unet(model_cfg: Mapping, in_channels: int, image_size: int, num_classe
     return UNet(in_channels, image_size, num_classes, **_kwargs(UNet, model_cfg, "model"))
 
 
-def build_classifier(cls_cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> NoisyClassifier:
-    """NoisyClassifier from a `classifier` config group (keys mirror its keyword arguments, plus `name`, `noisy`)."""
-    return NoisyClassifier(in_channels, image_size, num_classes, **_kwargs(NoisyClassifier, cls_cfg, "classifier"))
+def build_classifier(cls_cfg: Mapping, in_channels: int, image_size: int, num_classes: int):
+    """The classifier of family `arch` from a `classifier` config group (its keys mirror the network's keyword arguments,
+    plus RUN_KEYS)."""
+    arch = cls_cfg.get("arch", "unet_encoder")
+    if arch not in CLASSIFIERS:
+        raise GuidelabError(f"unknown classifier.arch '{arch}'; valid: {', '.join(CLASSIFIERS)}")
+    cls = CLASSIFIERS[arch]
+    return cls(in_channels, image_size, num_classes, **_kwargs(cls, cls_cfg, "classifier"))

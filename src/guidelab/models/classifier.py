@@ -67,7 +67,10 @@ class NoisyClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) noised images, t (B,) timesteps (0 for clean images) -> logits (B, num_classes)."""
-        return self.head.proj(self.features(x, t))
+        return self.classify(self.features(x, t))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head.proj(features)
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The penultimate (B, ch) features: the attention-pooled trunk output (the evaluator's FID features)."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval, make_eps_fn,
-                               noise_level, project, rescale_combine, zero_star_scale)
+                               noise_level, project, rescale_combine, x0_classifier_score, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -115,6 +115,9 @@ def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
     ("cfg_interval", {"diffusion": PROCESS, "sigma_lo": 5.0, "sigma_hi": 1.0}, "must be above guidance.sigma_lo"),
     ("cfg", {"phi": 0.5}, "unknown options"),
     ("autoguidance", {}, "guide_ckpt"),
+    ("cg_x0", {"diffusion": PROCESS}, r"needs a clean-image classifier: pass classifier_ckpt=PATH \(train one with "
+                                      "`python train_classifier.py classifier=clean`"),
+    ("cg_x0", {"classifier": ToyClassifier()}, "noise schedule"),
 ])
 def test_bad_guidance_arguments(mode, kwargs, match):
     unet, (x, t, y) = ToyUNet(), _inputs()
@@ -124,7 +127,8 @@ def test_bad_guidance_arguments(mode, kwargs, match):
 
 @pytest.mark.parametrize("mode,scale,match", [("cfg", -1.0, r"scale must be >= 0, got -1; 0 = unconditional"),
                                               ("cfgpp", 2.0, r"scale must be in \[0, 1\], got 2; guidance=cfgpp reads"),
-                                              ("cg", -0.5, "classifier gradient")])
+                                              ("cg", -0.5, "classifier gradient"),
+                                              ("cg_x0", -0.5, r"scale must be >= 0, got -0.5; the classifier gradient")])
 def test_each_mode_checks_its_scale(mode, scale, match):
     with pytest.raises(GuidelabError, match=match):
         make_eps_fn(mode, ToyUNet(), _inputs()[2], scale, classifier=ToyClassifier(), diffusion=PROCESS)
@@ -316,3 +320,96 @@ def test_cfg_zero_star_zeroes_the_first_noise_levels_without_calling_the_network
     assert unet.calls == [2 * len(x)] * 2  # one doubled batch per guided step, none while zeroed
     with pytest.raises(GuidelabError, match="guidance.zero_init_steps must be >= 0, got -1"):
         make_eps_fn("cfg_zero_star", unet, y, 3.0, zero_init_steps=-1)
+
+
+# --- cg_x0: a clean classifier on the denoised estimate, the gradient through the UNet -------------------------------
+
+class TanhUNet(torch.nn.Module):
+    """A double-precision UNet stand-in whose eps is nonlinear in x (a conv through tanh), so that the UNet's Jacobian
+    enters grad_{x_t} log p(y | x0_hat(x_t)); counts calls and batch sizes."""
+
+    null_class = 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, dtype=torch.float64)
+        self.emb = torch.nn.Embedding(4, 1, dtype=torch.float64)
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append(len(x))
+        return torch.tanh(2 * self.conv(x)) + self.emb(y).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1).double() * 1e-3
+
+
+class CleanClassifier(torch.nn.Module):
+    """A small double-precision MLP classifier; records the timesteps it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        self.seen_t = []
+
+    def forward(self, x, t):
+        self.seen_t.append(t)
+        return self.net(x.flatten(1)) + t.double().view(-1, 1) * 1e-2
+
+
+def _x0_inputs():
+    x, _, y = _inputs(4)
+    return x.double(), torch.tensor([10, 100, 250, 400]), y
+
+
+def _log_p_of_x0(unet, clf, x, t, labels, y):
+    """log p(y | x0_hat(x_t)) per sample, x0_hat in double precision from the schedule."""
+    a = ABAR[t].view(-1, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * unet(x, t, labels)) / a.sqrt()
+    return F.log_softmax(clf(x0, torch.zeros_like(t)), -1)[torch.arange(len(y)), y]
+
+
+def test_cg_x0_at_scale_0_is_exactly_the_base_model_in_one_plain_pass():
+    unet, clf, (x, t, y) = ToyUNet(), ToyClassifier(), _inputs()
+    out = make_eps_fn("cg_x0", unet, y, 0.0, classifier=clf, diffusion=PROCESS)(x, t)
+    assert unet.calls == [len(x)] and out.score is None
+    assert torch.equal(out.eps, unet(x, t, torch.full_like(y, 3)))
+    cond = make_eps_fn("cg_x0", unet, y, 0.0, classifier=clf, diffusion=PROCESS, base="cond")(x, t)
+    assert torch.equal(cond.eps, unet(x, t, y)) and cond.score is None
+
+
+def test_cg_x0_score_is_the_finite_difference_gradient_of_log_p_y_given_x0_hat():
+    """score = s * grad_{x_t} log p(y | x0_hat(x_t)), the gradient through the UNet: central differences agree to
+    1e-6 relative, with one UNet call (eps and gradient together), the classifier at t = 0 and nothing left behind."""
+    unet, clf, (x, t, y) = TanhUNet(), CleanClassifier(), _x0_inputs()
+    null = torch.full_like(y, 3)
+    out = make_eps_fn("cg_x0", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
+    assert unet.calls == [len(x)] and all((seen == 0).all() for seen in clf.seen_t)
+    assert torch.equal(out.eps, unet(x, t, null))
+    assert out.eps.grad_fn is None and out.score.grad_fn is None and not x.requires_grad
+    assert not any(p.requires_grad for p in clf.parameters())  # frozen classifier
+    assert all(p.grad is None for p in unet.parameters())  # nothing accumulated in the UNet
+    h, fd = 1e-5, torch.zeros_like(x)
+    for j in range(x[0].numel()):  # samples are independent: one coordinate of every sample at a time
+        step = torch.zeros_like(x).flatten(1)
+        step[:, j] = h
+        step = step.view_as(x)
+        diff = _log_p_of_x0(unet, clf, x + step, t, null, y) - _log_p_of_x0(unet, clf, x - step, t, null, y)
+        fd.flatten(1)[:, j] = diff.detach() / (2 * h)
+    assert ((out.score - 2.0 * fd).abs().max() / (2.0 * fd).abs().max()).item() < 1e-6
+    eps_c, score_c = x0_classifier_score(unet, clf, PROCESS, x, t, y, y)  # base=cond: x0_hat from eps(x_t, y)
+    assert torch.equal(eps_c, unet(x, t, y)) and not torch.allclose(score_c, out.score / 2.0)
+
+
+def test_cg_x0_differs_from_the_classifier_on_x_t_and_a_small_step_raises_log_p_y_given_x0_hat():
+    unet, clf, (x, t, y) = TanhUNet(), CleanClassifier(), _x0_inputs()
+    null = torch.full_like(y, 3)
+    score = make_eps_fn("cg_x0", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t).score
+    on_x_t = 2.0 * classifier_score(clf, x, torch.zeros_like(t), y)
+    assert not torch.allclose(score, on_x_t, rtol=0.1)
+    # with eps held constant the gradient would be grad_x0 log p / sqrt(abar_t): the UNet's Jacobian changes it
+    a = ABAR[t].view(-1, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * unet(x, t, null)) / a.sqrt()
+    constant_eps = 2.0 * classifier_score(clf, x0.detach(), torch.zeros_like(t), y) / a.sqrt()
+    assert not torch.allclose(score, constant_eps, rtol=0.1)
+    before = _log_p_of_x0(unet, clf, x, t, null, y)
+    assert (_log_p_of_x0(unet, clf, x + 1e-4 * score, t, null, y) > before).all()

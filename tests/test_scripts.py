@@ -115,7 +115,7 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
 def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smoke_runs, tmp_path):
     """`python sample.py guidance=MODE sampler=dpmpp_2m` for every mode: one sweep, one row each, with its NFE."""
     sweep = tmp_path / "sweep"
-    modes = [m for m in MODES if m not in ("cfgpp", "autoguidance")]  # those two take other scales or networks: below
+    modes = [m for m in MODES if m not in ("cfgpp", "autoguidance", "cg_x0")]  # other scales or networks: below
     proc = run_script("sample.py", "-m", "experiment=smoke", f"guidance={','.join(modes)}", "sampler=dpmpp_2m",
                       "scale=3", f"ckpt={smoke_runs['diffusion']}", f"classifier_ckpt={smoke_runs['classifier']}",
                       f"evaluator_ckpt={smoke_runs['evaluator']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -133,6 +133,19 @@ def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smok
     assert nfe["cfg_zero_star"] == (2 * 4, 0)  # zero-init: the first of the 5 noise levels costs no network call
     images = {m: np.load(next(sweep.glob(f"*_{m}_s3*/samples.npz")))["images"] for m in modes}
     assert all(not np.array_equal(images["none"], images[m]) for m in modes if m != "none")
+
+
+def test_cg_x0_guides_by_a_clean_classifier_through_the_unet(smoke_runs, tmp_path):
+    """guidance=cg_x0 with `latest`: the clean classifier of the guidance family is found (not the noisy one, not an
+    evaluator); one UNet pass with its input gradient per step, the classifier on every sample of every step."""
+    out = tmp_path / "x0"
+    proc = run_script("sample.py", "experiment=smoke", f"ckpt={smoke_runs['diffusion']}", "guidance=cg_x0", "scale=3",
+                      f"runs_root={smoke_runs['root']}", f"evaluator_ckpt={smoke_runs['evaluator']}", "num_samples=8",
+                      "batch_size=8", "sampler.steps=4", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"classifier_ckpt=latest: {smoke_runs['clean'].resolve()}" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["guidance"], metrics["nfe"], metrics["classifier_nfe"]) == ("cg_x0", 4, 4)
 
 
 def test_autoguidance_with_itself_as_guide_is_the_conditional_model_and_cfgpp_runs(smoke_runs, tmp_path):

@@ -25,7 +25,8 @@ from guidelab.errors import GuidelabError
 from guidelab.registry import Above, OneOf, Range, Registry
 
 CFG_SCALE = Range(0, math.inf, "0 = unconditional, 1 = conditional, > 1 guided (w = s - 1)")
-MODES = Registry("guidance", fixed=("ctx",), needs=(), scale=CFG_SCALE, w=True)  # needs: classifier, guide, diffusion
+MODES = Registry("guidance", fixed=("ctx",), needs=(), scale=CFG_SCALE, w=True)
+# needs: classifier (noisy), clean_classifier (clean, called at t = 0; same slot), guide, diffusion
 BASE = OneOf(("uncond", "cond"), "uncond = eps(x_t, null), cond = eps(x_t, y)")
 CLASSIFIER_SCALE = Range(0, math.inf, "the classifier gradient's weight (Dhariwal & Nichol's s; 0 = off)")
 SIGMA = Range(0, math.inf, "sigma = sqrt((1 - abar_t) / abar_t) >= 0")
@@ -34,7 +35,8 @@ INTERVAL_TOP = Above("sigma_lo", "guidance.sigma_lo=0.28 guidance.sigma_hi=5.42"
 
 class Guided(NamedTuple):
     eps: torch.Tensor  # the (guided) noise prediction; with x0 given, the direction the sampler re-noises along
-    score: torch.Tensor | None = None  # s * grad_x log p(y | x_t), applied by the sampler; None = no classifier term
+    score: torch.Tensor | None = None  # s * grad_x log p(y | x_t) (cg_x0: of log p(y | x0_hat(x_t))), applied by the
+    # sampler; None = no classifier term
     x0: torch.Tensor | None = None  # data prediction replacing the one implied by eps (CFG++); None = from eps
 
 
@@ -116,15 +118,36 @@ def in_interval(abar_t: torch.Tensor, sigma_lo: float, sigma_hi: float) -> torch
     return (sigma > sigma_lo) & (sigma <= sigma_hi)
 
 
+def log_p(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[y] per sample, in float32 at least (half-precision logits are upcast, double kept)."""
+    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return log_probs[torch.arange(len(y), device=y.device), y]
+
+
 def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """grad_{x_t} log p_phi(y | x_t, t) (Dhariwal & Nichol 2021, Sec. 4.1). The gradient is taken with respect to x_t
     only (the classifier's parameters are frozen by `make_eps_fn`) and no graph outlives the call."""
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
-        log_probs = F.log_softmax(classifier(x, t).float(), dim=-1)
-        selected = log_probs[torch.arange(len(y), device=y.device), y]
-        (grad,) = torch.autograd.grad(selected.sum(), x)
+        (grad,) = torch.autograd.grad(log_p(classifier(x, t), y).sum(), x)
     return grad
+
+
+def x0_classifier_score(unet, classifier, diffusion: Diffusion, x_t: torch.Tensor, t: torch.Tensor,
+                        labels: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, grad_{x_t} log p_phi(y | x0_hat(x_t))) for a clean classifier p_phi (trained on clean images, called at
+    t = 0) on the denoised estimate x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps(x_t, labels)) / sqrt(abar_t), the gradient
+    taken through the UNet: Bansal et al. 2023 ("Universal Guidance for Diffusion Models"), Sec. 3.1, forward universal
+    guidance eps_hat = eps + s sqrt(1 - abar_t) grad_{x_t} l(y, phi(x0_hat)) with the cross-entropy l = -log p_phi, i.e.
+    Dhariwal & Nichol's eps correction with grad_{x_t} log p_phi(y | x0_hat(x_t)) in place of the noisy classifier's.
+    One UNet pass gives both; the gradient is taken with respect to x_t only (no parameter gradients accumulate) and
+    no graph outlives the call."""
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        eps = unet(x, t, labels)
+        x0_hat = diffusion.predict_x0(x, t, eps)
+        (grad,) = torch.autograd.grad(log_p(classifier(x0_hat, torch.zeros_like(t)), y).sum(), x)
+    return eps.detach(), grad
 
 
 # ---------------------------------------------------------------- the modes: builders of eps-functions
@@ -189,6 +212,21 @@ def _cg(ctx: Context, base: str = "uncond") -> EpsFn:
     (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2)."""
     labels = ctx.base_labels(base)
     return lambda x, t: Guided(ctx.unet(x, t, labels), ctx.score(x, t, ctx.scale))
+
+
+@MODES.register(needs=("clean_classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE)
+def _cg_x0(ctx: Context, base: str = "uncond") -> EpsFn:
+    """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x0_hat)
+    of a clean classifier on the denoised estimate, through the UNet (`x0_classifier_score`, Bansal et al. 2023's
+    forward universal guidance). One UNet pass per step, with its input gradient; at s = 0 a plain pass."""
+    labels = ctx.base_labels(base)
+
+    def eps_fn(x, t):
+        if ctx.scale == 0:  # exactly the base model: no gradient
+            return Guided(ctx.unet(x, t, labels))
+        eps, grad = x0_classifier_score(ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y)
+        return Guided(eps, ctx.scale * grad)
+    return eps_fn
 
 
 @MODES.register(needs=("classifier",), classifier_scale=Range(0, math.inf, "0 = plain CFG"))
@@ -325,6 +363,8 @@ def _autoguidance(ctx: Context) -> EpsFn:
 
 
 NEEDS = {"classifier": "a noisy classifier: pass classifier_ckpt=PATH (train one with `python train_classifier.py`)",
+         "clean_classifier": "a clean-image classifier: pass classifier_ckpt=PATH (train one with "
+                             "`python train_classifier.py classifier=clean`)",
          "guide": "a guide network: pass guide_ckpt=PATH (a smaller network or an earlier checkpoint of the same "
                   "model, e.g. RUN_DIR/checkpoints/0000500.pt)",
          "diffusion": "the noise schedule: pass diffusion=Diffusion(...)"}
@@ -347,10 +387,10 @@ def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier
     if unknown:
         raise GuidelabError(f"guidance={mode} got unknown options {sorted(unknown)}; see configs/guidance/{mode}.yaml")
     check(mode, scale, params)
-    given = {"classifier": classifier, "guide": guide, "diffusion": diffusion}
+    given = {"classifier": classifier, "clean_classifier": classifier, "guide": guide, "diffusion": diffusion}
     for need in entry.traits["needs"]:
         if given[need] is None:
             raise GuidelabError(f"guidance={mode} needs {NEEDS[need]}")
-    if classifier is not None and "classifier" in entry.traits["needs"]:
+    if classifier is not None and {"classifier", "clean_classifier"} & set(entry.traits["needs"]):
         classifier.requires_grad_(False)
     return entry.fn(Context(unet, y, float(scale), classifier, diffusion, guide), **params)

@@ -38,3 +38,4 @@ def test_best_rows_and_the_flag_where_the_two_evaluators_disagree():
     assert "**!** marks the 1 rows whose evaluators differ by more than 3%" in md
     assert md.count("**!**") == 2 and "| 0.1 **!** |" in md  # the note, and the cg s = 3 row only
     assert "Each series at its best scale" in md and md.count("\n| cfg |") == 4
+    assert md.startswith("accuracy only; FID / IS / precision / recall need eval=true")

@@ -84,7 +84,8 @@ def markdown(rows: list[dict]) -> str:
     features = sorted({r["features"] for r in rows if r["features"]})
     note = (f"FID / IS / precision / recall in **{', '.join(features)}** features"
             + (" (the codebase's own evaluators: not comparable with literature FIDs)" if "evaluator" in features else "")
-            if features else "no evaluation (run with eval=true evaluator_ckpt=PATH)")
+            if features else "accuracy only; FID / IS / precision / recall need eval=true"
+            if any(r["accuracy"] is not None for r in rows) else "no evaluation (run with eval=true evaluator_ckpt=PATH)")
     for suffix, which in (("", "primary evaluator"), ("_2", "second evaluator (`_2` columns)")):
         judges = sorted({(r[f"evaluator{suffix}"], r[f"evaluator{suffix}_test_acc"]) for r in rows
                          if r[f"evaluator{suffix}"] is not None}, key=str)

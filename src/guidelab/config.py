@@ -32,7 +32,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's
 
 
 NULL_TYPES = {"labels": Any, "reference_num": Optional[int]}  # keys whose default is null; other nulls: Optional[str]
-RUN_TYPES = {"name": str, "noisy": bool, "arch": str, "shift": int, "rotate": float, "pgd_eps": float, "pgd_steps": int}
 
 
 def typed(values: dict, name: str, head: tuple = ()) -> type:
@@ -94,7 +93,7 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
             store.store(group=f"schema/{registry.group}", name=name, node=registry.schema(name))
     for option in (CONFIG_DIR / "classifier").glob("*.yaml"):  # typed by the network family the option names
         arch = OmegaConf.load(option).get("arch", "unet_encoder")
-        head = [(k, RUN_TYPES[k], MISSING if k in ("name", "noisy") else v) for k, v in RUN_KEYS.items()]
+        head = [(k, type(v), MISSING if k in ("name", "noisy") else v) for k, v in RUN_KEYS.items()]  # typed by defaults
         node = network_schema(CLASSIFIERS[arch], f"classifier_{arch}", head) if arch in CLASSIFIERS else Any
         store.store(group="schema/classifier", name=option.stem, node=node)
     OmegaConf.register_new_resolver("default_model", lambda name: dataset_info(name).default_model, replace=True)

@@ -246,7 +246,8 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
         images, labels = _samples(r)
         strips.append(grid([np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_row=1))], pad=1))
     h, w = strips[0].shape[:2]
-    fig_w, label_w = 8.0, 1.6  # inches; the left margin holds the row labels
+    longest = max(len(f"{label[id(r)]}  s={r['s']:g}") for r in rows)
+    fig_w, label_w = 8.0, max(1.6, 0.075 * longest)  # inches; the left margin holds the row labels, 9 pt ~ 0.075 in/char
     fig_h = len(strips) * (fig_w - label_w) * h / w * 1.04 + 0.35
     fig, axes = plt.subplots(len(strips), 1, figsize=(fig_w, fig_h), squeeze=False)
     fig.subplots_adjust(left=label_w / fig_w, right=0.99, top=1 - 0.3 / fig_h, bottom=0.01, hspace=0.08)

@@ -30,15 +30,19 @@ sweep() {
 train_guidance_set() {
   train train_diffusion.py diffusion
   train train_classifier.py classifier
-  train_evaluators train.steps=2000  # 2.1 epochs of Fashion-MNIST (the preset's 800 steps give a weaker judge)
+  train_evaluators
   NETS=(ckpt="$OUT/diffusion/checkpoints/last.pt" classifier_ckpt="$OUT/classifier/checkpoints/last.pt" "${EVALS[@]}")
 }
+
+# The judges' recipe on Fashion-MNIST at 16x16: 6,000 steps of 128 (12.8 epochs), 1-pixel shifts, no rotation (garments
+# are upright and centred; the digits' 10 degrees and 2 pixels cost 4 points here). Held-out: ResNet 91.9%.
+JUDGE=(train.steps=6000 train.batch_size=128 classifier.shift=1 classifier.rotate=0)
 
 # train_evaluators [overrides...]: the two judges into $OUT/{evaluator,evaluator_vgg}; EVALS holds their sample.py
 # overrides
 train_evaluators() {
-  train train_classifier.py evaluator classifier=evaluator "$@"
-  train train_classifier.py evaluator_vgg classifier=evaluator_vgg seed=1 "$@"
+  train train_classifier.py evaluator classifier=evaluator "${JUDGE[@]}" "$@"
+  train train_classifier.py evaluator_vgg classifier=evaluator_vgg seed=1 "${JUDGE[@]}" "$@"
   EVALS=(evaluator_ckpt="$OUT/evaluator/checkpoints/last.pt"
          second_evaluator_ckpt="$OUT/evaluator_vgg/checkpoints/last.pt")
 }

@@ -110,6 +110,21 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
     # the report command rebuilds the same table by hand
     report = subprocess.run([sys.executable, "-m", "guidelab.report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0 and (sweep / "results.md").read_text() == md, report.stderr
+    # a second run, the scales in the other order: cfg s = 3 is job 1 above and job 0 here, and every printed metric
+    # (IS's seeded splits included) and every sample comes out the same
+    again = tmp_path / "again"
+    proc = run_script("sample.py", "-m", "experiment=smoke", "guidance=cfg", "scale=3,0", "eval=true",
+                      "eval.num_samples=40", "batch_size=40", "metrics.is_splits=2", f"metrics.cache_dir={cache}",
+                      f"ckpt={smoke_runs['diffusion']}", f"evaluator_ckpt={smoke_runs['evaluator']}",
+                      f"second_evaluator_ckpt={smoke_runs['evaluator2']}", f"hydra.sweep.dir={again}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job1,), (job0,) = sweep.glob("*_cfg_s3*"), again.glob("*_cfg_s3*")
+    assert (job1.name[0], job0.name[0]) == ("1", "0")
+    first, second = (json.loads((job / "metrics.json").read_text()) for job in (job1, job0))
+    assert (first["guidance"], first["scale"], second["guidance"], second["scale"]) == ("cfg", 3.0, "cfg", 3.0)
+    for key in ("fid", "is", "precision", "recall", "accuracy", "fid_2", "accuracy_2", "accuracy_per_class"):
+        assert first[key] == second[key], key
+    assert np.array_equal(np.load(job1 / "samples.npz")["images"], np.load(job0 / "samples.npz")["images"])
 
 
 def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smoke_runs, tmp_path):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval, make_eps_fn,
-                               noise_level, project, rescale_combine, x0_classifier_score, zero_star_scale)
+                               noise_level, project, rescale_combine, tangential_uncond, x0_classifier_score,
+                               zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -413,3 +414,31 @@ def test_cg_x0_differs_from_the_classifier_on_x_t_and_a_small_step_raises_log_p_
     assert not torch.allclose(score, constant_eps, rtol=0.1)
     before = _log_p_of_x0(unet, clf, x, t, null, y)
     assert (_log_p_of_x0(unet, clf, x + 1e-4 * score, t, null, y) > before).all()
+
+
+# --- tcfg: the unconditional prediction without its tangential part --------------------------------------------------
+
+def test_tangential_uncond_keeps_the_shared_direction_and_leaves_parallel_predictions_alone():
+    """The projection lies on the top right singular vector of [eps_c; eps_u] (the best rank-one fit of the pair) and
+    returns eps_u itself when eps_u is a multiple of eps_c (TCFG is then plain CFG)."""
+    torch.manual_seed(0)
+    eps_u, eps_c = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
+    out = tangential_uncond(eps_u, eps_c)
+    for i in range(4):
+        v1 = torch.linalg.svd(torch.stack([eps_c[i].flatten(), eps_u[i].flatten()])).Vh[0]
+        assert torch.allclose(out[i].flatten(), (eps_u[i].flatten() @ v1) * v1, atol=1e-5)
+        assert torch.linalg.matrix_rank(torch.stack([out[i].flatten(), v1])) == 1
+    assert not torch.allclose(out, eps_u, atol=1e-3)
+    parallel = -0.7 * eps_c
+    assert torch.allclose(tangential_uncond(parallel, eps_c), parallel, atol=1e-6)
+
+
+def test_tcfg_is_cfg_on_the_projected_unconditional_prediction():
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
+    unet.calls.clear()
+    out = make_eps_fn("tcfg", unet, y, 3.0)(x, t).eps
+    assert unet.calls == [2 * len(x)]  # one doubled batch
+    assert torch.allclose(out, cfg_combine(tangential_uncond(eps_u, eps_c), eps_c, 3.0), atol=1e-6)
+    assert not torch.allclose(out, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
+    assert torch.equal(make_eps_fn("tcfg", unet, y, 1.0)(x, t).eps, eps_c)

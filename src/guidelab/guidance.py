@@ -104,6 +104,17 @@ def zero_star_scale(eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.T
     return ((u * c).sum(1) / (u * u).sum(1).clamp(min=1e-12)).view(-1, *[1] * (eps_cond.dim() - 1)).to(eps_cond.dtype)
 
 
+def tangential_uncond(eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
+    """TCFG's filtered unconditional prediction, Kwon et al. 2025 ("TCFG: Tangential Damping Classifier-free
+    Guidance", arXiv 2503.18137), Sec. 3: per sample, the SVD of the 2 x D matrix [eps_c; eps_u] gives the top right
+    singular vector v1 (the direction both predictions share); eps_u is replaced by its projection (<eps_u, v1>) v1, which
+    drops its tangential part. Parallel predictions are rank one: eps_u is returned unchanged (TCFG is then CFG)."""
+    pair = torch.stack([eps_cond.flatten(1), eps_uncond.flatten(1)], 1).double()  # (B, 2, D)
+    v1 = torch.linalg.svd(pair, full_matrices=False).Vh[:, 0]  # (B, D), unit norm; its sign does not matter below
+    u = eps_uncond.flatten(1).double()
+    return ((u * v1).sum(1, keepdim=True) * v1).view_as(eps_uncond).to(eps_uncond.dtype)
+
+
 def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
     """sigma = sqrt((1 - abar_t) / abar_t): the noise-to-signal ratio, the EDM sigma of x_t / sqrt(abar_t)
     (Karras et al. 2022, Sec. 2), in which Kynkaanniemi et al. 2024 state their guidance interval."""
@@ -330,6 +341,18 @@ def _cfg_zero_star(ctx: Context, zero_init_steps: int = 1) -> EpsFn:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(cfg_combine(zero_star_scale(eps_u, eps_c) * eps_u, eps_c, ctx.scale))
+    return eps_fn
+
+
+@MODES.register()
+def _tcfg(ctx: Context) -> EpsFn:
+    """Tangential CFG, Kwon et al. 2025 (arXiv 2503.18137): CFG with eps_u replaced by `tangential_uncond`, its projection
+    on the top singular direction of [eps_c, eps_u]: eps = eps_u' + s (eps_c - eps_u'). s = 1 is the conditional model."""
+    def eps_fn(x, t):
+        if ctx.scale == 1:
+            return Guided(ctx.unet(x, t, ctx.y))
+        eps_u, eps_c = ctx.pair(x, t)
+        return Guided(cfg_combine(tangential_uncond(eps_u, eps_c), eps_c, ctx.scale))
     return eps_fn
 
 

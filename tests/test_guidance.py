@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
-from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval, make_eps_fn,
-                               noise_level, project, rescale_combine, tangential_uncond, x0_classifier_score,
-                               zero_star_scale)
+from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval, magnitude_scale,
+                               make_eps_fn, noise_level, project, rescale_combine, tangential_uncond,
+                               x0_classifier_score, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -442,3 +442,29 @@ def test_tcfg_is_cfg_on_the_projected_unconditional_prediction():
     assert torch.allclose(out, cfg_combine(tangential_uncond(eps_u, eps_c), eps_c, 3.0), atol=1e-6)
     assert not torch.allclose(out, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
     assert torch.equal(make_eps_fn("tcfg", unet, y, 1.0)(x, t).eps, eps_c)
+
+
+# --- mambo: the CFG weight damped by the update's relative size ------------------------------------------------------
+
+def test_magnitude_scale_is_w_at_alpha_0_and_damps_large_updates_more():
+    torch.manual_seed(0)
+    eps_u = torch.randn(3, 1, 4, 4)
+    eps_c = eps_u + torch.tensor([0.01, 0.3, 3.0]).view(3, 1, 1, 1) * torch.randn(3, 1, 4, 4)
+    assert torch.equal(magnitude_scale(eps_u, eps_c, 4.0, 0.0), torch.full((3, 1, 1, 1), 4.0))
+    w = magnitude_scale(eps_u, eps_c, 4.0, 2.0).flatten()
+    r = (eps_c - eps_u).flatten(1).norm(dim=1) / eps_u.flatten(1).norm(dim=1)
+    assert torch.allclose(w, 1 + 3 * torch.exp(-2 * r), atol=1e-6)
+    assert 4.0 > w[0] > w[1] > w[2] > 1.0  # the larger the update relative to eps_u, the nearer to the conditional model
+
+
+def test_mambo_is_cfg_at_alpha_0_and_damped_cfg_otherwise():
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
+    cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
+    assert torch.allclose(make_eps_fn("mambo", unet, y, 3.0, alpha=0.0)(x, t).eps, cfg, atol=1e-6)
+    out = make_eps_fn("mambo", unet, y, 3.0, alpha=5.0)(x, t).eps
+    assert torch.allclose(out, eps_u + magnitude_scale(eps_u, eps_c, 3.0, 5.0) * (eps_c - eps_u), atol=1e-6)
+    assert (out - eps_c).norm() < (cfg - eps_c).norm()  # damped: between the conditional model and CFG
+    assert torch.equal(make_eps_fn("mambo", unet, y, 1.0)(x, t).eps, eps_c)
+    with pytest.raises(GuidelabError, match="guidance.alpha must be >= 0, got -1"):
+        make_eps_fn("mambo", unet, y, 3.0, alpha=-1.0)

@@ -115,6 +115,15 @@ def tangential_uncond(eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch
     return ((u * v1).sum(1, keepdim=True) * v1).view_as(eps_uncond).to(eps_uncond.dtype)
 
 
+def magnitude_scale(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float, alpha: float) -> torch.Tensor:
+    """MAMBO-G's damped weight, Zhu et al. 2025 ("MAMBO-G: Magnitude-Aware Mitigation for Boosted Guidance", arXiv
+    2508.03442): w(r) = 1 + (w - 1) exp(-alpha r) with r = ||eps_c - eps_u|| / ||eps_u|| per sample, the guidance
+    update's size relative to the prediction (the paper states it on flow velocities; here on eps). alpha = 0 is w."""
+    r = _per_sample(torch.linalg.vector_norm, eps_cond - eps_uncond) / _per_sample(
+        torch.linalg.vector_norm, eps_uncond).clamp(min=1e-12)
+    return 1 + (scale - 1) * torch.exp(-alpha * r)
+
+
 def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
     """sigma = sqrt((1 - abar_t) / abar_t): the noise-to-signal ratio, the EDM sigma of x_t / sqrt(abar_t)
     (Karras et al. 2022, Sec. 2), in which Kynkaanniemi et al. 2024 state their guidance interval."""
@@ -353,6 +362,18 @@ def _tcfg(ctx: Context) -> EpsFn:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(cfg_combine(tangential_uncond(eps_u, eps_c), eps_c, ctx.scale))
+    return eps_fn
+
+
+@MODES.register(alpha=Range(0, math.inf, "0 = plain CFG; larger damps more where the update is large"))
+def _mambo(ctx: Context, alpha: float = 8.0) -> EpsFn:
+    """MAMBO-G (arXiv 2508.03442): CFG whose weight is damped per sample by `magnitude_scale`,
+    eps = eps_u + w(r) (eps_c - eps_u), w(r) = 1 + (s - 1) exp(-alpha r); alpha = 0 is CFG, s = 1 the conditional model."""
+    def eps_fn(x, t):
+        if ctx.scale == 1:
+            return Guided(ctx.unet(x, t, ctx.y))
+        eps_u, eps_c = ctx.pair(x, t)
+        return Guided(torch.lerp(eps_u, eps_c, magnitude_scale(eps_u, eps_c, ctx.scale, alpha)))
     return eps_fn
 
 

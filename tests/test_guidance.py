@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
-from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval, magnitude_scale,
-                               make_eps_fn, noise_level, project, rescale_combine, tangential_uncond,
-                               x0_classifier_score, zero_star_scale)
+from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval,
+                               independent_classes, magnitude_scale, make_eps_fn, noise_level, project,
+                               rescale_combine, tangential_uncond, x0_classifier_score, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -468,3 +468,32 @@ def test_mambo_is_cfg_at_alpha_0_and_damped_cfg_otherwise():
     assert torch.equal(make_eps_fn("mambo", unet, y, 1.0)(x, t).eps, eps_c)
     with pytest.raises(GuidelabError, match="guidance.alpha must be >= 0, got -1"):
         make_eps_fn("mambo", unet, y, 3.0, alpha=-1.0)
+
+
+# --- icg: an independent random class in place of the null class -----------------------------------------------------
+
+def test_icg_is_cfg_when_the_independent_class_is_the_null_class(monkeypatch):
+    import guidelab.guidance as guidance
+
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    monkeypatch.setattr(guidance, "independent_classes", lambda y, k, g: torch.full_like(y, unet.null_class))
+    assert torch.equal(make_eps_fn("icg", unet, y, 3.0)(x, t).eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps)
+
+
+def test_icg_draws_real_classes_independent_of_y_per_call_reproducibly():
+    unet, (x, t, y) = ToyUNet(), _inputs(b=400)
+    y = torch.zeros_like(y)  # every sample asks for class 0; the independent classes must not follow
+    gen = torch.Generator().manual_seed(7)
+    draws = torch.stack([independent_classes(y, 3, gen) for _ in range(5)])
+    assert set(draws.unique().tolist()) == {0, 1, 2}  # the K = 3 real classes, never the null class 3
+    assert (draws[0] != draws[1]).any() and abs((draws == 0).float().mean() - 1 / 3) < 0.05
+    # the mode: eps(x_t, c) + s (eps(x_t, y) - eps(x_t, c)) with c from its own seeded generator, one doubled batch
+    gen = torch.Generator().manual_seed(5)
+    first, second = independent_classes(y, 3, gen), independent_classes(y, 3, gen)
+    eps_fn = make_eps_fn("icg", unet, y, 2.0, seed=5)
+    for c in (first, second):
+        unet.calls.clear()
+        expected = cfg_combine(unet(x, t, c), unet(x, t, y), 2.0)
+        unet.calls.clear()
+        assert torch.allclose(eps_fn(x, t).eps, expected, atol=1e-6) and unet.calls == [2 * len(x)]
+    assert torch.equal(make_eps_fn("icg", unet, y, 1.0)(x, t).eps, unet(x, t, y))

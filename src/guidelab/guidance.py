@@ -124,6 +124,14 @@ def magnitude_scale(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: flo
     return 1 + (scale - 1) * torch.exp(-alpha * r)
 
 
+def independent_classes(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """ICG's condition, Sadat et al. 2025 ("No Training, No Problem: Rethinking Classifier-Free Guidance for Diffusion
+    Models", arXiv 2407.02687), Sec. 4: a class drawn uniformly from the K real classes for each sample, independent of
+    y and of x_t, so that E over it of p(x_t | c) is p(x_t) and eps(x_t, c) stands in for the unconditional model.
+    Drawn on the CPU by `generator` (the sampler's noise stream stays untouched), then moved to y's device."""
+    return torch.randint(0, num_classes, tuple(y.shape), generator=generator).to(y.device)
+
+
 def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
     """sigma = sqrt((1 - abar_t) / abar_t): the noise-to-signal ratio, the EDM sigma of x_t / sqrt(abar_t)
     (Karras et al. 2022, Sec. 2), in which Kynkaanniemi et al. 2024 state their guidance interval."""
@@ -374,6 +382,23 @@ def _mambo(ctx: Context, alpha: float = 8.0) -> EpsFn:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(torch.lerp(eps_u, eps_c, magnitude_scale(eps_u, eps_c, ctx.scale, alpha)))
+    return eps_fn
+
+
+@MODES.register(seed=Range(0, 2**63 - 1, "seeds the independent classes' own generator"))
+def _icg(ctx: Context, seed: int = 0) -> EpsFn:
+    """Independent condition guidance (Sadat et al. 2025, Sec. 4): CFG with the unconditional prediction replaced by
+    eps(x_t, c) of an independent random class c (`independent_classes`, drawn anew at every call):
+    eps = eps(x_t, c) + s (eps(x_t, y) - eps(x_t, c)), both as one doubled batch. It never uses the null class, so it
+    guides a model trained without label dropout (model.p_uncond=0). s = 1 is the conditional model."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def eps_fn(x, t):
+        if ctx.scale == 1:
+            return Guided(ctx.unet(x, t, ctx.y))
+        other = independent_classes(ctx.y, ctx.unet.null_class, generator)
+        eps_cond, eps_other = ctx.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx.y, other])).chunk(2)
+        return Guided(cfg_combine(eps_other, eps_cond, ctx.scale))
     return eps_fn
 
 

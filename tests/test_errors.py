@@ -25,7 +25,7 @@ def _sample(runs, tmp_path, *overrides):
 @pytest.mark.parametrize("script,override,fragments", [
     ("train_diffusion.py", "dataset=imagenet", ["unknown dataset 'imagenet'", "cifar10, fashion_mnist, mnist, mnist5k"]),
     ("train_classifier.py", "dataset=svhn", ["unknown dataset 'svhn'", "procedural"]),
-    ("sample.py", "guidance=pag", ["unknown guidance 'pag'", ", ".join(sorted(MODES))]),
+    ("sample.py", "guidance=pagx", ["unknown guidance 'pagx'", ", ".join(sorted(MODES))]),
     ("sample.py", "sampler=euler", ["unknown sampler 'euler'", ", ".join(sorted(SAMPLERS))]),
     ("train_diffusion.py", "model=unet_huge", ["unknown model 'unet_huge'", "unet16, unet_cifar, unet_small, unet_tiny"]),
     ("sample.py", "experiment=fmnist16", ["unknown experiment 'fmnist16'", "cg_vs_cfg, demo", "configs/sample/experiment"]),
@@ -39,7 +39,7 @@ def test_unknown_group_option_lists_the_valid_ones(script, override, fragments):
 
 
 def test_a_bad_command_line_through_the_real_script_writes_nothing(tmp_path):
-    for override, fragment in (("guidance=pag", "unknown guidance 'pag'"), ("scale=x=1", "malformed override"),
+    for override, fragment in (("guidance=pagx", "unknown guidance 'pagx'"), ("scale=x=1", "malformed override"),
                                ("seed=abc", "could not be converted to Integer")):
         proc = run_script("sample.py", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
         assert_one_line_error(proc, fragment)

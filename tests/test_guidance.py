@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
-from guidelab.guidance import (apg_combine, cfg_combine, classifier_score, dynamic_threshold, in_interval,
-                               independent_classes, magnitude_scale, make_eps_fn, noise_level, project,
-                               rescale_combine, tangential_uncond, x0_classifier_score, zero_star_scale)
+from guidelab.guidance import (apg_combine, attention_blocks, attention_replaced, cfg_combine, classifier_score,
+                               dynamic_threshold, identity_attention, in_interval, independent_classes, magnitude_scale,
+                               make_eps_fn, noise_level, project, rescale_combine, tangential_uncond,
+                               x0_classifier_score, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -497,3 +498,51 @@ def test_icg_draws_real_classes_independent_of_y_per_call_reproducibly():
         unet.calls.clear()
         assert torch.allclose(eps_fn(x, t).eps, expected, atol=1e-6) and unet.calls == [2 * len(x)]
     assert torch.equal(make_eps_fn("icg", unet, y, 1.0)(x, t).eps, unet(x, t, y))
+
+
+# --- pag: the guiding pass with identity self-attention ---------------------------------------------------------------
+
+def _small_unet(attn_resolutions=()):
+    """A real UNet with random weights everywhere (its zero-initialised output and attention projections too)."""
+    from guidelab.models import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(1, 8, 3, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=attn_resolutions,
+                dropout=0.0, num_heads=2).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    return unet
+
+
+def test_identity_attention_is_softmax_attention_with_the_identity_map():
+    """The hook gives what softmax attention gives when each position may attend only to itself (an identity attention
+    map); unset, the block is softmax attention again, bit for bit."""
+    block = _small_unet().encoder.mid[1]
+    x = torch.randn(2, 16, 4, 4)
+    before = block(x)
+    block.attention = lambda q, k, v, size: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.eye(16).bool())
+    masked = block(x)
+    block.attention = identity_attention
+    assert torch.allclose(block(x), masked, atol=1e-6) and not torch.allclose(masked, before, atol=1e-3)
+    block.attention = None
+    assert torch.equal(block(x), before)
+
+
+def test_pag_is_cfg_between_the_conditional_and_the_perturbed_pass_and_no_layers_is_the_conditional_model():
+    unet = _small_unet(attn_resolutions=(4,))
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        eps_c = unet(x, t, y)
+        blocks = attention_blocks(unet, ["encoder.mid.1", "up.0.1.1"])
+        with attention_replaced(blocks, identity_attention):
+            eps_pert = unet(x, t, y)
+        assert all(b.attention is None for b in blocks.values())  # restored after the guiding pass
+        out = make_eps_fn("pag", unet, y, 2.5, layers=["encoder.mid.1", "up.0.1.1"])(x, t).eps
+        assert torch.allclose(out, cfg_combine(eps_pert, eps_c, 2.5), atol=1e-6)
+        assert (eps_pert - eps_c).abs().max() > 1e-3
+        assert torch.equal(make_eps_fn("pag", unet, y, 2.5, layers=[])(x, t).eps, eps_c)
+        assert torch.equal(make_eps_fn("pag", unet, y, 1.0)(x, t).eps, eps_c)
+    with pytest.raises(GuidelabError, match=r"guidance.layers \['mid'\] are not attention blocks of this UNet; its "
+                                            r"attention blocks: encoder.blocks.2.1, encoder.mid.1, up.0.0.1, up.0.1.1$"):
+        make_eps_fn("pag", unet, y, 2.5, layers=["mid"])

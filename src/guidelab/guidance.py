@@ -14,6 +14,7 @@ denoised image get x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) at the model
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from guidelab.diffusion import Diffusion, _gather
 from guidelab.errors import GuidelabError
+from guidelab.models.layers import AttentionBlock
 from guidelab.registry import Above, OneOf, Range, Registry
 
 CFG_SCALE = Range(0, math.inf, "0 = unconditional, 1 = conditional, > 1 guided (w = s - 1)")
@@ -130,6 +132,36 @@ def independent_classes(y: torch.Tensor, num_classes: int, generator: torch.Gene
     y and of x_t, so that E over it of p(x_t | c) is p(x_t) and eps(x_t, c) stands in for the unconditional model.
     Drawn on the CPU by `generator` (the sampler's noise stream stays untouched), then moved to y's device."""
     return torch.randint(0, num_classes, tuple(y.shape), generator=generator).to(y.device)
+
+
+def identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """PAG's perturbed self-attention, Ahn et al. 2024 ("Self-Rectifying Diffusion Sampling with Perturbed-Attention
+    Guidance", arXiv 2403.17377), Sec. 3.2: the attention map replaced by the identity, softmax(Q K^T / sqrt(d)) -> I,
+    so each position keeps its own value, Attn(Q, K, V) = V: the structure the layer would mix in is gone."""
+    return v
+
+
+def attention_blocks(unet, names) -> dict[str, torch.nn.Module]:
+    """The UNet's self-attention blocks named in `names` (their module paths, e.g. encoder.mid.1; a compiled UNet's
+    `_orig_mod.` prefix left out)."""
+    blocks = {name.removeprefix("_orig_mod."): m for name, m in unet.named_modules() if isinstance(m, AttentionBlock)}
+    unknown = [n for n in names if n not in blocks]
+    if unknown:
+        raise GuidelabError(f"guidance.layers {unknown} are not attention blocks of this UNet; its attention blocks: "
+                            f"{', '.join(blocks) or 'none'}")
+    return {n: blocks[n] for n in names}
+
+
+@contextmanager
+def attention_replaced(blocks: dict, attention):
+    """Within the block, the chosen attention blocks use `attention` instead of softmax attention; restored after."""
+    for block in blocks.values():
+        block.attention = attention
+    try:
+        yield
+    finally:
+        for block in blocks.values():
+            block.attention = None
 
 
 def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
@@ -399,6 +431,24 @@ def _icg(ctx: Context, seed: int = 0) -> EpsFn:
         other = independent_classes(ctx.y, ctx.unet.null_class, generator)
         eps_cond, eps_other = ctx.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx.y, other])).chunk(2)
         return Guided(cfg_combine(eps_other, eps_cond, ctx.scale))
+    return eps_fn
+
+
+@MODES.register()
+def _pag(ctx: Context, layers: tuple = ("encoder.mid.1",)) -> EpsFn:
+    """Perturbed-attention guidance (Ahn et al. 2024, Eq. 9 in this codebase's CFG form): the guiding prediction is the
+    conditional model with the self-attention of the blocks named in `layers` replaced by `identity_attention`:
+    eps = eps_pert + s (eps_c - eps_pert) (PAG's scale is s - 1). No null class is used. With no layers chosen, or
+    s = 1, it is the conditional model."""
+    blocks = attention_blocks(ctx.unet, layers)
+
+    def eps_fn(x, t):
+        eps_c = ctx.unet(x, t, ctx.y)
+        if ctx.scale == 1 or not blocks:
+            return Guided(eps_c)
+        with attention_replaced(blocks, identity_attention):
+            eps_pert = ctx.unet(x, t, ctx.y)
+        return Guided(cfg_combine(eps_pert, eps_c, ctx.scale))
     return eps_fn
 
 

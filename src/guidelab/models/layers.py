@@ -98,11 +98,17 @@ class AttentionBlock(nn.Module):
         self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_module(nn.Conv2d(ch, ch, 1))
+        # the hook of attention-perturbing guidance (PAG, SEG): (q, k, v, (height, width)) -> the attended values,
+        # used instead of softmax attention while set; None (always, outside their guiding pass) costs nothing
+        self.attention = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (n m d) h w -> n b m (h w) d", n=3, m=self.num_heads)
-        h = F.scaled_dot_product_attention(q, k, v)
+        if self.attention is None:
+            h = F.scaled_dot_product_attention(q, k, v)
+        else:
+            h = self.attention(q, k, v, (height, width))
         h = rearrange(h, "b m (h w) d -> b (m d) h w", h=height, w=width)
         return x + self.proj(h)
 

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
-from guidelab.guidance import (apg_combine, attention_blocks, attention_replaced, cfg_combine, classifier_score,
-                               dynamic_threshold, identity_attention, in_interval, independent_classes, magnitude_scale,
-                               make_eps_fn, noise_level, project, rescale_combine, tangential_uncond,
-                               x0_classifier_score, zero_star_scale)
+from guidelab.guidance import (apg_combine, attention_blocks, attention_replaced, blurred_query_attention, cfg_combine,
+                               classifier_score, dynamic_threshold, identity_attention, in_interval,
+                               independent_classes, magnitude_scale, make_eps_fn, noise_level, project,
+                               rescale_combine, tangential_uncond, x0_classifier_score, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -546,3 +546,48 @@ def test_pag_is_cfg_between_the_conditional_and_the_perturbed_pass_and_no_layers
     with pytest.raises(GuidelabError, match=r"guidance.layers \['mid'\] are not attention blocks of this UNet; its "
                                             r"attention blocks: encoder.blocks.2.1, encoder.mid.1, up.0.0.1, up.0.1.1$"):
         make_eps_fn("pag", unet, y, 2.5, layers=["mid"])
+
+
+# --- seg: the guiding pass with blurred attention queries -------------------------------------------------------------
+
+def test_blurred_query_attention_is_a_normalised_gaussian_blur_of_the_queries(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 12, 4).unbind(0)  # (B=2, heads=2, 3x4 positions, d=4)
+    plain = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(blurred_query_attention(0.0)(q, k, v, (3, 4)), plain)
+    # sigma = 1: the query at (1, 2) is the Gaussian-weighted mean of the grid's queries, weights normalised
+    grid = q.unflatten(2, (3, 4))
+    ii, jj = torch.meshgrid(torch.arange(3.0), torch.arange(4.0), indexing="ij")
+    w = torch.exp(-((ii - 1) ** 2 + (jj - 2) ** 2) / 2)
+    blurred_12 = (grid * (w / w.sum())[None, None, :, :, None]).sum((2, 3))
+    captured, sdpa = {}, F.scaled_dot_product_attention
+
+    def spy(query, key, value):
+        captured["q"] = query
+        return sdpa(query, key, value)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    blurred_query_attention(1.0)(q, k, v, (3, 4))
+    monkeypatch.undo()
+    assert torch.allclose(captured["q"].unflatten(2, (3, 4))[:, :, 1, 2], blurred_12, atol=1e-6)
+    # a very wide blur: every query is the mean query
+    out = blurred_query_attention(1e4)(q, k, v, (3, 4))
+    mean_q = q.mean(2, keepdim=True).expand_as(q)
+    assert torch.allclose(out, F.scaled_dot_product_attention(mean_q, k, v), atol=1e-5)
+
+
+def test_seg_is_cfg_between_the_conditional_and_the_blurred_pass_and_reduces_to_the_conditional_model():
+    unet = _small_unet(attn_resolutions=(4,))
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        eps_c = unet(x, t, y)
+        blocks = attention_blocks(unet, ["encoder.mid.1"])
+        with attention_replaced(blocks, blurred_query_attention(2.0)):
+            eps_seg = unet(x, t, y)
+        out = make_eps_fn("seg", unet, y, 3.0, layers=["encoder.mid.1"], sigma=2.0)(x, t).eps
+        assert torch.allclose(out, cfg_combine(eps_seg, eps_c, 3.0), atol=1e-6) and (eps_seg - eps_c).abs().max() > 1e-4
+        for params in (dict(layers=[]), dict(sigma=0.0), dict()):
+            scale = 1.0 if not params else 3.0
+            assert torch.equal(make_eps_fn("seg", unet, y, scale, **params)(x, t).eps, eps_c), params
+    with pytest.raises(GuidelabError, match="guidance.sigma must be >= 0, got -1"):
+        make_eps_fn("seg", unet, y, 3.0, sigma=-1.0)

@@ -141,6 +141,27 @@ def identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: 
     return v
 
 
+def blurred_query_attention(sigma: float):
+    """SEG's perturbed self-attention, Hong 2024 ("Smoothed Energy Guidance: Guiding Diffusion Models with Reduced Energy
+    Curvature of Attention", arXiv 2408.00760), Sec. 4: the queries, laid out on the H x W grid, blurred by a Gaussian of
+    std `sigma` pixels before softmax attention, which blurs the attention logits along the query axis (their energy
+    landscape becomes smoother). The blur is separable, with weights exp(-(i - j)^2 / (2 sigma^2)) normalised per output
+    pixel over the grid (no padding); sigma = 0 is no blur, and as sigma grows every query tends to their mean, every
+    row of the attention map to the same one."""
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if sigma == 0:
+            return F.scaled_dot_product_attention(q, k, v)
+        weights = []
+        for n in size:
+            d = torch.arange(n, dtype=torch.float64, device=q.device)
+            w = torch.exp(-((d[:, None] - d[None, :]) ** 2) / (2 * sigma**2))
+            weights.append((w / w.sum(1, keepdim=True)).to(q.dtype))
+        grid = q.unflatten(2, size)  # (B, heads, H, W, d)
+        blurred = torch.einsum("ih,jw,bmhwd->bmijd", weights[0], weights[1], grid).flatten(2, 3)
+        return F.scaled_dot_product_attention(blurred, k, v)
+    return attention
+
+
 def attention_blocks(unet, names) -> dict[str, torch.nn.Module]:
     """The UNet's self-attention blocks named in `names` (their module paths, e.g. encoder.mid.1; a compiled UNet's
     `_orig_mod.` prefix left out)."""
@@ -449,6 +470,23 @@ def _pag(ctx: Context, layers: tuple = ("encoder.mid.1",)) -> EpsFn:
         with attention_replaced(blocks, identity_attention):
             eps_pert = ctx.unet(x, t, ctx.y)
         return Guided(cfg_combine(eps_pert, eps_c, ctx.scale))
+    return eps_fn
+
+
+@MODES.register(sigma=Range(0, math.inf, "std of the query blur in pixels; 0 = none (the conditional model)"))
+def _seg(ctx: Context, layers: tuple = ("encoder.mid.1",), sigma: float = 10.0) -> EpsFn:
+    """Smoothed energy guidance (Hong 2024, in this codebase's CFG form): the guiding prediction is the conditional
+    model with the queries of the attention blocks named in `layers` blurred (`blurred_query_attention`):
+    eps = eps_seg + s (eps_c - eps_seg). sigma = 0, no layers, or s = 1 is the conditional model."""
+    blocks = attention_blocks(ctx.unet, layers)
+
+    def eps_fn(x, t):
+        eps_c = ctx.unet(x, t, ctx.y)
+        if ctx.scale == 1 or not blocks or sigma == 0:
+            return Guided(eps_c)
+        with attention_replaced(blocks, blurred_query_attention(sigma)):
+            eps_seg = ctx.unet(x, t, ctx.y)
+        return Guided(cfg_combine(eps_seg, eps_c, ctx.scale))
     return eps_fn
 
 

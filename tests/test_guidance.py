@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import (apg_combine, attention_blocks, attention_replaced, blurred_query_attention, cfg_combine,
-                               classifier_score, dynamic_threshold, identity_attention, in_interval,
-                               independent_classes, magnitude_scale, make_eps_fn, noise_level, project,
+                               classifier_score, dynamic_threshold, frequency_combine, identity_attention, in_interval,
+                               independent_classes, lowpass, magnitude_scale, make_eps_fn, noise_level, project,
                                rescale_combine, tangential_uncond, x0_classifier_score, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
@@ -591,3 +591,32 @@ def test_seg_is_cfg_between_the_conditional_and_the_blurred_pass_and_reduces_to_
             assert torch.equal(make_eps_fn("seg", unet, y, scale, **params)(x, t).eps, eps_c), params
     with pytest.raises(GuidelabError, match="guidance.sigma must be >= 0, got -1"):
         make_eps_fn("seg", unet, y, 3.0, sigma=-1.0)
+
+
+# --- fdg: separate scales for the coarse and the detail band ---------------------------------------------------------
+
+def test_lowpass_bands_sum_to_the_input_and_the_coarse_band_is_smooth():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16)
+    low = lowpass(x, 1)
+    assert low.shape == x.shape and torch.allclose(low + (x - low), x)
+    assert torch.allclose(lowpass(torch.full_like(x, 0.7), 2), torch.full_like(x, 0.7))  # constants are all low
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1  # the finest pattern: all detail
+    assert lowpass(checker.view(1, 1, 16, 16), 1).abs().max() < 1e-6
+    assert lowpass(torch.randn(1, 1, 28, 28), 3).shape == (1, 1, 28, 28)  # odd sizes: 28 -> 14 -> 7 -> 4 and back
+
+
+def test_fdg_is_cfg_with_equal_scales_and_guides_each_band_by_its_own_scale():
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    x = torch.randn(len(y), 1, 8, 8)
+    eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
+    cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
+    assert torch.allclose(make_eps_fn("fdg", unet, y, 3.0, low_scale=3.0)(x, t).eps, cfg, atol=1e-5)
+    out = make_eps_fn("fdg", unet, y, 3.0, low_scale=1.0, levels=1)(x, t).eps
+    d = eps_c - eps_u
+    assert torch.equal(out, frequency_combine(eps_u, eps_c, 3.0, 1.0, 1))
+    assert torch.allclose(out, eps_u + lowpass(d, 1) + 3.0 * (d - lowpass(d, 1)), atol=1e-6)
+    unet.calls.clear()
+    assert torch.equal(make_eps_fn("fdg", unet, y, 1.0, low_scale=1.0)(x, t).eps, eps_c) and unet.calls == [len(x)]
+    with pytest.raises(GuidelabError, match="guidance.levels must be in"):
+        make_eps_fn("fdg", unet, y, 3.0, levels=0)

@@ -9,7 +9,8 @@ from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import (apg_combine, attention_blocks, attention_replaced, blurred_query_attention, cfg_combine,
                                classifier_score, dynamic_threshold, frequency_combine, identity_attention, in_interval,
                                independent_classes, lowpass, magnitude_scale, make_eps_fn, noise_level, project,
-                               rescale_combine, tangential_uncond, x0_classifier_score, zero_star_scale)
+                               rescale_combine, tangential_uncond, time_embedding_perturbed, x0_classifier_score,
+                               zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -620,3 +621,27 @@ def test_fdg_is_cfg_with_equal_scales_and_guides_each_band_by_its_own_scale():
     assert torch.equal(make_eps_fn("fdg", unet, y, 1.0, low_scale=1.0)(x, t).eps, eps_c) and unet.calls == [len(x)]
     with pytest.raises(GuidelabError, match="guidance.levels must be in"):
         make_eps_fn("fdg", unet, y, 3.0, levels=0)
+
+
+# --- tsg: the guiding pass with a noised time-step embedding ---------------------------------------------------------
+
+def test_tsg_guides_away_from_a_noised_time_embedding_and_reduces_to_the_conditional_model():
+    from guidelab.models.layers import timestep_embedding
+
+    unet = _small_unet()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        eps_c = unet(x, t, y)
+        seen = []
+        with time_embedding_perturbed(unet, 0.5, torch.Generator().manual_seed(3)):
+            spy = unet.time_embed.mlp.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))  # runs after
+            eps_pert = unet(x, t, y)
+            spy.remove()
+        assert unet.time_embed.mlp._forward_pre_hooks == {}  # removed on exit
+        noise = seen[0] - timestep_embedding(t, unet.time_embed.dim)
+        assert torch.allclose(noise, 0.5 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(3)),
+                              atol=1e-6)
+        out = make_eps_fn("tsg", unet, y, 2.0, noise_scale=0.5, seed=3)(x, t).eps
+        assert torch.allclose(out, cfg_combine(eps_pert, eps_c, 2.0), atol=1e-6) and (eps_pert - eps_c).abs().max() > 1e-4
+        assert torch.equal(make_eps_fn("tsg", unet, y, 2.0, noise_scale=0.0)(x, t).eps, eps_c)
+        assert torch.equal(make_eps_fn("tsg", unet, y, 1.0)(x, t).eps, eps_c)

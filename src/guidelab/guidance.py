@@ -134,6 +134,24 @@ def independent_classes(y: torch.Tensor, num_classes: int, generator: torch.Gene
     return torch.randint(0, num_classes, tuple(y.shape), generator=generator).to(y.device)
 
 
+@contextmanager
+def time_embedding_perturbed(unet, noise_scale: float, generator: torch.Generator):
+    """TSG's perturbed time step, Sadat et al. 2025 ("No Training, No Problem", arXiv 2407.02687), Sec. 5: within the
+    block, Gaussian noise of std `noise_scale` (drawn by `generator` on the CPU, a fresh draw per call) is added to
+    the UNet's sinusoidal time-step embedding (entries in [-1, 1]) before its MLP, so the network reads x_t at a
+    blurred noise level. Removed on exit."""
+    def add_noise(module, inputs):
+        (features,) = inputs
+        noise = torch.randn(tuple(features.shape), generator=generator).to(features)
+        return (features + noise_scale * noise,)
+
+    handle = unet.time_embed.mlp.register_forward_pre_hook(add_noise)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """PAG's perturbed self-attention, Ahn et al. 2024 ("Self-Rectifying Diffusion Sampling with Perturbed-Attention
     Guidance", arXiv 2403.17377), Sec. 3.2: the attention map replaced by the identity, softmax(Q K^T / sqrt(d)) -> I,
@@ -522,6 +540,25 @@ def _fdg(ctx: Context, low_scale: float = 1.0, levels: int = 1) -> EpsFn:
         if ctx.scale == 1 and low_scale == 1:
             return Guided(ctx.unet(x, t, ctx.y))
         return Guided(frequency_combine(*ctx.pair(x, t), ctx.scale, low_scale, levels))
+    return eps_fn
+
+
+@MODES.register(noise_scale=Range(0, math.inf, "std of the noise on the sinusoidal time embedding; 0 = none"),
+                seed=Range(0, 2**63 - 1, "seeds the embedding noise's own generator"))
+def _tsg(ctx: Context, noise_scale: float = 1.0, seed: int = 0) -> EpsFn:
+    """Time-step guidance (Sadat et al. 2025, Sec. 5, in this codebase's CFG form): the guiding prediction is the
+    conditional model with a perturbed time-step embedding (`time_embedding_perturbed`):
+    eps = eps_pert + s (eps_c - eps_pert). It needs no null class (and works for base=uncond models alike).
+    noise_scale = 0 or s = 1 is the conditional model."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def eps_fn(x, t):
+        eps_c = ctx.unet(x, t, ctx.y)
+        if ctx.scale == 1 or noise_scale == 0:
+            return Guided(eps_c)
+        with time_embedding_perturbed(ctx.unet, noise_scale, generator):
+            eps_pert = ctx.unet(x, t, ctx.y)
+        return Guided(cfg_combine(eps_pert, eps_c, ctx.scale))
     return eps_fn
 
 

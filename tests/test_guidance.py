@@ -116,6 +116,8 @@ def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
     ("cfg_rescale", {"diffusion": PROCESS, "space": "v"}, "guidance.space must be one of x0, eps"),
     ("cfg_rescale", {"diffusion": PROCESS, "phi": 1.5}, r"guidance.phi must be in \[0, 1\], got 1.5"),
     ("cfg_interval", {"diffusion": PROCESS, "sigma_lo": 5.0, "sigma_hi": 1.0}, "must be above guidance.sigma_lo"),
+    ("cfg_interval", {"diffusion": PROCESS, "sigma_hi": 0.1}, r"guidance.sigma_hi \(0.1\) must be above "
+                                                           r"guidance.sigma_lo \(0.28\)"),  # the default sigma_lo
     ("cfg", {"phi": 0.5}, "unknown options"),
     ("autoguidance", {}, "guide_ckpt"),
     ("cg_x0", {"diffusion": PROCESS}, r"needs a clean-image classifier: pass classifier_ckpt=PATH \(train one with "

@@ -95,10 +95,13 @@ class Registry(dict):
         return {k: values[k] for k in self.get_entry(values["name"]).params if k in values}
 
     def check(self, name: str, values: dict) -> None:
-        """Run the entry's checks on `values` (its config keys, printed as group.key)."""
-        for key, rule in self.get_entry(name).checks.items():
+        """Run the entry's checks on `values` (its config keys, printed as group.key); a check that compares with
+        another key (`Above`) sees that key's default where `values` leaves it out."""
+        entry = self.get_entry(name)
+        full = {**{k: p.default for k, p in entry.params.items() if p.default is not p.empty}, **values}
+        for key, rule in entry.checks.items():
             if key in values:
-                rule.check(f"{self.group}.{key}", values[key], values)
+                rule.check(f"{self.group}.{key}", values[key], full)
 
     def schema(self, name: str) -> type:
         """The entry's config as a dataclass: `name`, the shared keys, then its own keys with their types."""

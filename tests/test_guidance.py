@@ -6,11 +6,11 @@ import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
-from guidelab.guidance import (apg_combine, attention_blocks, attention_replaced, blurred_query_attention, cfg_combine,
-                               classifier_score, dynamic_threshold, frequency_combine, identity_attention, in_interval,
-                               independent_classes, lowpass, magnitude_scale, make_eps_fn, noise_level, project,
-                               rescale_combine, tangential_uncond, time_embedding_perturbed, x0_classifier_score,
-                               zero_star_scale)
+from guidelab.guidance import (MODES, anneal_condition, apg_combine, attention_blocks, attention_replaced,
+                               blurred_query_attention, cads_gamma, cfg_combine, classifier_score, dynamic_threshold,
+                               frequency_combine, identity_attention, in_interval, independent_classes, lowpass,
+                               magnitude_scale, make_eps_fn, noise_level, project, rescale_combine, tangential_uncond,
+                               time_embedding_perturbed, x0_classifier_score, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -110,7 +110,7 @@ def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
     ("cg", {}, "needs a noisy classifier: pass classifier_ckpt=PATH"),
     ("cfg_cg", {}, "classifier_ckpt"),
     ("cg_interval", {"diffusion": PROCESS}, "classifier_ckpt"),
-    ("foo", {}, "unknown guidance 'foo'; valid: apg, autoguidance, cfg, cfg_cg"),
+    ("foo", {}, "unknown guidance 'foo'; valid: " + ", ".join(sorted(MODES))),
     ("none", {"base": "both"}, "guidance.base must be one of uncond, cond, got 'both'"),
     ("cfg_rescale", {"phi": 0.5}, "noise schedule"),
     ("cfg_rescale", {"diffusion": PROCESS, "space": "v"}, "guidance.space must be one of x0, eps"),
@@ -647,3 +647,37 @@ def test_tsg_guides_away_from_a_noised_time_embedding_and_reduces_to_the_conditi
         assert torch.allclose(out, cfg_combine(eps_pert, eps_c, 2.0), atol=1e-6) and (eps_pert - eps_c).abs().max() > 1e-4
         assert torch.equal(make_eps_fn("tsg", unet, y, 2.0, noise_scale=0.0)(x, t).eps, eps_c)
         assert torch.equal(make_eps_fn("tsg", unet, y, 1.0)(x, t).eps, eps_c)
+
+
+# --- cads: the class embedding annealed from noise to clean -----------------------------------------------------------
+
+def test_cads_gamma_and_the_annealed_condition():
+    gamma = cads_gamma(torch.tensor([0.0, 0.6, 0.75, 0.9, 1.0]), 0.6, 0.9)
+    assert torch.allclose(gamma, torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0]))
+    torch.manual_seed(0)
+    emb, noise = 3 * torch.randn(4, 32) + 1, torch.randn(4, 32)
+    g = torch.tensor([1.0, 0.5, 0.0, 0.25])
+    raw = anneal_condition(emb, g, noise, 0.25, psi=0.0)
+    assert torch.allclose(raw, g.sqrt()[:, None] * emb + 0.25 * (1 - g).sqrt()[:, None] * noise)
+    assert torch.equal(raw[0], emb[0])  # gamma = 1: the clean condition
+    res = anneal_condition(emb, g, noise, 0.25, psi=1.0)  # rescaled to each clean embedding's mean and std
+    assert torch.allclose(res.mean(1), emb.mean(1), atol=1e-5) and torch.allclose(res.std(1), emb.std(1), atol=1e-5)
+    assert torch.allclose(anneal_condition(emb, g, noise, 0.25, psi=0.3), 0.3 * res + 0.7 * raw, atol=1e-6)
+
+
+def test_cads_is_cfg_with_a_clean_condition_and_noises_only_the_conditional_branch_above_tau1():
+    unet = _small_unet()
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    kw = dict(diffusion=PROCESS)
+    with torch.no_grad():
+        for t in (torch.full((3,), 100), torch.full((3,), 950)):
+            cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
+            clean = make_eps_fn("cads", unet, y, 3.0, tau1=1.0, tau2=1.0 + 1e-9, **kw)(x, t).eps
+            assert torch.allclose(clean, cfg, atol=1e-5)
+            out = make_eps_fn("cads", unet, y, 3.0, **kw)(x, t).eps  # tau1 = 0.6: t = 100 clean, t = 950 pure noise
+            assert torch.allclose(out, cfg, atol=1e-5) == (t[0] == 100)
+        uncond = unet(x, t, torch.full_like(y, 3))  # the null embedding is never noised
+        assert torch.equal(make_eps_fn("cads", unet, y, 0.0, **kw)(x, t).eps, uncond)
+        assert unet.class_embed._forward_hooks == {}
+    with pytest.raises(GuidelabError, match=r"guidance.tau2 \(0.5\) must be above guidance.tau1 \(0.6\)"):
+        make_eps_fn("cads", unet, y, 3.0, tau2=0.5, **kw)

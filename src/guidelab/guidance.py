@@ -152,6 +152,25 @@ def time_embedding_perturbed(unet, noise_scale: float, generator: torch.Generato
         handle.remove()
 
 
+def cads_gamma(t_frac: torch.Tensor, tau1: float, tau2: float) -> torch.Tensor:
+    """CADS's annealing schedule, Sadat et al. 2024 ("CADS: Unleashing the Diversity of Diffusion Models through
+    Condition-Annealed Sampling", arXiv 2310.17347), Eq. 5, t in [0, 1] (1 = pure noise): gamma = 1 for t <= tau1,
+    (tau2 - t) / (tau2 - tau1) between, 0 for t >= tau2."""
+    return ((tau2 - t_frac) / (tau2 - tau1)).clamp(0.0, 1.0)
+
+
+def anneal_condition(emb: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor, noise_scale: float,
+                     psi: float) -> torch.Tensor:
+    """CADS's noised condition (Sadat et al. 2024, Eqs. 4 and 6): y_hat = sqrt(gamma) y + s sqrt(1 - gamma) n, then
+    rescaled to y's mean and std per sample, y_res = (y_hat - mean(y_hat)) / std(y_hat) * std(y) + mean(y), and mixed,
+    psi y_res + (1 - psi) y_hat. `emb` (B, D) class embeddings, gamma (B,), noise (B, D) standard normal."""
+    g = gamma.view(-1, 1).to(emb.dtype)
+    noised = g.sqrt() * emb + noise_scale * (1 - g).sqrt() * noise
+    mean, std = emb.mean(1, keepdim=True), emb.std(1, keepdim=True)
+    rescaled = (noised - noised.mean(1, keepdim=True)) / noised.std(1, keepdim=True).clamp(min=1e-12) * std + mean
+    return psi * rescaled + (1 - psi) * noised
+
+
 def identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """PAG's perturbed self-attention, Ahn et al. 2024 ("Self-Rectifying Diffusion Sampling with Perturbed-Attention
     Guidance", arXiv 2403.17377), Sec. 3.2: the attention map replaced by the identity, softmax(Q K^T / sqrt(d)) -> I,
@@ -559,6 +578,39 @@ def _tsg(ctx: Context, noise_scale: float = 1.0, seed: int = 0) -> EpsFn:
         with time_embedding_perturbed(ctx.unet, noise_scale, generator):
             eps_pert = ctx.unet(x, t, ctx.y)
         return Guided(cfg_combine(eps_pert, eps_c, ctx.scale))
+    return eps_fn
+
+
+@MODES.register(needs=("diffusion",), tau1=Range(0, 1, "gamma = 1 below this t / T (the clean condition)"),
+                tau2=Above("tau1", "guidance.tau1=0.6 guidance.tau2=0.9"),
+                noise_scale=Range(0, math.inf, "s of the condition noise (0.25 in the paper)"),
+                psi=Range(0, 1, "1 = fully rescaled to the clean embedding's statistics, 0 = not"),
+                seed=Range(0, 2**63 - 1, "seeds the condition noise's own generator"))
+def _cads(ctx: Context, tau1: float = 0.6, tau2: float = 0.9, noise_scale: float = 0.25, psi: float = 1.0,
+          seed: int = 0) -> EpsFn:
+    """Condition-annealed sampling (Sadat et al. 2024): CFG at `scale` whose conditional branch reads the class embedding
+    noised by `anneal_condition` with gamma = `cads_gamma`(t / T): strongly noised at high noise levels (diverse
+    layouts), the clean condition from tau1 down. The null class's embedding is left alone. Fresh noise per call from
+    its own generator. tau1 = 1 (gamma = 1 everywhere) is CFG."""
+    generator = torch.Generator().manual_seed(seed)
+    num_timesteps = len(ctx.diffusion.abar)
+    null = ctx.unet.null_class
+
+    def eps_fn(x, t):
+        state = {"t": t}
+
+        def noised(module, inputs, out):
+            labels, rows = inputs[0], inputs[0] != null
+            gamma = cads_gamma(state["t"].float() / num_timesteps, tau1, tau2)
+            gamma = gamma.repeat(len(labels) // len(gamma))  # the doubled CFG batch repeats t
+            noise = torch.randn(tuple(out.shape), generator=generator).to(out)
+            return torch.where(rows[:, None], anneal_condition(out, gamma, noise, noise_scale, psi), out)
+
+        handle = ctx.unet.class_embed.register_forward_hook(noised)
+        try:
+            return Guided(ctx.cfg(x, t, ctx.scale))
+        finally:
+            handle.remove()
     return eps_fn
 
 

@@ -27,7 +27,7 @@ from guidelab.registry import OneOf, Range
 
 def check(cfg) -> None:
     """Every value check that needs no network, for every job of a sweep before the first one runs."""
-    guidance.check(cfg.guidance.name, cfg.scale, guidance.MODES.own(cfg.guidance))
+    guidance.check(cfg.guidance.name, cfg.scale, guidance.MODES.own(cfg.guidance), cfg.schedule)
     sampling.SAMPLERS.check(cfg.sampler.name, sampling.SAMPLERS.own(cfg.sampler))
     for key in ("num_samples", "batch_size"):
         Range(1).check(key, cfg[key], cfg)
@@ -76,7 +76,8 @@ def sample(cfg, run_dir: Path) -> dict:
         y = y_all[starts[b]:starts[b] + cfg.batch_size].to(device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
         noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
-        eps_fn = guidance.make_eps_fn(mode, unet, y, cfg.scale, nets.classifier, nets.diffusion, nets.guide, **params)
+        eps_fn = guidance.make_eps_fn(mode, unet, y, cfg.scale, nets.classifier, nets.diffusion, nets.guide,
+                                      cfg.schedule, **params)
         x = sampling.sample(cfg.sampler.name, eps_fn, nets.diffusion, noise, cfg.sampler.steps, cfg.sampler.spacing,
                             cfg.sampler.clip_x0, gen, **sampling.SAMPLERS.own(cfg.sampler))
         mine.append((b, to_uint8(x)))
@@ -95,6 +96,8 @@ def sample(cfg, run_dir: Path) -> dict:
 
     entry = guidance.MODES[mode]
     options = {k: v for k, v in params.items() if k not in ("classifier_scale", "base")}
+    if cfg.schedule != "constant":
+        options["schedule"] = cfg.schedule
     if "guide" in entry.traits["needs"]:  # which guide: its run dir and checkpoint file
         options["guide"] = "/".join(Path(cfg.guide_ckpt).parts[-3:])
     evaluations = {k: sum(n[k] for _, n in gathered) / len(y_np) for k in ("nfe", "classifier_nfe")}  # per sample

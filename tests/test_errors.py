@@ -65,6 +65,9 @@ def test_a_bad_command_line_through_the_real_script_writes_nothing(tmp_path):
     (["guidance=apg", "guidance.momentum=1.5"], ["guidance.momentum must be in [-0.99, 0.99], got 1.5"]),
     (["guidance=apg", "guidance.norm_threshold=0"], ["guidance.norm_threshold must be > 0, got 0"]),
     (["guidance=dynamic_threshold", "guidance.percentile=2"], ["guidance.percentile must be in [0.5, 1], got 2"]),
+    (["schedule=step"], ["schedule must be one of constant, linear, cosine, got 'step'"]),
+    (["guidance=cg", "schedule=linear"], ["schedule=linear varies the CFG weight w = s - 1, but guidance=cg's scale is "
+                                          "not a CFG weight; use schedule=constant"]),
     (["-m", "guidance=cfgpp", "scale=0.5,2"], ["scale must be in [0, 1], got 2", "(in the job", "scale=2"]),
     (["+foo=1"], ["+foo=1: guidelab's configs hold exactly the keys their code reads"]),
     (["eval=true"], ["eval=true needs evaluator_ckpt=PATH"]),

@@ -9,8 +9,8 @@ from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import (MODES, anneal_condition, apg_combine, attention_blocks, attention_replaced,
                                blurred_query_attention, cads_gamma, cfg_combine, classifier_score, dynamic_threshold,
                                frequency_combine, identity_attention, in_interval, independent_classes, lowpass,
-                               magnitude_scale, make_eps_fn, noise_level, project, rescale_combine, tangential_uncond,
-                               time_embedding_perturbed, x0_classifier_score, zero_star_scale)
+                               magnitude_scale, make_eps_fn, noise_level, project, rescale_combine, scheduled_weight,
+                               tangential_uncond, time_embedding_perturbed, x0_classifier_score, zero_star_scale)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -681,3 +681,48 @@ def test_cads_is_cfg_with_a_clean_condition_and_noises_only_the_conditional_bran
         assert unet.class_embed._forward_hooks == {}
     with pytest.raises(GuidelabError, match=r"guidance.tau2 \(0.5\) must be above guidance.tau1 \(0.6\)"):
         make_eps_fn("cads", unet, y, 3.0, tau2=0.5, **kw)
+
+
+# --- schedule: the CFG weight over t (Wang et al. 2024) ---------------------------------------------------------------
+
+def test_scheduled_weights_rise_as_noise_falls_with_the_constant_weights_mean():
+    grid = [i / 10000 for i in range(10001)]
+    for schedule in ("linear", "cosine"):
+        weights = [scheduled_weight(2.0, t, schedule) for t in grid]
+        assert abs(sum(weights) / len(weights) - 2.0) < 1e-3, schedule  # the same total guidance as constant
+        assert all(a >= b for a, b in zip(weights, weights[1:])), schedule  # falls with t: rises as noise falls
+        assert weights[-1] == pytest.approx(0.0, abs=1e-12) and weights[0] == pytest.approx(4.0)
+    assert scheduled_weight(2.0, 0.3, "constant") == 2.0
+    assert scheduled_weight(2.0, 0.25, "linear") == pytest.approx(3.0)
+    assert scheduled_weight(2.0, 0.5, "cosine") == pytest.approx(2.0)
+
+
+def test_every_cfg_style_mode_takes_a_schedule_and_constant_is_the_unscheduled_mode():
+    """For each mode whose scale is a CFG weight: schedule=constant is the mode as it was, bit for bit, and a schedule
+    gives at each t exactly the mode at s_t = 1 + w_t."""
+    unet = _small_unet()
+    clf = ToyClassifier()
+    clf.lin = torch.nn.Linear(64, 3)  # on 8x8 images
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    modes = [m for m, e in MODES.items() if e.traits["w"] and "guide" not in e.traits["needs"]]
+    assert {"cfg", "apg", "icg", "pag", "cads", "fdg"} <= set(modes) and "cg" not in modes
+    kw = dict(classifier=clf, diffusion=PROCESS)
+    for mode in modes:
+        for level in (900, 300):
+            t = torch.full((3,), level)
+            plain = make_eps_fn(mode, unet, y, 3.0, **kw)(x, t).eps
+            assert torch.equal(make_eps_fn(mode, unet, y, 3.0, schedule="constant", **kw)(x, t).eps, plain), mode
+            s_t = 1 + scheduled_weight(2.0, level / 1000, "linear")
+            expected = make_eps_fn(mode, unet, y, s_t, **kw)(x, t).eps
+            assert torch.allclose(make_eps_fn(mode, unet, y, 3.0, schedule="linear", **kw)(x, t).eps, expected,
+                                  atol=1e-6), (mode, level)
+
+
+def test_a_schedule_needs_a_cfg_style_mode_and_a_known_name():
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    with pytest.raises(GuidelabError, match="schedule=linear varies the CFG weight w = s - 1, but guidance=cg's scale"):
+        make_eps_fn("cg", unet, y, 3.0, classifier=ToyClassifier(), schedule="linear")
+    with pytest.raises(GuidelabError, match="schedule must be one of constant, linear, cosine, got 'step'"):
+        make_eps_fn("cfg", unet, y, 3.0, diffusion=PROCESS, schedule="step")
+    with pytest.raises(GuidelabError, match="needs the noise schedule"):
+        make_eps_fn("cfg", unet, y, 3.0, schedule="cosine")

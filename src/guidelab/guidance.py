@@ -33,6 +33,7 @@ BASE = OneOf(("uncond", "cond"), "uncond = eps(x_t, null), cond = eps(x_t, y)")
 CLASSIFIER_SCALE = Range(0, math.inf, "the classifier gradient's weight (Dhariwal & Nichol's s; 0 = off)")
 SIGMA = Range(0, math.inf, "sigma = sqrt((1 - abar_t) / abar_t) >= 0")
 INTERVAL_TOP = Above("sigma_lo", "guidance.sigma_lo=0.28 guidance.sigma_hi=5.42")
+SCHEDULE = OneOf(("constant", "linear", "cosine"), "how the CFG weight w = s - 1 varies over t (Wang et al. 2024)")
 
 
 class Guided(NamedTuple):
@@ -242,6 +243,19 @@ def frequency_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: f
     diff = eps_cond - eps_uncond
     low = lowpass(diff, levels)
     return eps_uncond + low_scale * low + scale * (diff - low)
+
+
+def scheduled_weight(w: float, t_frac: float, schedule: str) -> float:
+    """Guidance-weight schedulers, Wang et al. 2024 ("Analysis of Classifier-Free Guidance Weight Schedulers", TMLR),
+    Sec. 4, the heuristic increasing ones, each scaled to the constant weight's mean over t in [0, 1] (1 = pure
+    noise), so that the weight rises as the noise falls at the same total guidance: linear w_t = 2 w (1 - t),
+    cosine w_t = w (1 + cos(pi t)); constant w_t = w. Applied to the CFG weight w = s - 1, so every schedule starts
+    from the conditional model at t = 1."""
+    if schedule == "linear":
+        return 2 * w * (1 - t_frac)
+    if schedule == "cosine":
+        return w * (1 + math.cos(math.pi * t_frac))
+    return w
 
 
 def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
@@ -651,27 +665,41 @@ NEEDS = {"classifier": "a noisy classifier: pass classifier_ckpt=PATH (train one
          "diffusion": "the noise schedule: pass diffusion=Diffusion(...)"}
 
 
-def check(mode: str, scale: float, params: dict) -> None:
-    """The mode's checks of `scale` and of its own keys (before any network is loaded)."""
+def check(mode: str, scale: float, params: dict, schedule: str = "constant") -> None:
+    """The mode's checks of `scale`, of the weight schedule and of its own keys (before any network is loaded)."""
     entry = MODES.get_entry(mode)
     if entry.traits["scale"] is not None:
         entry.traits["scale"].check("scale", scale, {})
+    SCHEDULE.check("schedule", schedule, {})
+    if schedule != "constant" and not entry.traits["w"]:
+        raise GuidelabError(f"schedule={schedule} varies the CFG weight w = s - 1, but guidance={mode}'s scale is not "
+                            "a CFG weight; use schedule=constant, or a CFG-style mode")
     MODES.check(mode, params)
 
 
 def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier=None, diffusion: Diffusion | None = None,
-                guide=None, **params) -> EpsFn:
+                guide=None, schedule: str = "constant", **params) -> EpsFn:
     """The eps-function of guidance `mode` for labels y; `params` are the mode's own keys (configs/guidance/<mode>.yaml),
-    `diffusion` the model's own T-step process (eps-functions get the model's timesteps), `guide` autoguidance's."""
+    `diffusion` the model's own T-step process (eps-functions get the model's timesteps), `guide` autoguidance's.
+    A non-constant `schedule` sets the mode's s = 1 + `scheduled_weight`(s - 1, t / T) before every call (the samplers
+    step all samples of a batch together, so t[0] is the batch's t)."""
     entry = MODES.get_entry(mode)
     unknown = set(params) - set(entry.params)
     if unknown:
         raise GuidelabError(f"guidance={mode} got unknown options {sorted(unknown)}; see configs/guidance/{mode}.yaml")
-    check(mode, scale, params)
+    check(mode, scale, params, schedule)
     given = {"classifier": classifier, "clean_classifier": classifier, "guide": guide, "diffusion": diffusion}
-    for need in entry.traits["needs"]:
+    for need in entry.traits["needs"] + (("diffusion",) if schedule != "constant" else ()):
         if given[need] is None:
             raise GuidelabError(f"guidance={mode} needs {NEEDS[need]}")
     if classifier is not None and {"classifier", "clean_classifier"} & set(entry.traits["needs"]):
         classifier.requires_grad_(False)
-    return entry.fn(Context(unet, y, float(scale), classifier, diffusion, guide), **params)
+    ctx = Context(unet, y, float(scale), classifier, diffusion, guide)
+    eps_fn = entry.fn(ctx, **params)
+    if schedule == "constant":
+        return eps_fn
+
+    def scheduled(x, t):
+        ctx.scale = 1 + scheduled_weight(float(scale) - 1, float(t[0]) / len(diffusion.abar), schedule)
+        return eps_fn(x, t)
+    return scheduled

@@ -17,9 +17,11 @@ train() {
   echo "$name trained in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/timings.txt"
 }
 
-# sweep NAME [overrides...]: a sample.py -m sweep into $OUT/NAME (its report callback writes results.csv and plots)
+# sweep NAME [overrides...]: a sample.py -m sweep into $OUT/NAME (its report callback writes results.csv and plots),
+# unless $OUT/NAME/results.csv exists (re-runnable)
 sweep() {
   local name=$1; shift
+  if [ -f "$OUT/$name/results.csv" ]; then echo "reusing $OUT/$name"; return; fi
   local t0; t0=$(date +%s)
   $PY sample.py -m "experiment=$EXPERIMENT" "hydra.sweep.dir=$OUT/$name" "$@"
   echo "$name swept in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/timings.txt"

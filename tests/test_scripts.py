@@ -15,7 +15,7 @@ from conftest import run_script
 from guidelab.diffusion import Diffusion
 from guidelab.guidance import MODES, in_interval
 from guidelab.report import COLUMNS
-from guidelab.sampling import timesteps
+from guidelab.sampling import SAMPLERS, timesteps
 
 
 def test_command_contract_writes_samples_and_grid(smoke_runs, tmp_path):
@@ -148,6 +148,33 @@ def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smok
     assert nfe["cfg_zero_star"] == (2 * 4, 0)  # zero-init: the first of the 5 noise levels costs no network call
     images = {m: np.load(next(sweep.glob(f"*_{m}_s3*/samples.npz")))["images"] for m in modes}
     assert all(not np.array_equal(images["none"], images[m]) for m in modes if m != "none")
+
+
+def test_the_2023_2026_modes_run_with_every_sampler_and_a_schedule(smoke_runs, tmp_path):
+    """Issue 12's methods through `sample.py -m` with each sampler: two network passes per step (a doubled batch, or
+    the conditional and the perturbed pass), and a weight schedule on CFG."""
+    sweep = tmp_path / "sweep"
+    modes = ["icg", "tsg", "tcfg", "mambo", "cads", "pag", "seg", "fdg"]
+    samplers = sorted(SAMPLERS)
+    proc = run_script("sample.py", "-m", "experiment=smoke", f"guidance={','.join(modes)}",
+                      f"sampler={','.join(samplers)}", "scale=3", f"ckpt={smoke_runs['diffusion']}",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(sweep.glob("*/samples.npz"))
+    assert len(jobs) == len(modes) * len(samplers)
+    for npz in jobs:
+        images = np.load(npz)["images"]
+        assert images.shape == (20, 16, 16, 1) and images.std() > 0, npz
+    scheduled = tmp_path / "scheduled"
+    proc = run_script("sample.py", "-m", "experiment=smoke", "guidance=cfg", "schedule=constant,linear,cosine",
+                      "scale=3", f"ckpt={smoke_runs['diffusion']}", f"evaluator_ckpt={smoke_runs['evaluator']}",
+                      f"hydra.sweep.dir={scheduled}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(scheduled / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["options"] for r in rows) == ["", "schedule=cosine", "schedule=linear"]
+    images = [np.load(p)["images"] for p in sorted(scheduled.glob("*/samples.npz"))]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
 
 
 def test_cg_x0_guides_by_a_clean_classifier_through_the_unet(smoke_runs, tmp_path):

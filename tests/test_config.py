@@ -61,7 +61,8 @@ def test_every_registered_entry_has_exactly_its_config_file():
             assert values.pop("name") == name
             assert set(values) == set(entry.params) | shared, name
             for key, param in entry.params.items():
-                assert values[key] == param.default, (name, key)
+                default = list(param.default) if isinstance(param.default, tuple) else param.default  # yaml lists
+                assert values[key] == default, (name, key)
     assert options("train_diffusion", "dataset") == sorted(DATASETS)
     for name, spec in DATASETS.items():
         assert _yaml("dataset", name)["name"] == name and _yaml("dataset", name)["image_size"] == spec.image_size

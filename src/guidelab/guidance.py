@@ -328,10 +328,21 @@ class Context:
     def to_eps(self, x, t, x0) -> torch.Tensor:
         return self.diffusion.eps_from_x0(x, t, x0)
 
-    def pair(self, x, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps_u, eps_c) from one doubled batch (cond first)."""
-        eps_cond, eps_uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, self.null])).chunk(2)
-        return eps_uncond, eps_cond
+    def pair(self, x, t, other: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps(x_t, other), eps_c) from one doubled batch (cond first); `other` defaults to the null class (eps_u)."""
+        other = self.null if other is None else other
+        eps_cond, eps_other = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, other])).chunk(2)
+        return eps_other, eps_cond
+
+    def away_from(self, x, t, perturbed) -> torch.Tensor:
+        """eps_pert + s (eps_c - eps_pert): CFG's form with the conditional model run again inside `perturbed()` (a
+        context manager that perturbs the network) as the guiding prediction; perturbed = None or s = 1: eps_c alone."""
+        eps_c = self.unet(x, t, self.y)
+        if self.scale == 1 or perturbed is None:
+            return eps_c
+        with perturbed():
+            eps_pert = self.unet(x, t, self.y)
+        return cfg_combine(eps_pert, eps_c, self.scale)
 
     def cfg(self, x, t, scale: float) -> torch.Tensor:
         if scale == 0:  # exactly the unconditional model: one pass instead of two
@@ -522,9 +533,8 @@ def _icg(ctx: Context, seed: int = 0) -> EpsFn:
     def eps_fn(x, t):
         if ctx.scale == 1:
             return Guided(ctx.unet(x, t, ctx.y))
-        other = independent_classes(ctx.y, ctx.unet.null_class, generator)
-        eps_cond, eps_other = ctx.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx.y, other])).chunk(2)
-        return Guided(cfg_combine(eps_other, eps_cond, ctx.scale))
+        return Guided(cfg_combine(*ctx.pair(x, t, independent_classes(ctx.y, ctx.unet.null_class, generator)),
+                                  ctx.scale))
     return eps_fn
 
 
@@ -535,15 +545,8 @@ def _pag(ctx: Context, layers: tuple = ("encoder.mid.1",)) -> EpsFn:
     eps = eps_pert + s (eps_c - eps_pert) (PAG's scale is s - 1). No null class is used. With no layers chosen, or
     s = 1, it is the conditional model."""
     blocks = attention_blocks(ctx.unet, layers)
-
-    def eps_fn(x, t):
-        eps_c = ctx.unet(x, t, ctx.y)
-        if ctx.scale == 1 or not blocks:
-            return Guided(eps_c)
-        with attention_replaced(blocks, identity_attention):
-            eps_pert = ctx.unet(x, t, ctx.y)
-        return Guided(cfg_combine(eps_pert, eps_c, ctx.scale))
-    return eps_fn
+    perturbed = (lambda: attention_replaced(blocks, identity_attention)) if blocks else None
+    return lambda x, t: Guided(ctx.away_from(x, t, perturbed))
 
 
 @MODES.register(sigma=Range(0, math.inf, "std of the query blur in pixels; 0 = none (the conditional model)"))
@@ -552,15 +555,8 @@ def _seg(ctx: Context, layers: tuple = ("encoder.mid.1",), sigma: float = 10.0) 
     model with the queries of the attention blocks named in `layers` blurred (`blurred_query_attention`):
     eps = eps_seg + s (eps_c - eps_seg). sigma = 0, no layers, or s = 1 is the conditional model."""
     blocks = attention_blocks(ctx.unet, layers)
-
-    def eps_fn(x, t):
-        eps_c = ctx.unet(x, t, ctx.y)
-        if ctx.scale == 1 or not blocks or sigma == 0:
-            return Guided(eps_c)
-        with attention_replaced(blocks, blurred_query_attention(sigma)):
-            eps_seg = ctx.unet(x, t, ctx.y)
-        return Guided(cfg_combine(eps_seg, eps_c, ctx.scale))
-    return eps_fn
+    perturbed = (lambda: attention_replaced(blocks, blurred_query_attention(sigma))) if blocks and sigma else None
+    return lambda x, t: Guided(ctx.away_from(x, t, perturbed))
 
 
 @MODES.register(low_scale=Range(0, math.inf, "the low-frequency band's s; = scale is CFG"),
@@ -584,15 +580,8 @@ def _tsg(ctx: Context, noise_scale: float = 1.0, seed: int = 0) -> EpsFn:
     eps = eps_pert + s (eps_c - eps_pert). It needs no null class (and works for base=uncond models alike).
     noise_scale = 0 or s = 1 is the conditional model."""
     generator = torch.Generator().manual_seed(seed)
-
-    def eps_fn(x, t):
-        eps_c = ctx.unet(x, t, ctx.y)
-        if ctx.scale == 1 or noise_scale == 0:
-            return Guided(eps_c)
-        with time_embedding_perturbed(ctx.unet, noise_scale, generator):
-            eps_pert = ctx.unet(x, t, ctx.y)
-        return Guided(cfg_combine(eps_pert, eps_c, ctx.scale))
-    return eps_fn
+    perturbed = (lambda: time_embedding_perturbed(ctx.unet, noise_scale, generator)) if noise_scale else None
+    return lambda x, t: Guided(ctx.away_from(x, t, perturbed))
 
 
 @MODES.register(needs=("diffusion",), tau1=Range(0, 1, "gamma = 1 below this t / T (the clean condition)"),
@@ -611,11 +600,9 @@ def _cads(ctx: Context, tau1: float = 0.6, tau2: float = 0.9, noise_scale: float
     null = ctx.unet.null_class
 
     def eps_fn(x, t):
-        state = {"t": t}
-
         def noised(module, inputs, out):
             labels, rows = inputs[0], inputs[0] != null
-            gamma = cads_gamma(state["t"].float() / num_timesteps, tau1, tau2)
+            gamma = cads_gamma(t.float() / num_timesteps, tau1, tau2)
             gamma = gamma.repeat(len(labels) // len(gamma))  # the doubled CFG batch repeats t
             noise = torch.randn(tuple(out.shape), generator=generator).to(out)
             return torch.where(rows[:, None], anneal_condition(out, gamma, noise, noise_scale, psi), out)

@@ -1,7 +1,7 @@
 """Report pieces that need no sweep on disk: the per-variant trade-off panels and file names of series grids."""
 from PIL import Image
 
-from guidelab.report import COLUMNS, _file_name, best_rows, markdown, variant_panels
+from guidelab.report import COLUMNS, _file_name, _series, best_rows, markdown, variant_panels
 
 
 def _row(guidance, s, fid, acc, options=None):
@@ -18,6 +18,16 @@ def test_variant_panels_draw_one_panel_per_variant_against_the_anchors(tmp_path)
     width, height = Image.open(path).size
     assert width > 2 * height  # two panels side by side (apg, autoguidance), one row
     assert variant_panels([r for r in rows if r["guidance"] in ("cfg", "cg")], tmp_path / "none") == []
+
+
+def test_cfg_with_options_is_a_variant_panel_not_an_anchor(tmp_path):
+    plain = [_row("cfg", s, 1 + s, 0.8 + s / 50) for s in (1, 2, 3)]
+    scheduled = [_row("cfg", s, 1 + s / 2, 0.8 + s / 40, options="schedule=linear") for s in (2, 3)]
+    (path,) = variant_panels(plain + scheduled, tmp_path)  # the schedule is the one variant: one panel
+    width, height = Image.open(path).size
+    assert width < 2 * height
+    assert variant_panels(plain, tmp_path / "none") == []
+    assert list(_series(plain + scheduled)) == ["cfg", "cfg options=schedule=linear"]
 
 
 def test_series_labels_become_flat_file_names():

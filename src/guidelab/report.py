@@ -128,7 +128,8 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
                                "spacing")
                    if len({str(r[k]) for r in mode_rows}) > 1]
         for r in mode_rows:
-            out.setdefault(" ".join([mode] + [f"{k}={r[k]}" for k in varying]), []).append(r)
+            parts = [f"{k}={r[k]}" for k in varying if not (k == "options" and r[k] is None)]  # "cfg", not "options=None"
+            out.setdefault(" ".join([mode] + parts), []).append(r)
     return out
 
 
@@ -173,16 +174,17 @@ def _trace(ax, series: list[dict], x: str, y: str, label: str, style: dict) -> N
 
 
 def variant_panels(rows: list[dict], out_dir: Path) -> list[Path]:
-    """fid_vs_accuracy_panels.png: one panel per guidance variant (every mode but cfg and cg), each with that
+    """fid_vs_accuracy_panels.png: one panel per guidance variant (every mode but plain cfg and cg), each with that
     variant's FID-accuracy curve(s) against plain CFG and plain CG of the same report. Only when the report holds
     CFG or CG rows with accuracy and FID, and at least one variant."""
     plt = _pyplot()
     series = {k: v for k, v in _series(rows).items() if any(r["fid"] is not None and r["accuracy"] is not None for r in v)}
-    anchors = {k: v for k, v in series.items() if v[0]["guidance"] in ("cfg", "cg")}
+    anchors = {k: v for k, v in series.items() if v[0]["guidance"] in ("cfg", "cg") and v[0]["options"] is None}
     variants: dict[str, dict[str, list[dict]]] = {}
-    for k, v in series.items():
+    for k, v in series.items():  # CFG or CG with options of their own (e.g. a weight schedule) are variants too
         if k not in anchors:
-            variants.setdefault(v[0]["guidance"], {})[k] = v
+            mode = v[0]["guidance"]
+            variants.setdefault(mode if mode not in ("cfg", "cg") else f"{mode} with options", {})[k] = v
     if not anchors or not variants:
         return []
     cols = min(3, len(variants))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every guidance variant against plain CFG and CG on one UNet, and DDIM vs DPM-Solver++(2M) at 10 / 20 / 50 steps.
+# Every guidance variant against plain CFG and CG on one UNet; DDIM vs DPM-Solver++(2M) vs Heun at 10 / 20 / 50 steps.
 # Autoguidance gets two guides: the same run's 500-step checkpoint, and a 4x smaller UNet trained 500 steps.
 #   OUT=outputs/guidance_variants/run1 bash scripts/guidance_variants.sh      (re-running skips finished trainings)
 . "$(dirname "$0")/lib.sh" guidance_variants

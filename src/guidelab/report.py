@@ -128,7 +128,7 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
                                "spacing")
                    if len({str(r[k]) for r in mode_rows}) > 1]
         for r in mode_rows:
-            parts = [f"{k}={r[k]}" for k in varying if not (k == "options" and r[k] is None)]  # "cfg", not "options=None"
+            parts = [f"{k}={r[k]}" for k in varying if r[k] is not None]  # "cfg", not "cfg options=None"
             out.setdefault(" ".join([mode] + parts), []).append(r)
     return out
 
@@ -184,7 +184,7 @@ def variant_panels(rows: list[dict], out_dir: Path) -> list[Path]:
     for k, v in series.items():  # CFG or CG with options of their own (e.g. a weight schedule) are variants too
         if k not in anchors:
             mode = v[0]["guidance"]
-            variants.setdefault(mode if mode not in ("cfg", "cg") else f"{mode} with options", {})[k] = v
+            variants.setdefault(f"{mode} with options" if mode in ("cfg", "cg") else mode, {})[k] = v
     if not anchors or not variants:
         return []
     cols = min(3, len(variants))

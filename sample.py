@@ -7,6 +7,7 @@ The story: load the networks, then per batch draw the noise, build the guidance 
 write samples.npz and grid.png; evaluate into metrics.json. Batch b draws its noise from seed * 1000003 + b and runs on
 DDP rank b % world, so the samples do not depend on the number of ranks.
 """
+
 import json
 import os
 import time
@@ -21,7 +22,14 @@ from guidelab import dist, guidance, networks, sampling
 from guidelab.cli import main
 from guidelab.errors import GuidelabError
 from guidelab.images import save_class_grid, to_uint8
-from guidelab.metrics import BACKENDS, EvaluatorFeatures, class_accuracy, evaluate_samples, extract, find_inception_weights
+from guidelab.metrics import (
+    BACKENDS,
+    EvaluatorFeatures,
+    class_accuracy,
+    evaluate_samples,
+    extract,
+    find_inception_weights,
+)
 from guidelab.registry import OneOf, Range
 
 
@@ -34,12 +42,16 @@ def check(cfg) -> None:
     if cfg.ckpt == "latest":  # nothing to find: say so before Hydra makes a run dir
         networks.find_latest(cfg.runs_root, "diffusion")
     if cfg.second_evaluator_ckpt and not cfg.evaluator_ckpt:
-        raise GuidelabError("second_evaluator_ckpt is set but evaluator_ckpt is not; give the primary evaluator too "
-                            "(evaluator_ckpt=PATH or latest)")
+        raise GuidelabError(
+            "second_evaluator_ckpt is set but evaluator_ckpt is not; give the primary evaluator too "
+            "(evaluator_ckpt=PATH or latest)"
+        )
     if cfg.eval.enabled:
         if not cfg.evaluator_ckpt:
-            raise GuidelabError("eval=true needs evaluator_ckpt=PATH (or latest): accuracy and evaluator features; "
-                                "train one with `python train_classifier.py classifier=evaluator dataset=...`")
+            raise GuidelabError(
+                "eval=true needs evaluator_ckpt=PATH (or latest): accuracy and evaluator features; "
+                "train one with `python train_classifier.py classifier=evaluator dataset=...`"
+            )
         OneOf(BACKENDS).check("metrics.features", cfg.metrics.features, cfg.metrics)
         if cfg.metrics.features == "inception":
             find_inception_weights(cfg.metrics.inception_weights)
@@ -50,8 +62,10 @@ def requested_labels(labels, num_samples: int, num_classes: int) -> torch.Tensor
     classes = list(range(num_classes)) if labels is None else [labels] if isinstance(labels, int) else list(labels)
     for c in classes:
         if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < num_classes:
-            raise GuidelabError(f"labels must be class indices in [0, {num_classes}); got {c!r}; "
-                                f"e.g. labels=[0,3] or labels=null for all classes")
+            raise GuidelabError(
+                f"labels must be class indices in [0, {num_classes}); got {c!r}; "
+                f"e.g. labels=[0,3] or labels=null for all classes"
+            )
     return torch.tensor(classes, dtype=torch.long).repeat(num_samples // len(classes) + 1)[:num_samples]
 
 
@@ -71,15 +85,29 @@ def sample(cfg, run_dir: Path) -> dict:
     mode, params = cfg.guidance.name, guidance.MODES.own(cfg.guidance)
     starts = list(range(0, len(y_all), cfg.batch_size))
     mine, t0 = [], time.perf_counter()
-    for b in tqdm(range(rank, len(starts), world), desc=f"sample {mode} s={cfg.scale}", dynamic_ncols=True,
-                  disable=not (cfg.progress and is_main)):
-        y = y_all[starts[b]:starts[b] + cfg.batch_size].to(device)
+    for b in tqdm(
+        range(rank, len(starts), world),
+        desc=f"sample {mode} s={cfg.scale}",
+        dynamic_ncols=True,
+        disable=not (cfg.progress and is_main),
+    ):
+        y = y_all[starts[b] : starts[b] + cfg.batch_size].to(device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
         noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
-        eps_fn = guidance.make_eps_fn(mode, unet, y, cfg.scale, nets.classifier, nets.diffusion, nets.guide,
-                                      cfg.schedule, **params)
-        x = sampling.sample(cfg.sampler.name, eps_fn, nets.diffusion, noise, cfg.sampler.steps, cfg.sampler.spacing,
-                            cfg.sampler.clip_x0, gen, **sampling.SAMPLERS.own(cfg.sampler))
+        eps_fn = guidance.make_eps_fn(
+            mode, unet, y, cfg.scale, nets.classifier, nets.diffusion, nets.guide, cfg.schedule, **params
+        )
+        x = sampling.sample(
+            cfg.sampler.name,
+            eps_fn,
+            nets.diffusion,
+            noise,
+            cfg.sampler.steps,
+            cfg.sampler.spacing,
+            cfg.sampler.clip_x0,
+            gen,
+            **sampling.SAMPLERS.own(cfg.sampler),
+        )
         mine.append((b, to_uint8(x)))
     gathered = dist.gather((mine, nets.evaluations()))
     seconds = time.perf_counter() - t0
@@ -101,22 +129,44 @@ def sample(cfg, run_dir: Path) -> dict:
     if "guide" in entry.traits["needs"]:  # which guide: its run dir and checkpoint file
         options["guide"] = "/".join(Path(cfg.guide_ckpt).parts[-3:])
     evaluations = {k: sum(n[k] for _, n in gathered) / len(y_np) for k in ("nfe", "classifier_nfe")}  # per sample
-    result = {"guidance": mode, "scale": cfg.scale, "w": cfg.scale - 1 if entry.traits["w"] else None,
-              "options": " ".join(f"{k}={v}" for k, v in options.items()) or None, "sampler": cfg.sampler.name,
-              "spacing": cfg.sampler.spacing, "steps": cfg.sampler.steps, **evaluations, "num_samples": len(y_np),
-              "seconds": seconds, "seconds_per_sample": seconds / len(y_np), "seed": cfg.seed,
-              "classifier_scale": params.get("classifier_scale"), "base": params.get("base"),
-              "p_uncond": nets.train_config["model"].get("p_uncond"), "ckpt": nets.paths["ckpt"],
-              "classifier": Path(nets.paths["classifier_ckpt"]).parts[-3] if "classifier_ckpt" in nets.paths else None,
-              "classifier_test_acc": {k[len("test_acc_"):] or "clean": v for k, v in nets.classifier_metrics.items()
-                                      if k.startswith("test_acc")} or None}
+    result = {
+        "guidance": mode,
+        "scale": cfg.scale,
+        "w": cfg.scale - 1 if entry.traits["w"] else None,
+        "options": " ".join(f"{k}={v}" for k, v in options.items()) or None,
+        "sampler": cfg.sampler.name,
+        "spacing": cfg.sampler.spacing,
+        "steps": cfg.sampler.steps,
+        **evaluations,
+        "num_samples": len(y_np),
+        "seconds": seconds,
+        "seconds_per_sample": seconds / len(y_np),
+        "seed": cfg.seed,
+        "classifier_scale": params.get("classifier_scale"),
+        "base": params.get("base"),
+        "p_uncond": nets.train_config["model"].get("p_uncond"),
+        "ckpt": nets.paths["ckpt"],
+        "classifier": Path(nets.paths["classifier_ckpt"]).parts[-3] if "classifier_ckpt" in nets.paths else None,
+        "classifier_test_acc": {
+            k[len("test_acc_") :] or "clean": v for k, v in nets.classifier_metrics.items() if k.startswith("test_acc")
+        }
+        or None,
+    }
     for i, (evaluator, ev_config, ev_metrics) in enumerate(nets.evaluators):  # the primary, then the second opinion
         suffix, key = ("", "evaluator_ckpt") if i == 0 else ("_2", "second_evaluator_ckpt")
         result[f"evaluator{suffix}"] = ev_config["classifier"]["name"]
         result[f"evaluator{suffix}_test_acc"] = ev_metrics.get("test_acc")  # how good the judge itself is on real data
         if cfg.eval.enabled:
-            scores = evaluate_samples(images, y_np, cfg.metrics, nets.train_config["dataset"], evaluator,
-                                      nets.paths[key], device, cfg.metrics.features if i == 0 else "evaluator")
+            scores = evaluate_samples(
+                images,
+                y_np,
+                cfg.metrics,
+                nets.train_config["dataset"],
+                evaluator,
+                nets.paths[key],
+                device,
+                cfg.metrics.features if i == 0 else "evaluator",
+            )
         else:
             scores = class_accuracy(extract(EvaluatorFeatures(evaluator), images, device).logits, y_np)
         result.update({f"{k}{suffix}": v for k, v in scores.items()})
@@ -125,11 +175,19 @@ def sample(cfg, run_dir: Path) -> dict:
     if nets.evaluators:
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     shown = {k: result[k] for k in ("fid", "is", "precision", "recall", "accuracy") if k in result}
-    print(f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(y_np)} samples, {seconds:.1f} s)"
-          + "".join(f"; {k} {v:.3f}" for k, v in shown.items()))
+    print(
+        f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(y_np)} samples, {seconds:.1f} s)"
+        + "".join(f"; {k} {v:.3f}" for k, v in shown.items())
+    )
     return result
 
 
 if __name__ == "__main__":
-    main(Path(__file__).parent / "configs", "sample", sample, check=check, protect="samples",
-         aliases={"eval": "eval.enabled"})
+    main(
+        Path(__file__).parent / "configs",
+        "sample",
+        sample,
+        check=check,
+        protect="samples",
+        aliases={"eval": "eval.enabled"},
+    )

@@ -8,6 +8,7 @@ second opinion; evaluator_adv: the ResNet trained on PGD examples too).
 
 The loop (optimizer, EMA, checkpoints, resume, DDP, logging) is guidelab.train's; this script says what is trained.
 """
+
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
         for t_val in [int((i + 0.5) * T / 4) for i in range(4)] if noisy else [0]:
             correct = 0
             for start in range(0, len(test.labels), 500):
-                x0, y = test.images[start:start + 500].to(device), test.labels[start:start + 500].to(device)
+                x0, y = test.images[start : start + 500].to(device), test.labels[start : start + 500].to(device)
                 t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
                 x = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen).to(device)) if noisy else x0
                 correct += (ema_model(x, t).argmax(-1) == y).sum().item()
@@ -87,15 +88,22 @@ def check(cfg) -> None:
     c = cfg.classifier
     Range(0, cfg.dataset.image_size // 2, "pixels of random shift; 0 = none").check("classifier.shift", c.shift, c)
     Range(0, 180, "degrees of random rotation; 0 = none").check("classifier.rotate", c.rotate, c)
-    Range(0, 2, "the L_inf radius of PGD in the [-1, 1] data range; 0 = no adversarial training") \
-        .check("classifier.pgd_eps", c.pgd_eps, c)
-    Range(1 if c.pgd_eps > 0 else 0, 100, "PGD steps (at least 1 with pgd_eps > 0)").check("classifier.pgd_steps",
-                                                                                           c.pgd_steps, c)
+    Range(0, 2, "the L_inf radius of PGD in the [-1, 1] data range; 0 = no adversarial training").check(
+        "classifier.pgd_eps", c.pgd_eps, c
+    )
+    Range(1 if c.pgd_eps > 0 else 0, 100, "PGD steps (at least 1 with pgd_eps > 0)").check(
+        "classifier.pgd_steps", c.pgd_steps, c
+    )
     spec = dataset_info(cfg.dataset.name)
     with torch.device("meta"):
         network(cfg, spec.channels, spec.num_classes)
 
 
 if __name__ == "__main__":
-    main(Path(__file__).parent / "configs", "train_classifier",
-         lambda cfg, run_dir: train(cfg, "classifier", run_dir, task), protect="checkpoints", check=check)
+    main(
+        Path(__file__).parent / "configs",
+        "train_classifier",
+        lambda cfg, run_dir: train(cfg, "classifier", run_dir, task),
+        protect="checkpoints",
+        check=check,
+    )

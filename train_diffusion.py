@@ -5,6 +5,7 @@
 
 The loop (optimizer, EMA, checkpoints, resume, DDP, logging) is guidelab.train's; this script says what is trained.
 """
+
 from pathlib import Path
 
 import torch
@@ -32,10 +33,19 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
 
     def evaluate(ema_model, step: int, run_dir: Path) -> dict:
         y = torch.arange(num_classes, device=device).repeat_interleave(8)
-        noise = torch.randn((len(y), channels, size, size), device=device,
-                            generator=torch.Generator(device=device).manual_seed(cfg.seed))
-        x = sample("ddim", make_eps_fn("cfg", ema_model, y, cfg.train.eval_scale), diffusion, noise,
-                   cfg.train.eval_steps, "linspace")
+        noise = torch.randn(
+            (len(y), channels, size, size),
+            device=device,
+            generator=torch.Generator(device=device).manual_seed(cfg.seed),
+        )
+        x = sample(
+            "ddim",
+            make_eps_fn("cfg", ema_model, y, cfg.train.eval_scale),
+            diffusion,
+            noise,
+            cfg.train.eval_steps,
+            "linspace",
+        )
         path = run_dir / "samples" / f"{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_class_grid(to_uint8(x), y.cpu().numpy(), num_classes, path, per_row=8)
@@ -53,5 +63,10 @@ def check(cfg) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(__file__).parent / "configs", "train_diffusion", lambda cfg, run_dir: train(cfg, "diffusion", run_dir, task),
-         protect="checkpoints", check=check)
+    main(
+        Path(__file__).parent / "configs",
+        "train_diffusion",
+        lambda cfg, run_dir: train(cfg, "diffusion", run_dir, task),
+        protect="checkpoints",
+        check=check,
+    )

@@ -10,6 +10,7 @@ the configs/model/ and configs/classifier/ options the trainings use.
 MFU = 3 x forward FLOPs x images/s / peak (dense bf16 peak of the GPU where known; the backward costs about 2x the
 forward). FLOPs are counted by torch.utils.flop_counter on one forward pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,16 @@ class Case:
 
     def build(self) -> tuple[UNet, NoisyClassifier]:
         cls_cfg = OmegaConf.load(CONFIGS / "classifier" / f"{self.classifier}.yaml")
-        return (build_unet(self.unet, self.channels, self.size, 10),
-                build_classifier(cls_cfg, self.channels, self.size, 10))
+        return (
+            build_unet(self.unet, self.channels, self.size, 10),
+            build_classifier(cls_cfg, self.channels, self.size, 10),
+        )
 
 
-FULL = [Case("unet_cifar 32px", 3, 32, 128, "unet_cifar", "noisy"),
-        Case("unet_small 28px", 1, 28, 256, "unet_small", "noisy")]
+FULL = [
+    Case("unet_cifar 32px", 3, 32, 128, "unet_cifar", "noisy"),
+    Case("unet_small 28px", 1, 28, 256, "unet_small", "noisy"),
+]
 TINY = [Case("unet_tiny 16px", 1, 16, 16, "unet_tiny", "noisy_tiny")]
 
 
@@ -93,8 +98,17 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def train_figures(net: torch.nn.Module, inputs: tuple, target_fn, device: torch.device, iters: int, bf16: bool = True,
-                  fused: bool = True, channels_last: bool = False, compile_backend: str | None = None) -> dict:
+def train_figures(
+    net: torch.nn.Module,
+    inputs: tuple,
+    target_fn,
+    device: torch.device,
+    iters: int,
+    bf16: bool = True,
+    fused: bool = True,
+    channels_last: bool = False,
+    compile_backend: str | None = None,
+) -> dict:
     """img/s of AdamW steps (bf16 autocast and fused AdamW on CUDA unless turned off), FLOPs/img, MFU, peak memory;
     optionally with channels_last memory format and torch.compile (the levers of `--levers`)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -118,9 +132,13 @@ def train_figures(net: torch.nn.Module, inputs: tuple, target_fn, device: torch.
     flops = forward_flops(net, *inputs)
     img_s = batch / seconds
     peak = peak_flops(device)
-    return {"params_M": sum(p.numel() for p in net.parameters()) / 1e6, "gflops_fwd_per_img": flops / 1e9,
-            "train_img_s": img_s, "mfu": 3 * flops * img_s / peak if peak else None,
-            "peak_mem_MB": _peak_memory_mb(device)}
+    return {
+        "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+        "gflops_fwd_per_img": flops / 1e9,
+        "train_img_s": img_s,
+        "mfu": 3 * flops * img_s / peak if peak else None,
+        "peak_mem_MB": _peak_memory_mb(device),
+    }
 
 
 def sampling_figures(unet: UNet, classifier: NoisyClassifier, case: Case, device: torch.device, iters: int) -> dict:
@@ -149,10 +167,15 @@ def lever_figures(case: Case, device: torch.device, iters: int, compile_backend:
     t = torch.randint(0, 1000, (case.batch,), device=device)
     y = torch.randint(0, 11, (case.batch,), device=device)
     target = lambda eps: eps.float().pow(2).mean()
-    variants = {"fp32": dict(bf16=False, tf32=False), "fp32+tf32": dict(bf16=False), "bf16 (default)": {},
-                "bf16 foreach AdamW": dict(fused=False), "bf16+channels_last": dict(channels_last=True),
-                "bf16+compile": dict(compile_backend=compile_backend),
-                "bf16+compile+channels_last": dict(compile_backend=compile_backend, channels_last=True)}
+    variants = {
+        "fp32": dict(bf16=False, tf32=False),
+        "fp32+tf32": dict(bf16=False),
+        "bf16 (default)": {},
+        "bf16 foreach AdamW": dict(fused=False),
+        "bf16+channels_last": dict(channels_last=True),
+        "bf16+compile": dict(compile_backend=compile_backend),
+        "bf16+compile+channels_last": dict(compile_backend=compile_backend, channels_last=True),
+    }
     out = {}
     for name, kw in variants.items():
         tf32 = kw.pop("tf32", True)  # TF32 is on in every run of the benchmark but the plain fp32 one
@@ -182,12 +205,18 @@ def peer_figures(case: Case, device: torch.device, iters: int) -> dict | None:
     levels = len(layout["channel_mult"])
     widths = tuple(layout["channels"] * m for m in layout["channel_mult"])
     attn = [case.size // 2**i in layout["attn_resolutions"] for i in range(levels)]
-    net = UNet2DModel(sample_size=case.size, in_channels=case.channels, out_channels=case.channels,
-                      block_out_channels=widths, layers_per_block=layout["num_res_blocks"],
-                      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-                      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-                      num_class_embeds=11, dropout=layout["dropout"],
-                      norm_num_groups=min(32, widths[0] // 4))  # as our group_norm: 32 groups, fewer when narrow
+    net = UNet2DModel(
+        sample_size=case.size,
+        in_channels=case.channels,
+        out_channels=case.channels,
+        block_out_channels=widths,
+        layers_per_block=layout["num_res_blocks"],
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        num_class_embeds=11,
+        dropout=layout["dropout"],
+        norm_num_groups=min(32, widths[0] // 4),
+    )  # as our group_norm: 32 groups, fewer when narrow
     x = torch.randn(case.batch, case.channels, case.size, case.size, device=device)
     t = torch.randint(0, 1000, (case.batch,), device=device)
     y = torch.randint(0, 11, (case.batch,), device=device)
@@ -200,8 +229,9 @@ def peer_figures(case: Case, device: torch.device, iters: int) -> dict | None:
     return figures
 
 
-def run(size: str, device: torch.device, iters: int, levers: bool = False,
-        compile_backend: str = "inductor") -> list[dict]:
+def run(
+    size: str, device: torch.device, iters: int, levers: bool = False, compile_backend: str = "inductor"
+) -> list[dict]:
     rows = []
     for case in FULL if size == "full" else TINY:
         unet, classifier = case.build()
@@ -211,13 +241,21 @@ def run(size: str, device: torch.device, iters: int, levers: bool = False,
         ours = train_figures(unet, (x, t, y), lambda eps: eps.float().pow(2).mean(), device, iters)
         cls = train_figures(classifier, (x, t), lambda logits: logits.float().logsumexp(-1).mean(), device, iters)
         ours.update(sampling_figures(unet, classifier, case, device, iters))
-        row = {"case": case.name, "batch": case.batch, "device": str(device), "ours": ours,
-               "classifier": cls, "peer": peer_figures(case, device, iters),
-               # the levers on the first (largest) case only: each compiled variant costs a compilation
-               "levers": lever_figures(case, device, iters, compile_backend) if levers and not rows else None}
+        row = {
+            "case": case.name,
+            "batch": case.batch,
+            "device": str(device),
+            "ours": ours,
+            "classifier": cls,
+            "peer": peer_figures(case, device, iters),
+            # the levers on the first (largest) case only: each compiled variant costs a compilation
+            "levers": lever_figures(case, device, iters, compile_backend) if levers and not rows else None,
+        }
         if row["peer"]:
-            row["ratios"] = {"train_img_s": ours["train_img_s"] / row["peer"]["train_img_s"],
-                             "cfg_img_steps_s": ours["cfg_img_steps_s"] / row["peer"]["cfg_img_steps_s"]}
+            row["ratios"] = {
+                "train_img_s": ours["train_img_s"] / row["peer"]["train_img_s"],
+                "cfg_img_steps_s": ours["cfg_img_steps_s"] / row["peer"]["cfg_img_steps_s"],
+            }
         rows.append(row)
     return rows
 
@@ -246,8 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default=None, choices=["tiny", "full"], help="default: full on CUDA, tiny on CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 on CUDA, 3 on CPU)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--levers", action="store_true",
-                        help="also time each speed lever on and off (on the first case: unet_cifar at full size)")
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="also time each speed lever on and off (on the first case: unet_cifar at full size)",
+    )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the lever runs")
     args = parser.parse_args(argv)
     device = select_device(args.device)

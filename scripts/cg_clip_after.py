@@ -6,6 +6,7 @@ eps clipped to [-1, 1] and eps recomputed from it, which undoes the part of the 
 
     python scripts/cg_clip_after.py -m experiment=demo guidance=cg scale=3,10,20 ckpt=... classifier_ckpt=...
 """
+
 import runpy
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Shared helpers: run the real entry points in a subprocess, and hash a directory to prove nothing changed."""
+
 import contextlib
 import hashlib
 import importlib.util
@@ -14,12 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 
-def run_script(script: str, *overrides: str, cwd: Path, timeout: int = 300, env: dict | None = None
-               ) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *overrides: str, cwd: Path, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """python SCRIPT overrides... in `cwd`, offline wandb, no progress bars; returns the finished process."""
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _script_module(script: str):
@@ -58,8 +66,11 @@ def tree_digest(path: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `path` (empty if it does not exist)."""
     if not path.exists():
         return {}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -77,15 +88,21 @@ def smoke_runs(tmp_path_factory):
     """The command contract with experiment=smoke: a diffusion UNet, a noisy classifier, a clean classifier of the
     guidance family (cg_x0) and the two evaluators (a ResNet, a VGG with another seed)."""
     root = tmp_path_factory.mktemp("smoke")
-    runs = {"diffusion": root / "RUN1", "classifier": root / "RUN2", "clean": root / "CLEAN", "evaluator": root / "EVAL",
-            "evaluator2": root / "EVAL2"}
+    runs = {
+        "diffusion": root / "RUN1",
+        "classifier": root / "RUN2",
+        "clean": root / "CLEAN",
+        "evaluator": root / "EVAL",
+        "evaluator2": root / "EVAL2",
+    }
     small = ["classifier.channels=16", "classifier.channel_mult=[1,2]"]
-    for script, run_dir, extra in [("train_diffusion.py", runs["diffusion"], []),
-                                   ("train_classifier.py", runs["classifier"], []),
-                                   ("train_classifier.py", runs["clean"], ["classifier=clean", *small]),
-                                   ("train_classifier.py", runs["evaluator"], ["classifier=evaluator", *small]),
-                                   ("train_classifier.py", runs["evaluator2"], ["classifier=evaluator_vgg", "seed=1",
-                                                                                *small])]:
+    for script, run_dir, extra in [
+        ("train_diffusion.py", runs["diffusion"], []),
+        ("train_classifier.py", runs["classifier"], []),
+        ("train_classifier.py", runs["clean"], ["classifier=clean", *small]),
+        ("train_classifier.py", runs["evaluator"], ["classifier=evaluator", *small]),
+        ("train_classifier.py", runs["evaluator2"], ["classifier=evaluator_vgg", "seed=1", *small]),
+    ]:
         proc = run_script(script, "experiment=smoke", f"hydra.run.dir={run_dir}", *extra, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"root": root, **{k: v / "checkpoints" / "last.pt" for k, v in runs.items()}}

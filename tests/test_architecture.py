@@ -1,13 +1,31 @@
 """The package's layering: every guidelab module imports only modules below it in one order, so there is no import
 cycle and no import from a lower module up to a higher one. A new module must take its place in ORDER."""
+
 import ast
 from pathlib import Path
 
 import guidelab
 
 PACKAGE = Path(guidelab.__file__).parent
-ORDER = ["errors", "registry", "diffusion", "dist", "images", "log", "checkpoint", "data", "models", "guidance",
-         "sampling", "metrics", "networks", "train", "report", "config", "cli"]
+ORDER = [
+    "errors",
+    "registry",
+    "diffusion",
+    "dist",
+    "images",
+    "log",
+    "checkpoint",
+    "data",
+    "models",
+    "guidance",
+    "sampling",
+    "metrics",
+    "networks",
+    "train",
+    "report",
+    "config",
+    "cli",
+]
 
 
 def _unit(module: str) -> str:
@@ -23,8 +41,13 @@ def test_every_module_imports_only_modules_below_it():
         if me == "__init__":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if isinstance(node, ast.ImportFrom) and node.module == "guidelab":
                 names = [f"guidelab.{a.name}" for a in node.names]
             for name in names:

@@ -1,4 +1,5 @@
 """Atomic writes, weights_only loading, and the one-line errors for bad checkpoint files."""
+
 import os
 
 import pytest
@@ -9,9 +10,15 @@ from guidelab.errors import GuidelabError
 
 
 def _ckpt(step=1):
-    return {"kind": "diffusion", "model": {"w": torch.ones(3) * step}, "step": step,
-            "config": {"dataset": {"name": "procedural", "image_size": 16},
-                       "data_info": {"num_classes": 10, "channels": 1}}}
+    return {
+        "kind": "diffusion",
+        "model": {"w": torch.ones(3) * step},
+        "step": step,
+        "config": {
+            "dataset": {"name": "procedural", "image_size": 16},
+            "data_info": {"num_classes": 10, "channels": 1},
+        },
+    }
 
 
 def test_roundtrip(tmp_path):
@@ -117,13 +124,29 @@ def test_each_rank_gets_its_own_rng_state_back(monkeypatch, capsys):
         torch.manual_seed(seed)
         states.append(torch.get_rng_state())
     data_gen = torch.Generator().manual_seed(5)
-    ckpt = {**checkpoint.state("diffusion", {"model": torch.nn.Linear(2, 2)}, 7, {"cursor": 0},
-                               [{"torch": s, "cuda": []} for s in states], data_gen, _ckpt()["config"])}
+    ckpt = {
+        **checkpoint.state(
+            "diffusion",
+            {"model": torch.nn.Linear(2, 2)},
+            7,
+            {"cursor": 0},
+            [{"torch": s, "cuda": []} for s in states],
+            data_gen,
+            _ckpt()["config"],
+        )
+    }
     for rank, world in ((0, 2), (1, 2), (2, 3), (0, 3)):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        step, data = checkpoint.restore(ckpt, "x.pt", _ckpt()["config"], {"model": torch.nn.Linear(2, 2)},
-                                        torch.Generator(), torch.device("cpu"), seed=3)
+        step, data = checkpoint.restore(
+            ckpt,
+            "x.pt",
+            _ckpt()["config"],
+            {"model": torch.nn.Linear(2, 2)},
+            torch.Generator(),
+            torch.device("cpu"),
+            seed=3,
+        )
         assert step == 7 and data == {"cursor": 0}
         if rank < 2:
             assert torch.equal(torch.get_rng_state(), states[rank])
@@ -135,7 +158,16 @@ def test_each_rank_gets_its_own_rng_state_back(monkeypatch, capsys):
 
 
 def test_resume_refuses_another_network_config():
-    ckpt = checkpoint.state("diffusion", {}, 1, {}, [], torch.Generator(), {**_ckpt()["config"], "model": {"channels": 8}})
+    ckpt = checkpoint.state(
+        "diffusion", {}, 1, {}, [], torch.Generator(), {**_ckpt()["config"], "model": {"channels": 8}}
+    )
     with pytest.raises(GuidelabError, match="the model config differs"):
-        checkpoint.restore(ckpt, "x.pt", {**_ckpt()["config"], "model": {"channels": 16}}, {}, torch.Generator(),
-                           torch.device("cpu"), seed=0)
+        checkpoint.restore(
+            ckpt,
+            "x.pt",
+            {**_ckpt()["config"], "model": {"channels": 16}},
+            {},
+            torch.Generator(),
+            torch.device("cpu"),
+            seed=0,
+        )

@@ -1,4 +1,5 @@
 """What train_classifier.py adds to the loop for the evaluators: PGD examples (Madry et al. 2018)."""
+
 import importlib.util
 from pathlib import Path
 

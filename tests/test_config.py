@@ -1,6 +1,7 @@
 """Configs: every group option composes, Hydra types every key, each registered guidance mode, sampler and dataset has
 exactly its config file, and presets select groups through their defaults list while a group named on the command
 line wins."""
+
 import re
 import subprocess
 
@@ -28,8 +29,9 @@ def options(script: str, group: str) -> list[str]:
     return sorted(p.stem for p in groups_of(script)[group].glob("*.yaml"))
 
 
-CASES = [(script, group, option) for script in SCRIPTS for group in groups_of(script)
-         for option in options(script, group)]
+CASES = [
+    (script, group, option) for script in SCRIPTS for group in groups_of(script) for option in options(script, group)
+]
 
 
 @pytest.mark.parametrize("script,group,option", CASES, ids=[f"{s}-{g}={o}" for s, g, o in CASES])
@@ -77,24 +79,33 @@ def test_each_dataset_names_its_default_model_and_an_explicit_model_wins():
     assert _compose("train_diffusion", ["experiment=demo", "dataset=cifar10"]).model.name == "unet16"  # the preset's
 
 
-@pytest.mark.parametrize("script,override,cause", [
-    ("train_diffusion", "seed=abc", "could not be converted to Integer"),
-    ("train_diffusion", "train.steps=1.5", "could not be converted to Integer"),
-    ("train_classifier", "train.compile=maybe", "is not a valid bool"),
-    ("sample", "scale=high", "could not be converted to Float"),
-    ("sample", "guidance=cfg_rescale guidance.phi=abc", "could not be converted to Float"),
-    ("sample", "sampler=ddim sampler.eta=[1]", "could not be converted to Float"),
-    ("sample", "sampler=ddpm sampler.eta=0.5", "Key 'eta' not in 'sampler_ddpm'"),
-    ("train_diffusion", "model.channels=1.5", "could not be converted to Integer"),
-])
+@pytest.mark.parametrize(
+    "script,override,cause",
+    [
+        ("train_diffusion", "seed=abc", "could not be converted to Integer"),
+        ("train_diffusion", "train.steps=1.5", "could not be converted to Integer"),
+        ("train_classifier", "train.compile=maybe", "is not a valid bool"),
+        ("sample", "scale=high", "could not be converted to Float"),
+        ("sample", "guidance=cfg_rescale guidance.phi=abc", "could not be converted to Float"),
+        ("sample", "sampler=ddim sampler.eta=[1]", "could not be converted to Float"),
+        ("sample", "sampler=ddpm sampler.eta=0.5", "Key 'eta' not in 'sampler_ddpm'"),
+        ("train_diffusion", "model.channels=1.5", "could not be converted to Integer"),
+    ],
+)
 def test_types_are_hydras(script, override, cause):
     with pytest.raises(ConfigCompositionException) as e:
         _compose(script, override.split())
     assert cause in str(e.value) + str(e.value.__cause__)
 
 
-PRESET_CASES = [(script, preset, group) for script in SCRIPTS for preset in options(script, "experiment")
-                if preset != "none" for group in groups_of(script) if group != "experiment"]
+PRESET_CASES = [
+    (script, preset, group)
+    for script in SCRIPTS
+    for preset in options(script, "experiment")
+    if preset != "none"
+    for group in groups_of(script)
+    if group != "experiment"
+]
 
 
 @pytest.mark.parametrize("script,preset,group", PRESET_CASES, ids=["-".join(c) for c in PRESET_CASES])

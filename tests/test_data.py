@@ -104,15 +104,19 @@ def test_cifar10_from_python_batches(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     names = list(DATASETS["cifar10"].class_names)
     _write_py2_pickle(base / "batches.meta", {"label_names": names, "num_cases_per_batch": 4, "num_vis": 3072})
-    batches = {name: (rng.integers(0, 256, (4, 3072), dtype=np.uint8), rng.integers(0, 10, 4).tolist())
-               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    batches = {
+        name: (rng.integers(0, 256, (4, 3072), dtype=np.uint8), rng.integers(0, 10, 4).tolist())
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    }
     red = np.zeros((3, 32, 32), np.uint8)  # rows are row-major (3, 32, 32): R, G, B planes
     red[0] = 255
     red[2, 3, 7] = 200  # one marked pixel: channel 2 (blue), row 3, column 7
     batches["data_batch_1"][0][0] = red.reshape(-1)
     for name, (pixels, labels) in batches.items():
-        _write_py2_pickle(base / name, {"batch_label": name, "labels": labels, "data": pixels,
-                                        "filenames": [f"img{i}.png" for i in range(4)]})
+        _write_py2_pickle(
+            base / name,
+            {"batch_label": name, "labels": labels, "data": pixels, "filenames": [f"img{i}.png" for i in range(4)]},
+        )
     with open(base / "data_batch_1", "rb") as f:
         assert b"data" in pickle.load(f, encoding="bytes")  # same key types as the original files
 
@@ -209,7 +213,12 @@ def test_registry_and_bad_arguments():
     assert DATASETS["cifar10"].channels == 3 and DATASETS["cifar10"].hflip is True
     assert [n for n, s in DATASETS.items() if s.hflip] == ["cifar10"]
     assert {n: s.image_size for n, s in DATASETS.items()} == {
-        "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "mnist5k": 28, "procedural": 16}
+        "mnist": 28,
+        "fashion_mnist": 28,
+        "cifar10": 32,
+        "mnist5k": 28,
+        "procedural": 16,
+    }
     assert dataset_info("procedural").channels == 1
     with pytest.raises(GuidelabError) as err:
         load_dataset("imagenet")

@@ -1,5 +1,6 @@
 """torchrun + DDP on the CPU (gloo): training matches a single process at the same global batch, sampling assembles
 exactly the single-process samples.npz, and a failing rank ends the whole job with its error, in bounded time."""
+
 import json
 import os
 import subprocess
@@ -50,12 +51,12 @@ def test_two_rank_sampling_equals_one_process(smoke_runs, tmp_path):
 def test_a_failing_rank_ends_the_job_with_its_error(smoke_runs, tmp_path):
     """Rank 1 gets a checkpoint that does not exist; rank 0 would wait for it at the first collective."""
     wrapper = tmp_path / "rank.sh"
-    wrapper.write_text(f'''#!/usr/bin/env bash
-ckpt={smoke_runs['diffusion']}
-[ "$RANK" = 1 ] && ckpt={tmp_path / 'missing.pt'}
-exec {sys.executable} {REPO / 'sample.py'} experiment=smoke ckpt=$ckpt num_samples=20 batch_size=4 \\
-    hydra.run.dir={tmp_path / 'run'}
-''')
+    wrapper.write_text(f"""#!/usr/bin/env bash
+ckpt={smoke_runs["diffusion"]}
+[ "$RANK" = 1 ] && ckpt={tmp_path / "missing.pt"}
+exec {sys.executable} {REPO / "sample.py"} experiment=smoke ckpt=$ckpt num_samples=20 batch_size=4 \\
+    hydra.run.dir={tmp_path / "run"}
+""")
     wrapper.chmod(0o755)
     t0 = time.monotonic()
     proc = torchrun("--no-python", str(wrapper), cwd=tmp_path, timeout=240)
@@ -78,8 +79,14 @@ def test_a_resumed_two_rank_run_gives_each_rank_its_own_noise_back(tmp_path):
 
     import torch
 
-    common = [str(REPO / "train_diffusion.py"), "experiment=smoke", "train.steps=60", "train.ckpt_every=30",
-              "train.eval_every=0", "model.p_uncond=0.3"]
+    common = [
+        str(REPO / "train_diffusion.py"),
+        "experiment=smoke",
+        "train.steps=60",
+        "train.ckpt_every=30",
+        "train.eval_every=0",
+        "model.p_uncond=0.3",
+    ]
     proc = torchrun(*common, f"hydra.run.dir={tmp_path / 'A'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mid = torch.load(tmp_path / "A" / "checkpoints" / "0000030.pt", weights_only=True)

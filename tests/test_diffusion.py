@@ -1,4 +1,5 @@
 """Schedules, the forward process, x0 from eps and the posterior against independent closed forms."""
+
 import math
 
 import pytest

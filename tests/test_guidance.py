@@ -1,16 +1,39 @@
 """Guidance eps-functions: the CFG formula and its exact endpoints, one doubled batch, the classifier term, and each
 variant's reduction to plain CFG / CG plus its defining property, on constructed tensors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
 from guidelab.diffusion import Diffusion, linear_betas
-from guidelab.guidance import (MODES, anneal_condition, apg_combine, attention_blocks, attention_replaced,
-                               blurred_query_attention, cads_gamma, cfg_combine, classifier_score, dynamic_threshold,
-                               frequency_combine, identity_attention, in_interval, independent_classes, lowpass,
-                               magnitude_scale, make_eps_fn, noise_level, project, rescale_combine, scheduled_weight,
-                               tangential_uncond, time_embedding_perturbed, x0_classifier_score, zero_star_scale)
+from guidelab.guidance import (
+    MODES,
+    anneal_condition,
+    apg_combine,
+    attention_blocks,
+    attention_replaced,
+    blurred_query_attention,
+    cads_gamma,
+    cfg_combine,
+    classifier_score,
+    dynamic_threshold,
+    frequency_combine,
+    identity_attention,
+    in_interval,
+    independent_classes,
+    lowpass,
+    magnitude_scale,
+    make_eps_fn,
+    noise_level,
+    project,
+    rescale_combine,
+    scheduled_weight,
+    tangential_uncond,
+    time_embedding_perturbed,
+    x0_classifier_score,
+    zero_star_scale,
+)
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -106,40 +129,57 @@ def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
     assert torch.allclose(out.score, 0.5 * classifier_score(clf, x, t, y))
 
 
-@pytest.mark.parametrize("mode,kwargs,match", [
-    ("cg", {}, "needs a noisy classifier: pass classifier_ckpt=PATH"),
-    ("cfg_cg", {}, "classifier_ckpt"),
-    ("cg_interval", {"diffusion": PROCESS}, "classifier_ckpt"),
-    ("foo", {}, "unknown guidance 'foo'; valid: " + ", ".join(sorted(MODES))),
-    ("none", {"base": "both"}, "guidance.base must be one of uncond, cond, got 'both'"),
-    ("cfg_rescale", {"phi": 0.5}, "noise schedule"),
-    ("cfg_rescale", {"diffusion": PROCESS, "space": "v"}, "guidance.space must be one of x0, eps"),
-    ("cfg_rescale", {"diffusion": PROCESS, "phi": 1.5}, r"guidance.phi must be in \[0, 1\], got 1.5"),
-    ("cfg_interval", {"diffusion": PROCESS, "sigma_lo": 5.0, "sigma_hi": 1.0}, "must be above guidance.sigma_lo"),
-    ("cfg_interval", {"diffusion": PROCESS, "sigma_hi": 0.1}, r"guidance.sigma_hi \(0.1\) must be above "
-                                                           r"guidance.sigma_lo \(0.28\)"),  # the default sigma_lo
-    ("cfg", {"phi": 0.5}, "unknown options"),
-    ("autoguidance", {}, "guide_ckpt"),
-    ("cg_x0", {"diffusion": PROCESS}, r"needs a clean-image classifier: pass classifier_ckpt=PATH \(train one with "
-                                      "`python train_classifier.py classifier=clean`"),
-    ("cg_x0", {"classifier": ToyClassifier()}, "noise schedule"),
-])
+@pytest.mark.parametrize(
+    "mode,kwargs,match",
+    [
+        ("cg", {}, "needs a noisy classifier: pass classifier_ckpt=PATH"),
+        ("cfg_cg", {}, "classifier_ckpt"),
+        ("cg_interval", {"diffusion": PROCESS}, "classifier_ckpt"),
+        ("foo", {}, "unknown guidance 'foo'; valid: " + ", ".join(sorted(MODES))),
+        ("none", {"base": "both"}, "guidance.base must be one of uncond, cond, got 'both'"),
+        ("cfg_rescale", {"phi": 0.5}, "noise schedule"),
+        ("cfg_rescale", {"diffusion": PROCESS, "space": "v"}, "guidance.space must be one of x0, eps"),
+        ("cfg_rescale", {"diffusion": PROCESS, "phi": 1.5}, r"guidance.phi must be in \[0, 1\], got 1.5"),
+        ("cfg_interval", {"diffusion": PROCESS, "sigma_lo": 5.0, "sigma_hi": 1.0}, "must be above guidance.sigma_lo"),
+        (
+            "cfg_interval",
+            {"diffusion": PROCESS, "sigma_hi": 0.1},
+            r"guidance.sigma_hi \(0.1\) must be above "
+            r"guidance.sigma_lo \(0.28\)",
+        ),  # the default sigma_lo
+        ("cfg", {"phi": 0.5}, "unknown options"),
+        ("autoguidance", {}, "guide_ckpt"),
+        (
+            "cg_x0",
+            {"diffusion": PROCESS},
+            r"needs a clean-image classifier: pass classifier_ckpt=PATH \(train one with "
+            "`python train_classifier.py classifier=clean`",
+        ),
+        ("cg_x0", {"classifier": ToyClassifier()}, "noise schedule"),
+    ],
+)
 def test_bad_guidance_arguments(mode, kwargs, match):
     unet, (x, t, y) = ToyUNet(), _inputs()
     with pytest.raises(GuidelabError, match=match):
         make_eps_fn(mode, unet, y, 1.0, **kwargs)
 
 
-@pytest.mark.parametrize("mode,scale,match", [("cfg", -1.0, r"scale must be >= 0, got -1; 0 = unconditional"),
-                                              ("cfgpp", 2.0, r"scale must be in \[0, 1\], got 2; guidance=cfgpp reads"),
-                                              ("cg", -0.5, "classifier gradient"),
-                                              ("cg_x0", -0.5, r"scale must be >= 0, got -0.5; the classifier gradient")])
+@pytest.mark.parametrize(
+    "mode,scale,match",
+    [
+        ("cfg", -1.0, r"scale must be >= 0, got -1; 0 = unconditional"),
+        ("cfgpp", 2.0, r"scale must be in \[0, 1\], got 2; guidance=cfgpp reads"),
+        ("cg", -0.5, "classifier gradient"),
+        ("cg_x0", -0.5, r"scale must be >= 0, got -0.5; the classifier gradient"),
+    ],
+)
 def test_each_mode_checks_its_scale(mode, scale, match):
     with pytest.raises(GuidelabError, match=match):
         make_eps_fn(mode, ToyUNet(), _inputs()[2], scale, classifier=ToyClassifier(), diffusion=PROCESS)
 
 
 # --- variants: each reduces to plain CFG / CG where its paper says, and has its defining property -------------------
+
 
 def _x0(x, t, eps):
     a = ABAR[t].float().view(-1, 1, 1, 1)
@@ -191,7 +231,9 @@ def test_interval_guides_exactly_the_samples_inside_it():
     cg = make_eps_fn("cg", unet, y, 2.0, classifier=clf)(x, t)
     assert torch.equal(out.eps, cg.eps)
     assert torch.allclose(out.score[inside], cg.score[inside]) and (out.score[~inside] == 0).all()
-    full = make_eps_fn("cg_interval", unet, y, 2.0, classifier=clf, diffusion=PROCESS, sigma_lo=0.0, sigma_hi=float("inf"))
+    full = make_eps_fn(
+        "cg_interval", unet, y, 2.0, classifier=clf, diffusion=PROCESS, sigma_lo=0.0, sigma_hi=float("inf")
+    )
     assert torch.equal(full(x, t).score, cg.score)
 
 
@@ -211,8 +253,9 @@ def test_apg_parts_are_orthogonal_threshold_caps_the_norm_and_momentum_accumulat
     parallel, orthogonal = project(d_c - d_u, d_c)
     assert torch.allclose((orthogonal * d_c).flatten(1).sum(1), torch.zeros(4), atol=1e-5)
     assert torch.allclose(parallel + orthogonal, d_c - d_u)
-    assert torch.allclose(torch.linalg.matrix_rank(torch.stack([parallel.flatten(1)[0], d_c.flatten(1)[0]])),
-                          torch.tensor(1))
+    assert torch.allclose(
+        torch.linalg.matrix_rank(torch.stack([parallel.flatten(1)[0], d_c.flatten(1)[0]])), torch.tensor(1)
+    )
     # eta = 0 keeps only the orthogonal part: the update is orthogonal to D_c
     guided, _ = apg_combine(d_u, d_c, 5.0, eta=0.0)
     assert torch.allclose(((guided - d_c) * d_c).flatten(1).sum(1), torch.zeros(4), atol=1e-4)
@@ -329,6 +372,7 @@ def test_cfg_zero_star_zeroes_the_first_noise_levels_without_calling_the_network
 
 # --- cg_x0: a clean classifier on the denoised estimate, the gradient through the UNet -------------------------------
 
+
 class TanhUNet(torch.nn.Module):
     """A double-precision UNet stand-in whose eps is nonlinear in x (a conv through tanh), so that the UNet's Jacobian
     enters grad_{x_t} log p(y | x0_hat(x_t)); counts calls and batch sizes."""
@@ -422,6 +466,7 @@ def test_cg_x0_differs_from_the_classifier_on_x_t_and_a_small_step_raises_log_p_
 
 # --- tcfg: the unconditional prediction without its tangential part --------------------------------------------------
 
+
 def test_tangential_uncond_keeps_the_shared_direction_and_leaves_parallel_predictions_alone():
     """The projection lies on the top right singular vector of [eps_c; eps_u] (the best rank-one fit of the pair) and
     returns eps_u itself when eps_u is a multiple of eps_c (TCFG is then plain CFG)."""
@@ -450,6 +495,7 @@ def test_tcfg_is_cfg_on_the_projected_unconditional_prediction():
 
 # --- mambo: the CFG weight damped by the update's relative size ------------------------------------------------------
 
+
 def test_magnitude_scale_is_w_at_alpha_0_and_damps_large_updates_more():
     torch.manual_seed(0)
     eps_u = torch.randn(3, 1, 4, 4)
@@ -458,7 +504,9 @@ def test_magnitude_scale_is_w_at_alpha_0_and_damps_large_updates_more():
     w = magnitude_scale(eps_u, eps_c, 4.0, 2.0).flatten()
     r = (eps_c - eps_u).flatten(1).norm(dim=1) / eps_u.flatten(1).norm(dim=1)
     assert torch.allclose(w, 1 + 3 * torch.exp(-2 * r), atol=1e-6)
-    assert 4.0 > w[0] > w[1] > w[2] > 1.0  # the larger the update relative to eps_u, the nearer to the conditional model
+    assert (
+        4.0 > w[0] > w[1] > w[2] > 1.0
+    )  # the larger the update relative to eps_u, the nearer to the conditional model
 
 
 def test_mambo_is_cfg_at_alpha_0_and_damped_cfg_otherwise():
@@ -475,6 +523,7 @@ def test_mambo_is_cfg_at_alpha_0_and_damped_cfg_otherwise():
 
 
 # --- icg: an independent random class in place of the null class -----------------------------------------------------
+
 
 def test_icg_is_cfg_when_the_independent_class_is_the_null_class(monkeypatch):
     import guidelab.guidance as guidance
@@ -505,13 +554,23 @@ def test_icg_draws_real_classes_independent_of_y_per_call_reproducibly():
 
 # --- pag: the guiding pass with identity self-attention ---------------------------------------------------------------
 
+
 def _small_unet(attn_resolutions=()):
     """A real UNet with random weights everywhere (its zero-initialised output and attention projections too)."""
     from guidelab.models import UNet
 
     torch.manual_seed(0)
-    unet = UNet(1, 8, 3, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=attn_resolutions,
-                dropout=0.0, num_heads=2).eval()
+    unet = UNet(
+        1,
+        8,
+        3,
+        channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=attn_resolutions,
+        dropout=0.0,
+        num_heads=2,
+    ).eval()
     with torch.no_grad():
         for p in unet.parameters():
             p.copy_(0.2 * torch.randn_like(p))
@@ -546,12 +605,16 @@ def test_pag_is_cfg_between_the_conditional_and_the_perturbed_pass_and_no_layers
         assert (eps_pert - eps_c).abs().max() > 1e-3
         assert torch.equal(make_eps_fn("pag", unet, y, 2.5, layers=[])(x, t).eps, eps_c)
         assert torch.equal(make_eps_fn("pag", unet, y, 1.0)(x, t).eps, eps_c)
-    with pytest.raises(GuidelabError, match=r"guidance.layers \['mid'\] are not attention blocks of this UNet; its "
-                                            r"attention blocks: encoder.blocks.2.1, encoder.mid.1, up.0.0.1, up.0.1.1$"):
+    with pytest.raises(
+        GuidelabError,
+        match=r"guidance.layers \['mid'\] are not attention blocks of this UNet; its "
+        r"attention blocks: encoder.blocks.2.1, encoder.mid.1, up.0.0.1, up.0.1.1$",
+    ):
         make_eps_fn("pag", unet, y, 2.5, layers=["mid"])
 
 
 # --- seg: the guiding pass with blurred attention queries -------------------------------------------------------------
+
 
 def test_blurred_query_attention_is_a_normalised_gaussian_blur_of_the_queries(monkeypatch):
     torch.manual_seed(0)
@@ -598,6 +661,7 @@ def test_seg_is_cfg_between_the_conditional_and_the_blurred_pass_and_reduces_to_
 
 # --- fdg: separate scales for the coarse and the detail band ---------------------------------------------------------
 
+
 def test_lowpass_bands_sum_to_the_input_and_the_coarse_band_is_smooth():
     torch.manual_seed(0)
     x = torch.randn(2, 1, 16, 16)
@@ -627,6 +691,7 @@ def test_fdg_is_cfg_with_equal_scales_and_guides_each_band_by_its_own_scale():
 
 # --- tsg: the guiding pass with a noised time-step embedding ---------------------------------------------------------
 
+
 def test_tsg_guides_away_from_a_noised_time_embedding_and_reduces_to_the_conditional_model():
     from guidelab.models.layers import timestep_embedding
 
@@ -641,15 +706,19 @@ def test_tsg_guides_away_from_a_noised_time_embedding_and_reduces_to_the_conditi
             spy.remove()
         assert unet.time_embed.mlp._forward_pre_hooks == {}  # removed on exit
         noise = seen[0] - timestep_embedding(t, unet.time_embed.dim)
-        assert torch.allclose(noise, 0.5 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(3)),
-                              atol=1e-6)
+        assert torch.allclose(
+            noise, 0.5 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(3)), atol=1e-6
+        )
         out = make_eps_fn("tsg", unet, y, 2.0, noise_scale=0.5, seed=3)(x, t).eps
-        assert torch.allclose(out, cfg_combine(eps_pert, eps_c, 2.0), atol=1e-6) and (eps_pert - eps_c).abs().max() > 1e-4
+        assert (
+            torch.allclose(out, cfg_combine(eps_pert, eps_c, 2.0), atol=1e-6) and (eps_pert - eps_c).abs().max() > 1e-4
+        )
         assert torch.equal(make_eps_fn("tsg", unet, y, 2.0, noise_scale=0.0)(x, t).eps, eps_c)
         assert torch.equal(make_eps_fn("tsg", unet, y, 1.0)(x, t).eps, eps_c)
 
 
 # --- cads: the class embedding annealed from noise to clean -----------------------------------------------------------
+
 
 def test_cads_gamma_and_the_annealed_condition():
     gamma = cads_gamma(torch.tensor([0.0, 0.6, 0.75, 0.9, 1.0]), 0.6, 0.9)
@@ -685,6 +754,7 @@ def test_cads_is_cfg_with_a_clean_condition_and_noises_only_the_conditional_bran
 
 # --- schedule: the CFG weight over t (Wang et al. 2024) ---------------------------------------------------------------
 
+
 def test_scheduled_weights_rise_as_noise_falls_with_the_constant_weights_mean():
     grid = [i / 10000 for i in range(10001)]
     for schedule in ("linear", "cosine"):
@@ -714,8 +784,9 @@ def test_every_cfg_style_mode_takes_a_schedule_and_constant_is_the_unscheduled_m
             assert torch.equal(make_eps_fn(mode, unet, y, 3.0, schedule="constant", **kw)(x, t).eps, plain), mode
             s_t = 1 + scheduled_weight(2.0, level / 1000, "linear")
             expected = make_eps_fn(mode, unet, y, s_t, **kw)(x, t).eps
-            assert torch.allclose(make_eps_fn(mode, unet, y, 3.0, schedule="linear", **kw)(x, t).eps, expected,
-                                  atol=1e-6), (mode, level)
+            assert torch.allclose(
+                make_eps_fn(mode, unet, y, 3.0, schedule="linear", **kw)(x, t).eps, expected, atol=1e-6
+            ), (mode, level)
 
 
 def test_a_schedule_needs_a_cfg_style_mode_and_a_known_name():

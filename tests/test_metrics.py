@@ -1,4 +1,5 @@
 """FID, IS, precision/recall against closed forms and limiting cases; the reference cache; Inception's clear error."""
+
 import math
 
 import numpy as np
@@ -42,6 +43,7 @@ def test_precision_recall_sees_mode_dropping():
 
 def _brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[int, int]:
     """Kynkaanniemi et al. 2019 by hand: how many fakes lie in some real k-NN ball, how many reals in some fake one."""
+
     def radius(points, i):  # distance from points[i] to its k-th nearest other point
         return sorted(math.dist(points[i], points[j]) for j in range(len(points)) if j != i)[k - 1]
 

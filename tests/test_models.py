@@ -194,8 +194,11 @@ def test_evaluators_ignore_time_and_their_features_feed_their_head(arch, in_chan
 
 
 def test_checkpoints_without_an_arch_are_the_unet_encoder_and_an_unknown_arch_is_named():
-    cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS / "classifier" / "noisy16.yaml")).items()
-           if k not in ("arch", "shift", "rotate", "pgd_eps", "pgd_steps")}
+    cfg = {
+        k: v
+        for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS / "classifier" / "noisy16.yaml")).items()
+        if k not in ("arch", "shift", "rotate", "pgd_eps", "pgd_steps")
+    }
     assert isinstance(build_classifier(cfg, 1, 16, 10), NoisyClassifier)
     with pytest.raises(GuidelabError, match="unknown classifier.arch 'mlp'; valid: unet_encoder, resnet, vgg"):
         build_classifier({**cfg, "arch": "mlp"}, 1, 16, 10)

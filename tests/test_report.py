@@ -1,19 +1,32 @@
 """Report pieces that need no sweep on disk: the per-variant trade-off panels and file names of series grids."""
+
 from PIL import Image
 
 from guidelab.report import COLUMNS, _file_name, _series, best_rows, markdown, variant_panels
 
 
 def _row(guidance, s, fid, acc, options=None):
-    return {**{c: None for c in COLUMNS}, "guidance": guidance, "s": s, "fid": fid, "accuracy": acc,
-            "options": options, "steps": 25, "sampler": "ddim"}
+    return {
+        **{c: None for c in COLUMNS},
+        "guidance": guidance,
+        "s": s,
+        "fid": fid,
+        "accuracy": acc,
+        "options": options,
+        "steps": 25,
+        "sampler": "ddim",
+    }
 
 
 def test_variant_panels_draw_one_panel_per_variant_against_the_anchors(tmp_path):
-    rows = [_row("cfg", s, 1 + s, 0.8 + s / 50) for s in (1, 2, 3)] + [_row("cg", s, 5 - s, 0.5 + s / 20) for s in (1, 2)]
+    rows = [_row("cfg", s, 1 + s, 0.8 + s / 50) for s in (1, 2, 3)] + [
+        _row("cg", s, 5 - s, 0.5 + s / 20) for s in (1, 2)
+    ]
     rows += [_row("apg", s, 0.5 + s, 0.8 + s / 40) for s in (2, 3)]
-    rows += [_row("autoguidance", 2, 0.7, 0.84, options="guide=a/b.pt"), _row("autoguidance", 2, 0.8, 0.83,
-                                                                            options="guide=c/d.pt")]
+    rows += [
+        _row("autoguidance", 2, 0.7, 0.84, options="guide=a/b.pt"),
+        _row("autoguidance", 2, 0.8, 0.83, options="guide=c/d.pt"),
+    ]
     (path,) = variant_panels(rows, tmp_path)
     width, height = Image.open(path).size
     assert width > 2 * height  # two panels side by side (apg, autoguidance), one row
@@ -31,14 +44,21 @@ def test_cfg_with_options_is_a_variant_panel_not_an_anchor(tmp_path):
 
 
 def test_series_labels_become_flat_file_names():
-    assert _file_name("autoguidance options=guide=runs/a/checkpoints/0000500.pt") == \
-        "autoguidance_optionsguideruns_a_checkpoints_0000500.pt"
+    assert (
+        _file_name("autoguidance options=guide=runs/a/checkpoints/0000500.pt")
+        == "autoguidance_optionsguideruns_a_checkpoints_0000500.pt"
+    )
     assert "/" not in _file_name("cfg steps=25 x/y") and " " not in _file_name("a b")
 
 
 def test_best_rows_and_the_flag_where_the_two_evaluators_disagree():
-    rows = [_row("cfg", 1.0, 2.0, 0.90), _row("cfg", 3.0, 4.0, 0.99), _row("cfg", 5.0, 3.0, 0.99),
-            _row("cg", 3.0, 5.0, 0.80), _row("cg", 10.0, 6.0, 0.86)]
+    rows = [
+        _row("cfg", 1.0, 2.0, 0.90),
+        _row("cfg", 3.0, 4.0, 0.99),
+        _row("cfg", 5.0, 3.0, 0.99),
+        _row("cg", 3.0, 5.0, 0.80),
+        _row("cg", 10.0, 6.0, 0.86),
+    ]
     assert [(r["guidance"], r["s"]) for r in best_rows(rows)] == [("cfg", 5.0), ("cg", 10.0)]  # tie: lower FID
     for r, second in zip(rows, [0.89, 0.98, 0.985, 0.70, 0.85]):
         r.update(accuracy_2=second, disagreement=r["accuracy"] - second, evaluator="evaluator", evaluator_test_acc=0.99)

@@ -1,5 +1,6 @@
 """Runs that survive: pre-emption signals, SIGKILL and exact resume, payload-carrying checkpoints, full or
 unwritable output dirs. Through the real entry points."""
+
 import os
 import signal
 import subprocess
@@ -15,9 +16,14 @@ ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
 
 def _start(tmp_path, run_dir, *overrides):
-    return subprocess.Popen([sys.executable, str(REPO / "train_diffusion.py"), "experiment=smoke",
-                             f"hydra.run.dir={run_dir}", *overrides], cwd=tmp_path, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train_diffusion.py"), "experiment=smoke", f"hydra.run.dir={run_dir}", *overrides],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path, proc, timeout=120):
@@ -40,8 +46,9 @@ def _same_state(a_path, b_path):
 
 def test_sigkill_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     common = ["train.steps=160", "train.ckpt_every=20", "train.eval_every=0", "model.p_uncond=0.3"]
-    straight = run_script("train_diffusion.py", "experiment=smoke", *common, f"hydra.run.dir={tmp_path / 'A'}",
-                          cwd=tmp_path)
+    straight = run_script(
+        "train_diffusion.py", "experiment=smoke", *common, f"hydra.run.dir={tmp_path / 'A'}", cwd=tmp_path
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     proc = _start(tmp_path, tmp_path / "B", *common)
     _wait_for(tmp_path / "B" / "checkpoints" / "0000060.pt", proc)
@@ -51,8 +58,14 @@ def test_sigkill_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tm
     assert proc.returncode == -signal.SIGKILL
     killed_at = torch.load(tmp_path / "B" / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert 60 <= killed_at < 160
-    resumed = run_script("train_diffusion.py", "experiment=smoke", *common, "resume=true",
-                         f"hydra.run.dir={tmp_path / 'B'}", cwd=tmp_path)
+    resumed = run_script(
+        "train_diffusion.py",
+        "experiment=smoke",
+        *common,
+        "resume=true",
+        f"hydra.run.dir={tmp_path / 'B'}",
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {killed_at}" in resumed.stdout
     _same_state(tmp_path / "A" / "checkpoints" / "last.pt", tmp_path / "B" / "checkpoints" / "last.pt")
@@ -75,8 +88,16 @@ def _interrupt(tmp_path, sig):
 
 def test_sigterm_saves_the_current_step_and_the_run_resumes(tmp_path):
     run_dir, step = _interrupt(tmp_path, signal.SIGTERM)
-    proc = run_script("train_diffusion.py", "experiment=smoke", f"train.steps={step + 10}", "train.ckpt_every=0",
-                      "train.eval_every=0", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = run_script(
+        "train_diffusion.py",
+        "experiment=smoke",
+        f"train.steps={step + 10}",
+        "train.ckpt_every=0",
+        "train.eval_every=0",
+        "resume=true",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == step + 10
 
@@ -100,16 +121,20 @@ def test_payload_checkpoints_are_refused_by_sample_and_resume_and_never_run(smok
     (run_dir / "checkpoints").mkdir(parents=True)
     _evil_checkpoint(run_dir / "checkpoints" / "last.pt", marker, smoke_runs["diffusion"])
     before = tree_digest(run_dir / "checkpoints")
-    proc = run_script("train_diffusion.py", "experiment=smoke", "resume=true", f"hydra.run.dir={run_dir}",
-                      cwd=tmp_path)
+    proc = run_script("train_diffusion.py", "experiment=smoke", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert_one_line_error(proc, "was refused")
     assert not marker.exists()
     assert tree_digest(run_dir / "checkpoints") == before
 
 
 def test_a_full_disk_is_refused_before_training(tmp_path):
-    proc = run_script("train_diffusion.py", "experiment=smoke", "train.min_free_gb=1e9",
-                      f"hydra.run.dir={tmp_path / 'R'}", cwd=tmp_path)
+    proc = run_script(
+        "train_diffusion.py",
+        "experiment=smoke",
+        "train.min_free_gb=1e9",
+        f"hydra.run.dir={tmp_path / 'R'}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(proc, "GB free", "train.min_free_gb")
     assert not list((tmp_path / "R").rglob("*.pt"))
 
@@ -124,9 +149,17 @@ def test_an_unwritable_run_dir_is_refused_before_hydra_writes(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "R"
-    proc = run_script("train_diffusion.py", "experiment=smoke", "train.lr=1e30", "train.warmup_steps=0",
-                      "train.log_every=1", "train.ckpt_every=1", "train.eval_every=0", f"hydra.run.dir={run_dir}",
-                      cwd=tmp_path)
+    proc = run_script(
+        "train_diffusion.py",
+        "experiment=smoke",
+        "train.lr=1e30",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+        "train.ckpt_every=1",
+        "train.eval_every=0",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert_one_line_error(proc, "loss is inf at step 2", "nothing was saved for it")
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["step"] == 1
@@ -136,8 +169,16 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     run_dir = tmp_path / "R"
-    proc = run_script("train_diffusion.py", "experiment=smoke", "train.steps=50", "train.ckpt_every=10",
-                      "train.keep_checkpoints=2", "train.eval_every=0", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = run_script(
+        "train_diffusion.py",
+        "experiment=smoke",
+        "train.steps=50",
+        "train.ckpt_every=10",
+        "train.keep_checkpoints=2",
+        "train.eval_every=0",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000040.pt", "0000050.pt", "last.pt"]
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == (run_dir / "checkpoints" / "0000050.pt").read_bytes()
@@ -147,8 +188,9 @@ def test_a_damaged_last_pt_resumes_from_the_newest_intact_checkpoint(tmp_path):
     """last.pt and the newest numbered checkpoint (one file, two names) truncated: resume=true says so, continues from
     the one before, and ends bit-identical to the undamaged run."""
     common = ["train.steps=60", "train.ckpt_every=20", "train.eval_every=0"]
-    proc = run_script("train_diffusion.py", "experiment=smoke", *common, f"hydra.run.dir={tmp_path / 'R'}",
-                      cwd=tmp_path)
+    proc = run_script(
+        "train_diffusion.py", "experiment=smoke", *common, f"hydra.run.dir={tmp_path / 'R'}", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = tmp_path / "R" / "checkpoints"
     os.replace(ckpts / "last.pt", tmp_path / "intact_last.pt")
@@ -156,8 +198,14 @@ def test_a_damaged_last_pt_resumes_from_the_newest_intact_checkpoint(tmp_path):
     (ckpts / "0000060.pt").unlink()
     (ckpts / "0000060.pt").write_bytes(data[: len(data) // 2])
     os.link(ckpts / "0000060.pt", ckpts / "last.pt")
-    proc = run_script("train_diffusion.py", "experiment=smoke", *common, "resume=true", f"hydra.run.dir={tmp_path / 'R'}",
-                      cwd=tmp_path)
+    proc = run_script(
+        "train_diffusion.py",
+        "experiment=smoke",
+        *common,
+        "resume=true",
+        f"hydra.run.dir={tmp_path / 'R'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped damaged last.pt" in proc.stdout and "0000040.pt (step 40)" in proc.stdout, proc.stdout
     _same_state(tmp_path / "intact_last.pt", ckpts / "last.pt")

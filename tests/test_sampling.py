@@ -1,6 +1,7 @@
 """Samplers against exact eps-functions: they land on the data, their error on the exact probability-flow ODE falls
 with the step count, DDIM(eta=0) is deterministic, the classifier term moves samples as the tilted distribution says;
 and the timestep grids every sampler shares."""
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -28,9 +29,11 @@ def point_mass_oracle(d: Diffusion, c: torch.Tensor):
 def gaussian_oracle(d: Diffusion, mu: float, s: float):
     """Exact eps for data N(mu, s^2): x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar), E[eps | x_t] =
     sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)."""
+
     def eps_fn(x, t):
         a = d.abar[t].view(-1, 1, 1, 1)
         return Guided(((1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)).float())
+
     return eps_fn
 
 
@@ -50,7 +53,9 @@ def test_samplers_recover_a_point_mass(name, steps):
     d = Diffusion(linear_betas(1000))
     c = torch.tensor([0.3, -0.6]).view(1, 2, 1, 1)
     noise = torch.randn(16, 2, 1, 1, generator=torch.Generator().manual_seed(0))
-    x = sample(name, point_mass_oracle(d, c), d, noise, steps, spacing(name), generator=torch.Generator().manual_seed(1))
+    x = sample(
+        name, point_mass_oracle(d, c), d, noise, steps, spacing(name), generator=torch.Generator().manual_seed(1)
+    )
     assert torch.allclose(x, c.expand_as(x), atol=1e-3)
 
 
@@ -58,8 +63,9 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     d = Diffusion(cosine_betas(1000))
     eps_fn = lambda x, t: Guided(0.5 * x)  # any smooth eps-function
     noise = torch.randn(4, 1, 3, 3)
-    run = lambda eta, seed: sample("ddim", eps_fn, d, noise, 10, "linspace",
-                                   generator=torch.Generator().manual_seed(seed), eta=eta)
+    run = lambda eta, seed: sample(
+        "ddim", eps_fn, d, noise, 10, "linspace", generator=torch.Generator().manual_seed(seed), eta=eta
+    )
     assert torch.equal(run(0.0, 1), run(0.0, 2))
     assert not torch.allclose(run(1.0, 1), run(1.0, 2))
     with pytest.raises(GuidelabError, match=r"sampler.eta must be in \[0, 1\], got 1.5"):
@@ -114,8 +120,11 @@ def test_grids_are_the_ones_diffusers_names():
         lam = 0.5 * (process.abar[grid].log() - (1 - process.abar[grid]).log())
         gaps = lam[:-1] - lam[1:]
         assert gaps.max() < 1.6 * gaps.median(), gaps
-    for bad, match in [((0, "linspace"), "sampler.steps must be in"), ((1001, "linspace"), "sampler.steps must be in"),
-                       ((10, "time"), "sampler.spacing must be one of linspace, leading, trailing, logsnr")]:
+    for bad, match in [
+        ((0, "linspace"), "sampler.steps must be in"),
+        ((1001, "linspace"), "sampler.steps must be in"),
+        ((10, "time"), "sampler.spacing must be one of linspace, leading, trailing, logsnr"),
+    ]:
         with pytest.raises(GuidelabError, match=match):
             timesteps(d, *bad)
 
@@ -126,8 +135,10 @@ def test_ode_error_falls_as_the_step_count_rises(name, schedule):
     """On the exact probability-flow ODE of Gaussian data each deterministic sampler, on its default grid, gets more
     accurate with every step count, for both schedules."""
     d, oracle, noise, exact = gaussian_setup(schedule)
-    errors = [(sample(name, oracle, d, noise, steps, spacing(name), clip_x0=False) - exact).abs().max().item()
-              for steps in (5, 10, 20, 50)]
+    errors = [
+        (sample(name, oracle, d, noise, steps, spacing(name), clip_x0=False) - exact).abs().max().item()
+        for steps in (5, 10, 20, 50)
+    ]
     assert all(b < 0.8 * a for a, b in zip(errors, errors[1:])), errors
 
 
@@ -140,8 +151,9 @@ def test_ddpm_distribution_error_falls_as_the_step_count_rises(schedule):
     noise = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
     errors = []
     for steps in (10, 20, 50, None):
-        x = sample("ddpm", oracle, d, noise, steps, spacing("ddpm"), clip_x0=False,
-                   generator=torch.Generator().manual_seed(1))
+        x = sample(
+            "ddpm", oracle, d, noise, steps, spacing("ddpm"), clip_x0=False, generator=torch.Generator().manual_seed(1)
+        )
         errors.append(abs(x.mean().item() - 0.5) + abs(x.std().item() - 0.2))
     assert all(b < 0.8 * a for a, b in zip(errors, errors[1:])), errors
 
@@ -149,8 +161,10 @@ def test_ddpm_distribution_error_falls_as_the_step_count_rises(schedule):
 def test_dpmpp_2m_solves_the_ode_more_accurately_than_ddim_at_few_steps():
     """DPM-Solver++(2M) is second order, DDIM first order: on the same 10-step logSNR grid its error is far smaller."""
     d, oracle, noise, exact = gaussian_setup("linear")
-    errors = {name: (sample(name, oracle, d, noise, 10, "logsnr", clip_x0=False) - exact).abs().max().item()
-              for name in ("ddim", "dpmpp_2m")}
+    errors = {
+        name: (sample(name, oracle, d, noise, 10, "logsnr", clip_x0=False) - exact).abs().max().item()
+        for name in ("ddim", "dpmpp_2m")
+    }
     assert errors["dpmpp_2m"] < errors["ddim"] / 5, errors
 
 
@@ -178,13 +192,20 @@ def test_a_guided_x0_is_renoised_along_eps(name):
     def given_x0(x, t):
         seen.append(x)
         return Guided(0.3 * noise, x0=target)
+
     x = sample(name, given_x0, d, noise, 2, "linspace", clip_x0=False)  # two linspace steps: T-1 -> 0 -> data
     assert torch.allclose(seen[1], d.abar[0].sqrt() * target + (1 - d.abar[0]).sqrt() * 0.3 * noise)
     assert torch.allclose(x, target)
 
 
-TINY_UNET = {"name": "tiny", "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],
-             "p_uncond": 0.1}
+TINY_UNET = {
+    "name": "tiny",
+    "channels": 8,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [4],
+    "p_uncond": 0.1,
+}
 TINY_CLASSIFIER = {"name": "tiny", "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": []}
 MODE_SCALES = {"cfgpp": 0.6}  # every other mode: scale 3
 
@@ -213,8 +234,15 @@ def test_every_sampler_runs_every_guidance_mode(sampler, mode):
     eps_fn = make_eps_fn(mode, unet, y, MODE_SCALES.get(mode, 3.0), classifier=classifier, diffusion=d, guide=guide)
     x = sample(sampler, eps_fn, d, noise, 4, spacing(sampler), generator=torch.Generator().manual_seed(1))
     assert x.shape == noise.shape and torch.isfinite(x).all()
-    base = sample(sampler, make_eps_fn("none", unet, y, base="cond"), d, noise, 4, spacing(sampler),
-                  generator=torch.Generator().manual_seed(1))
+    base = sample(
+        sampler,
+        make_eps_fn("none", unet, y, base="cond"),
+        d,
+        noise,
+        4,
+        spacing(sampler),
+        generator=torch.Generator().manual_seed(1),
+    )
     if mode != "none":
         assert not torch.allclose(x, base, atol=1e-4)
 
@@ -250,8 +278,11 @@ def test_heun_is_ddim_where_the_slope_does_not_change_and_second_order_where_it_
     args = (point_mass_oracle(d, c), d, noise, 10, "logsnr")
     assert torch.allclose(sample("heun", *args, clip_x0=False), sample("ddim", *args, clip_x0=False), atol=1e-5)
     d, oracle, noise, exact = gaussian_setup("linear")
-    error = {(name, n): (sample(name, oracle, d, noise, n, "logsnr", clip_x0=False) - exact).abs().max().item()
-             for name in ("heun", "ddim") for n in (10, 20)}
+    error = {
+        (name, n): (sample(name, oracle, d, noise, n, "logsnr", clip_x0=False) - exact).abs().max().item()
+        for name in ("heun", "ddim")
+        for n in (10, 20)
+    }
     assert error["heun", 10] / error["heun", 20] > 3 and error["ddim", 10] / error["ddim", 20] < 2.5, error
 
 

@@ -1,4 +1,5 @@
 """The real entry points, run as a user runs them: the command contract, outputs, sweeps, wandb, resume."""
+
 import csv
 import json
 import shutil
@@ -20,9 +21,16 @@ from guidelab.sampling import SAMPLERS, timesteps
 
 def test_command_contract_writes_samples_and_grid(smoke_runs, tmp_path):
     run3 = tmp_path / "RUN3"
-    proc = run_script("sample.py", "experiment=smoke", f"ckpt={smoke_runs['diffusion']}",
-                      f"classifier_ckpt={smoke_runs['classifier']}", "guidance=cg", "scale=3.0",
-                      f"hydra.run.dir={run3}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "experiment=smoke",
+        f"ckpt={smoke_runs['diffusion']}",
+        f"classifier_ckpt={smoke_runs['classifier']}",
+        "guidance=cg",
+        "scale=3.0",
+        f"hydra.run.dir={run3}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = np.load(run3 / "samples.npz")
     assert data["images"].dtype == np.uint8 and data["images"].shape == (20, 16, 16, 1)
@@ -53,10 +61,21 @@ def test_training_outputs_and_embedded_config(smoke_runs):
 def test_every_guidance_and_sampler_with_evaluator(smoke_runs, tmp_path):
     for guidance, sampler in [("none", "ddpm"), ("cfg", "ddim"), ("cfg_cg", "ddpm"), ("cg", "ddim")]:
         out = tmp_path / f"{guidance}-{sampler}"
-        proc = run_script("sample.py", "experiment=smoke", f"ckpt={smoke_runs['diffusion']}",
-                          f"classifier_ckpt={smoke_runs['classifier']}", f"evaluator_ckpt={smoke_runs['evaluator']}",
-                          f"guidance={guidance}", f"sampler={sampler}", "sampler.steps=4", "labels=[2,5]",
-                          "num_samples=6", "batch_size=4", f"hydra.run.dir={out}", cwd=tmp_path)
+        proc = run_script(
+            "sample.py",
+            "experiment=smoke",
+            f"ckpt={smoke_runs['diffusion']}",
+            f"classifier_ckpt={smoke_runs['classifier']}",
+            f"evaluator_ckpt={smoke_runs['evaluator']}",
+            f"guidance={guidance}",
+            f"sampler={sampler}",
+            "sampler.steps=4",
+            "labels=[2,5]",
+            "num_samples=6",
+            "batch_size=4",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["guidance"] == guidance
@@ -68,8 +87,15 @@ def test_every_guidance_and_sampler_with_evaluator(smoke_runs, tmp_path):
 def test_sampling_is_reproducible_for_a_seed(smoke_runs, tmp_path):
     outs = []
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
-        proc = run_script("sample.py", "experiment=smoke", f"ckpt={smoke_runs['diffusion']}", "guidance=cfg",
-                          f"seed={seed}", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        proc = run_script(
+            "sample.py",
+            "experiment=smoke",
+            f"ckpt={smoke_runs['diffusion']}",
+            "guidance=cfg",
+            f"seed={seed}",
+            f"hydra.run.dir={tmp_path / name}",
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(np.load(tmp_path / name / "samples.npz")["images"])
     assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
@@ -77,11 +103,24 @@ def test_sampling_is_reproducible_for_a_seed(smoke_runs, tmp_path):
 
 def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp_path):
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"
-    proc = run_script("sample.py", "-m", "experiment=smoke", "guidance=cfg,cg", "scale=0,3", "eval=true",
-                      "eval.num_samples=40", "batch_size=40", "metrics.is_splits=2", f"metrics.cache_dir={cache}",
-                      f"ckpt={smoke_runs['diffusion']}", f"classifier_ckpt={smoke_runs['classifier']}",
-                      f"evaluator_ckpt={smoke_runs['evaluator']}", f"second_evaluator_ckpt={smoke_runs['evaluator2']}",
-                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "-m",
+        "experiment=smoke",
+        "guidance=cfg,cg",
+        "scale=0,3",
+        "eval=true",
+        "eval.num_samples=40",
+        "batch_size=40",
+        "metrics.is_splits=2",
+        f"metrics.cache_dir={cache}",
+        f"ckpt={smoke_runs['diffusion']}",
+        f"classifier_ckpt={smoke_runs['classifier']}",
+        f"evaluator_ckpt={smoke_runs['evaluator']}",
+        f"second_evaluator_ckpt={smoke_runs['evaluator2']}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -91,7 +130,11 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
         assert float(r["disagreement"]) == pytest.approx(float(r["accuracy"]) - float(r["accuracy_2"]), abs=1e-3)
         assert float(r["fid_2"]) >= 0 and 0 < float(r["evaluator_test_acc"]) <= 1
     assert [(r["guidance"], r["s"], r["w"], r["nfe"], r["classifier_nfe"]) for r in rows] == [
-        ("cfg", "0", "-1", "5", "0"), ("cfg", "3", "2", "10", "0"), ("cg", "0", "", "5", "0"), ("cg", "3", "", "5", "5")]
+        ("cfg", "0", "-1", "5", "0"),
+        ("cfg", "3", "2", "10", "0"),
+        ("cg", "0", "", "5", "0"),
+        ("cg", "3", "", "5", "5"),
+    ]
     for r in rows:
         assert r["features"] == "evaluator" and r["num_samples"] == "40"
         for c in ("fid", "is", "precision", "recall", "accuracy", "seconds"):
@@ -100,9 +143,17 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
     for key in ("reference_reused", "reference_reused_2"):  # each judge's real features: computed once, then cached
         assert [m[key] for m in metrics] == [False, True, True, True], key
     assert len(list(cache.glob("*.pt"))) == 2
-    for name in ("fid_vs_scale", "is_vs_scale", "fid_vs_is", "fid_vs_accuracy", "precision_vs_recall",
-                 "accuracy_vs_scale", "grid_cfg",
-                 "grid_cg", "comparison"):
+    for name in (
+        "fid_vs_scale",
+        "is_vs_scale",
+        "fid_vs_is",
+        "fid_vs_accuracy",
+        "precision_vs_recall",
+        "accuracy_vs_scale",
+        "grid_cfg",
+        "grid_cg",
+        "comparison",
+    ):
         assert Image.open(sweep / f"{name}.png").size[0] > 50, name
     md = (sweep / "results.md").read_text()
     assert "evaluator** features" in md and md.count("\n| c") == 4 + 2  # the rows, then each mode at its best scale
@@ -113,10 +164,23 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
     # a second run, the scales in the other order: cfg s = 3 is job 1 above and job 0 here, and every printed metric
     # (IS's seeded splits included) and every sample comes out the same
     again = tmp_path / "again"
-    proc = run_script("sample.py", "-m", "experiment=smoke", "guidance=cfg", "scale=3,0", "eval=true",
-                      "eval.num_samples=40", "batch_size=40", "metrics.is_splits=2", f"metrics.cache_dir={cache}",
-                      f"ckpt={smoke_runs['diffusion']}", f"evaluator_ckpt={smoke_runs['evaluator']}",
-                      f"second_evaluator_ckpt={smoke_runs['evaluator2']}", f"hydra.sweep.dir={again}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "-m",
+        "experiment=smoke",
+        "guidance=cfg",
+        "scale=3,0",
+        "eval=true",
+        "eval.num_samples=40",
+        "batch_size=40",
+        "metrics.is_splits=2",
+        f"metrics.cache_dir={cache}",
+        f"ckpt={smoke_runs['diffusion']}",
+        f"evaluator_ckpt={smoke_runs['evaluator']}",
+        f"second_evaluator_ckpt={smoke_runs['evaluator2']}",
+        f"hydra.sweep.dir={again}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job1,), (job0,) = sweep.glob("*_cfg_s3*"), again.glob("*_cfg_s3*")
     assert (job1.name[0], job0.name[0]) == ("1", "0")
@@ -131,9 +195,19 @@ def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smok
     """`python sample.py guidance=MODE sampler=dpmpp_2m` for every mode: one sweep, one row each, with its NFE."""
     sweep = tmp_path / "sweep"
     modes = [m for m in MODES if m not in ("cfgpp", "autoguidance", "cg_x0")]  # other scales or networks: below
-    proc = run_script("sample.py", "-m", "experiment=smoke", f"guidance={','.join(modes)}", "sampler=dpmpp_2m",
-                      "scale=3", f"ckpt={smoke_runs['diffusion']}", f"classifier_ckpt={smoke_runs['classifier']}",
-                      f"evaluator_ckpt={smoke_runs['evaluator']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "-m",
+        "experiment=smoke",
+        f"guidance={','.join(modes)}",
+        "sampler=dpmpp_2m",
+        "scale=3",
+        f"ckpt={smoke_runs['diffusion']}",
+        f"classifier_ckpt={smoke_runs['classifier']}",
+        f"evaluator_ckpt={smoke_runs['evaluator']}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "results.csv") as f:
         rows = {r["guidance"]: r for r in csv.DictReader(f)}
@@ -156,9 +230,17 @@ def test_the_2023_2026_modes_run_with_every_sampler_and_a_schedule(smoke_runs, t
     sweep = tmp_path / "sweep"
     modes = ["icg", "tsg", "tcfg", "mambo", "cads", "pag", "seg", "fdg"]
     samplers = sorted(SAMPLERS)
-    proc = run_script("sample.py", "-m", "experiment=smoke", f"guidance={','.join(modes)}",
-                      f"sampler={','.join(samplers)}", "scale=3", f"ckpt={smoke_runs['diffusion']}",
-                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "-m",
+        "experiment=smoke",
+        f"guidance={','.join(modes)}",
+        f"sampler={','.join(samplers)}",
+        "scale=3",
+        f"ckpt={smoke_runs['diffusion']}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(sweep.glob("*/samples.npz"))
     assert len(jobs) == len(modes) * len(samplers)
@@ -166,9 +248,18 @@ def test_the_2023_2026_modes_run_with_every_sampler_and_a_schedule(smoke_runs, t
         images = np.load(npz)["images"]
         assert images.shape == (20, 16, 16, 1) and images.std() > 0, npz
     scheduled = tmp_path / "scheduled"
-    proc = run_script("sample.py", "-m", "experiment=smoke", "guidance=cfg", "schedule=constant,linear,cosine",
-                      "scale=3", f"ckpt={smoke_runs['diffusion']}", f"evaluator_ckpt={smoke_runs['evaluator']}",
-                      f"hydra.sweep.dir={scheduled}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "-m",
+        "experiment=smoke",
+        "guidance=cfg",
+        "schedule=constant,linear,cosine",
+        "scale=3",
+        f"ckpt={smoke_runs['diffusion']}",
+        f"evaluator_ckpt={smoke_runs['evaluator']}",
+        f"hydra.sweep.dir={scheduled}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(scheduled / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -181,9 +272,20 @@ def test_cg_x0_guides_by_a_clean_classifier_through_the_unet(smoke_runs, tmp_pat
     """guidance=cg_x0 with `latest`: the clean classifier of the guidance family is found (not the noisy one, not an
     evaluator); one UNet pass with its input gradient per step, the classifier on every sample of every step."""
     out = tmp_path / "x0"
-    proc = run_script("sample.py", "experiment=smoke", f"ckpt={smoke_runs['diffusion']}", "guidance=cg_x0", "scale=3",
-                      f"runs_root={smoke_runs['root']}", f"evaluator_ckpt={smoke_runs['evaluator']}", "num_samples=8",
-                      "batch_size=8", "sampler.steps=4", f"hydra.run.dir={out}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "experiment=smoke",
+        f"ckpt={smoke_runs['diffusion']}",
+        "guidance=cg_x0",
+        "scale=3",
+        f"runs_root={smoke_runs['root']}",
+        f"evaluator_ckpt={smoke_runs['evaluator']}",
+        "num_samples=8",
+        "batch_size=8",
+        "sampler.steps=4",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"classifier_ckpt=latest: {smoke_runs['clean'].resolve()}" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -194,9 +296,11 @@ def test_autoguidance_with_itself_as_guide_is_the_conditional_model_and_cfgpp_ru
     """Autoguidance guided by the very same network is eps_c + s (eps_c - eps_c) = eps_c: the conditional model's
     samples, bit for bit, whatever the scale."""
     common = ["experiment=smoke", f"ckpt={smoke_runs['diffusion']}", "sampler=ddpm", "sampler.steps=5"]
-    for name, overrides in [("auto", ["guidance=autoguidance", f"guide_ckpt={smoke_runs['diffusion']}", "scale=4"]),
-                            ("cond", ["guidance=none", "guidance.base=cond"]),
-                            ("cfgpp", ["guidance=cfgpp", "scale=0.6"])]:
+    for name, overrides in [
+        ("auto", ["guidance=autoguidance", f"guide_ckpt={smoke_runs['diffusion']}", "scale=4"]),
+        ("cond", ["guidance=none", "guidance.base=cond"]),
+        ("cfgpp", ["guidance=cfgpp", "scale=0.6"]),
+    ]:
         proc = run_script("sample.py", *common, *overrides, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
     auto, cond = (np.load(tmp_path / n / "samples.npz")["images"] for n in ("auto", "cond"))
@@ -208,8 +312,11 @@ def test_the_design_card_commands_as_typed(tmp_path):
     """In a fresh directory, after smoke trainings, `python sample.py guidance=cfg scale=3.0` samples from the newest
     train_diffusion run (ckpt=latest), prints the path and records it in the run's config; classifier_ckpt=latest picks
     the classifier trained on the same data and size, not a newer one of another size."""
-    for args in (["train_diffusion.py"], ["train_classifier.py"], ["train_classifier.py", "dataset.image_size=12",
-                                                                   "train.steps=2"]):
+    for args in (
+        ["train_diffusion.py"],
+        ["train_classifier.py"],
+        ["train_classifier.py", "dataset.image_size=12", "train.steps=2"],
+    ):
         proc = run_script(args[0], "experiment=smoke", *args[1:], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_script("sample.py", "guidance=cfg", "scale=3.0", cwd=tmp_path)
@@ -221,8 +328,16 @@ def test_the_design_card_commands_as_typed(tmp_path):
     from omegaconf import OmegaConf
 
     assert OmegaConf.load(run / ".hydra" / "config.yaml").ckpt == str(unet.resolve())
-    proc = run_script("sample.py", "guidance=cg", "scale=3.0", "num_samples=10", "batch_size=10", "sampler.steps=3",
-                      f"hydra.run.dir={tmp_path / 'cg'}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "guidance=cg",
+        "scale=3.0",
+        "num_samples=10",
+        "batch_size=10",
+        "sampler.steps=3",
+        f"hydra.run.dir={tmp_path / 'cg'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen = OmegaConf.load(tmp_path / "cg" / ".hydra" / "config.yaml").classifier_ckpt
     assert OmegaConf.load(Path(chosen).parents[1] / ".hydra" / "config.yaml").dataset.image_size == 16
@@ -230,8 +345,15 @@ def test_the_design_card_commands_as_typed(tmp_path):
 
 def test_sweep_without_evaluator_still_reports_scales(smoke_runs, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_script("sample.py", "-m", "experiment=smoke", "scale=1,2", f"ckpt={smoke_runs['diffusion']}",
-                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = run_script(
+        "sample.py",
+        "-m",
+        "experiment=smoke",
+        "scale=1,2",
+        f"ckpt={smoke_runs['diffusion']}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -240,8 +362,15 @@ def test_sweep_without_evaluator_still_reports_scales(smoke_runs, tmp_path):
 
 def test_wandb_offline_run_is_written_by_the_real_client(tmp_path):
     run = tmp_path / "W"
-    proc = run_script("train_diffusion.py", "experiment=smoke", "logger=wandb", "train.steps=10", "train.eval_every=5",
-                      f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = run_script(
+        "train_diffusion.py",
+        "experiment=smoke",
+        "logger=wandb",
+        "train.steps=10",
+        "train.eval_every=5",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((run / "wandb").rglob("*"))

@@ -9,6 +9,7 @@ Layout of a checkpoint (all entries load under `torch.load(weights_only=True)`):
   config     the resolved run config as plain containers (networks are rebuilt from it)
   metrics    final figures of the run (e.g. the evaluator's test accuracy)
 """
+
 from __future__ import annotations
 
 import os
@@ -51,28 +52,38 @@ def load(path: str | os.PathLike, kind: str | None = None) -> dict:
     GuidelabError naming the file and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise GuidelabError(f"checkpoint {path} does not exist; pass the path of a .pt file written by a training run "
-                            "(RUN_DIR/checkpoints/last.pt)")
-    corrupt = (f"checkpoint {path} is corrupt or truncated (not a complete torch.save archive); re-copy it or use "
-               "another checkpoint of the run (RUN_DIR/checkpoints/)")
+        raise GuidelabError(
+            f"checkpoint {path} does not exist; pass the path of a .pt file written by a training run "
+            "(RUN_DIR/checkpoints/last.pt)"
+        )
+    corrupt = (
+        f"checkpoint {path} is corrupt or truncated (not a complete torch.save archive); re-copy it or use "
+        "another checkpoint of the run (RUN_DIR/checkpoints/)"
+    )
     if not zipfile.is_zipfile(path):
         raise DamagedCheckpoint(corrupt)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
-        raise GuidelabError(f"checkpoint {path} was refused: it holds pickled objects other than tensors and plain "
-                            f"containers ({reason or 'weights_only load failed'}); load only checkpoints written by "
-                            "guidelab") from None
+        raise GuidelabError(
+            f"checkpoint {path} was refused: it holds pickled objects other than tensors and plain "
+            f"containers ({reason or 'weights_only load failed'}); load only checkpoints written by "
+            "guidelab"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise DamagedCheckpoint(f"{corrupt[:-1]} ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "kind" not in ckpt:
-        raise GuidelabError(f"{path} is not a guidelab checkpoint (no kind/config entries); pass a file written by "
-                            "train_diffusion.py or train_classifier.py")
+        raise GuidelabError(
+            f"{path} is not a guidelab checkpoint (no kind/config entries); pass a file written by "
+            "train_diffusion.py or train_classifier.py"
+        )
     if kind is not None and ckpt["kind"] != kind:
         script = "train_diffusion.py" if kind == "diffusion" else "train_classifier.py"
-        raise GuidelabError(f"{path} is a {ckpt['kind']} checkpoint but a {kind} checkpoint is needed here; "
-                            f"pass one written by {script}")
+        raise GuidelabError(
+            f"{path} is a {ckpt['kind']} checkpoint but a {kind} checkpoint is needed here; "
+            f"pass one written by {script}"
+        )
     return ckpt
 
 
@@ -80,17 +91,33 @@ def load(path: str | os.PathLike, kind: str | None = None) -> dict:
 def refuse_overwrite(run_dir: Path) -> None:
     """A fresh run never writes into a run dir that holds another run's checkpoints."""
     if any((Path(run_dir) / "checkpoints").glob("*.pt")):
-        raise GuidelabError(f"{run_dir} already holds checkpoints of a run; pass resume=true to continue it, "
-                            "or choose another hydra.run.dir")
+        raise GuidelabError(
+            f"{run_dir} already holds checkpoints of a run; pass resume=true to continue it, "
+            "or choose another hydra.run.dir"
+        )
 
 
-def state(kind: str, modules: dict, step: int, data: dict, rngs: list[dict], data_gen: torch.Generator, config: dict,
-          metrics: dict | None = None) -> dict:
+def state(
+    kind: str,
+    modules: dict,
+    step: int,
+    data: dict,
+    rngs: list[dict],
+    data_gen: torch.Generator,
+    config: dict,
+    metrics: dict | None = None,
+) -> dict:
     """The checkpoint of a training run: the state_dict of each of `modules` (model, ema, optimizer, scheduler) under
     its name, every DDP rank's RNG states (`rngs`, gathered in rank order), the data order and the config."""
-    return {"kind": kind, **{name: m.state_dict() for name, m in modules.items()}, "step": step, "data": data,
-            "rng": {"torch": [r["torch"] for r in rngs], "cuda": [r["cuda"] for r in rngs], "data": data_gen.get_state()},
-            "config": config, "metrics": metrics or {}}
+    return {
+        "kind": kind,
+        **{name: m.state_dict() for name, m in modules.items()},
+        "step": step,
+        "data": data,
+        "rng": {"torch": [r["torch"] for r in rngs], "cuda": [r["cuda"] for r in rngs], "data": data_gen.get_state()},
+        "config": config,
+        "metrics": metrics or {},
+    }
 
 
 def rng_state(device: torch.device) -> dict:
@@ -127,13 +154,16 @@ def newest_intact(ckpt_dir: Path, kind: str) -> tuple[dict, Path] | None:
                 print(f"resume: skipped damaged {', '.join(damaged)}; continuing from {path} (step {ckpt['step']})")
             return ckpt, path
     if damaged:
-        raise GuidelabError(f"every checkpoint in {ckpt_dir} is damaged ({', '.join(damaged)}); nothing to resume "
-                            "from: start a new run in another hydra.run.dir")
+        raise GuidelabError(
+            f"every checkpoint in {ckpt_dir} is damaged ({', '.join(damaged)}); nothing to resume "
+            "from: start a new run in another hydra.run.dir"
+        )
     return None
 
 
-def restore(ckpt: dict, path: Path, config: dict, modules: dict, data_gen: torch.Generator, device: torch.device,
-            seed: int) -> tuple[int, dict]:
+def restore(
+    ckpt: dict, path: Path, config: dict, modules: dict, data_gen: torch.Generator, device: torch.device, seed: int
+) -> tuple[int, dict]:
     """Continue a run: refuse another model, classifier, diffusion or dataset config than the checkpoint's (the data
     root may move), load every module's state, and give each DDP rank its own saved RNG state back (a rank the
     checkpoint has none for, when the run now has more ranks, is seeded from seed, rank and step). Returns (step, data)."""
@@ -141,8 +171,10 @@ def restore(ckpt: dict, path: Path, config: dict, modules: dict, data_gen: torch
     mismatch = [sec for sec in ("model", "classifier", "diffusion") if sec in config and before.get(sec) != config[sec]]
     mismatch += ["dataset"] if any(before["dataset"][k] != config["dataset"][k] for k in ("name", "image_size")) else []
     if mismatch:
-        raise GuidelabError(f"resume=true but the {', '.join(mismatch)} config differs from the checkpoint in {path}; "
-                            "resume with the same settings or use a new hydra.run.dir")
+        raise GuidelabError(
+            f"resume=true but the {', '.join(mismatch)} config differs from the checkpoint in {path}; "
+            "resume with the same settings or use a new hydra.run.dir"
+        )
     for name, module in modules.items():
         module.load_state_dict(ckpt[name])
     rng = ckpt["rng"]
@@ -156,7 +188,9 @@ def restore(ckpt: dict, path: Path, config: dict, modules: dict, data_gen: torch
         torch.manual_seed(seed + rank + 7919 * ckpt["step"])
     data_gen.set_state(rng["data"])
     if dist.is_main() and len(rng["torch"]) != dist.world_size():
-        print(f"note: the checkpoint holds RNG states of {len(rng['torch'])} rank(s), this run has {dist.world_size()}: "
-              "weights, optimizer and data order continue exactly, the noise draws do not")
+        print(
+            f"note: the checkpoint holds RNG states of {len(rng['torch'])} rank(s), this run has {dist.world_size()}: "
+            "weights, optimizer and data order continue exactly, the noise draws do not"
+        )
     print(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"], ckpt["data"]

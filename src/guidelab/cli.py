@@ -1,6 +1,7 @@
 """The entry points' shared wrapper: checks the command line before Hydra writes anything (group options, types, nan,
 every value check, for each job of a sweep), runs the task in the Hydra run dir, and turns a GuidelabError into one
 line on stderr and exit status 2."""
+
 from __future__ import annotations
 
 import os
@@ -33,15 +34,19 @@ def preflight(argv: list[str], config_dir: Path, config_name: str, protect: str)
     groups = config.groups_of(config_name)
     for key in overrides:
         if key not in groups and (config_dir / key).is_dir():
-            fail(f"{key}= is not a config group of {config_name}.py (its groups: {', '.join(groups)}); "
-                 f"{key} options belong to another script")
+            fail(
+                f"{key}= is not a config group of {config_name}.py (its groups: {', '.join(groups)}); "
+                f"{key} options belong to another script"
+            )
     for group, where in groups.items():
         if group not in overrides:
             continue
         valid = sorted(p.stem for p in where.glob("*.yaml"))
         for value in overrides[group].split(",") if multirun else [overrides[group]]:
             if value not in valid:
-                fail(f"unknown {group} {value!r}; valid: {', '.join(valid)} (files in {where.relative_to(config_dir.parent)}/)")
+                fail(
+                    f"unknown {group} {value!r}; valid: {', '.join(valid)} (files in {where.relative_to(config_dir.parent)}/)"
+                )
     run_dir = overrides.get("hydra.run.dir")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_dir and not multirun:
         fail("under torchrun pass hydra.run.dir=DIR, so that every rank writes to the same run dir")
@@ -51,8 +56,10 @@ def preflight(argv: list[str], config_dir: Path, config_name: str, protect: str)
         while not ancestor.exists() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-            fail(f"cannot create the run dir {run_dir}: {ancestor} is not a writable directory; "
-                 "choose another hydra.run.dir")
+            fail(
+                f"cannot create the run dir {run_dir}: {ancestor} is not a writable directory; "
+                "choose another hydra.run.dir"
+            )
         if protect == "checkpoints" and overrides.get("resume", "false").lower() != "true":
             try:
                 refuse_overwrite(run_dir)
@@ -71,8 +78,10 @@ def jobs(argv: list[str]) -> list[list[str]]:
 
     overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]  # not flag values
     for added in [a for a in overrides if a[0] in "+~" and not a.startswith(("+hydra", "~hydra"))]:
-        fail(f"{added}: guidelab's configs hold exactly the keys their code reads, so none is added (+) or deleted (~); "
-             "set an existing key with key=value (`--cfg job` lists them)")
+        fail(
+            f"{added}: guidelab's configs hold exactly the keys their code reads, so none is added (+) or deleted (~); "
+            "set an existing key with key=value (`--cfg job` lists them)"
+        )
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as e:
@@ -123,8 +132,14 @@ def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
     return out
 
 
-def main(config_dir: Path, config_name: str, task: Callable, protect: str, check: Callable | None = None,
-         aliases: dict[str, str] | None = None) -> None:
+def main(
+    config_dir: Path,
+    config_name: str,
+    task: Callable,
+    protect: str,
+    check: Callable | None = None,
+    aliases: dict[str, str] | None = None,
+) -> None:
     """Run `task(cfg, run_dir)` under Hydra with the primary config `config_name` from `config_dir`; `check(cfg)` runs
     on every job's config before the first job starts."""
     config.register(config_dir)

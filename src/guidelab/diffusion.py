@@ -5,6 +5,7 @@ abar_t = prod_{s<=t} alpha_s. Index t runs over 0..T-1 (the paper's 1..T). A res
 2021, "Improved DDPM", Sec. 4) keeps a subsequence of the original timesteps; `model_t` maps its indices back to the
 original timesteps the networks were trained on.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,7 +88,9 @@ class Diffusion:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, Eq. 4)."""
         return _gather(self.abar.sqrt(), t, x0) * x0 + _gather((1 - self.abar).sqrt(), t, x0) * noise
 
-    def eps_loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def eps_loss(
+        self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """L_simple = E_{t, eps} || eps - eps_theta(x_t, t, y) ||^2 with t uniform (Ho et al. 2020, Eq. 14)."""
         t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)

@@ -4,6 +4,7 @@ Plain `python SCRIPT.py` is a world of one and none of this does anything. Under
 process group is NCCL on CUDA and gloo on the CPU, with a bounded timeout so a rank that dies cannot leave the
 others waiting forever (torchrun itself also ends the whole job when one rank exits with an error).
 """
+
 from __future__ import annotations
 
 import os

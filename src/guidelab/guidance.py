@@ -11,6 +11,7 @@ for it (its range; `w`: whether it is a CFG strength, Ho & Salimans' w = s - 1) 
 tensor algebra of each variant is a separate pure function, tested on constructed tensors. Variants that work on the
 denoised image get x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) at the model's own timestep and hand eps back.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,9 +74,15 @@ def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return parallel, v - parallel
 
 
-def apg_combine(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float, eta: float = 0.0,
-                norm_threshold: float | None = None, running: torch.Tensor | None = None,
-                momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def apg_combine(
+    pred_uncond: torch.Tensor,
+    pred_cond: torch.Tensor,
+    scale: float,
+    eta: float = 0.0,
+    norm_threshold: float | None = None,
+    running: torch.Tensor | None = None,
+    momentum: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Adaptive projected guidance, Sadat et al. 2024 ("Eliminating Oversaturation and Artifacts of High Guidance
     Scales in Diffusion Models"), on denoised predictions D:
       dD = D_c - D_u, plus momentum: dD <- dD + beta * dD_prev (the running sum `running`, beta < 0 in the paper);
@@ -123,7 +130,8 @@ def magnitude_scale(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: flo
     2508.03442): w(r) = 1 + (w - 1) exp(-alpha r) with r = ||eps_c - eps_u|| / ||eps_u|| per sample, the guidance
     update's size relative to the prediction (the paper states it on flow velocities; here on eps). alpha = 0 is w."""
     r = _per_sample(torch.linalg.vector_norm, eps_cond - eps_uncond) / _per_sample(
-        torch.linalg.vector_norm, eps_uncond).clamp(min=1e-12)
+        torch.linalg.vector_norm, eps_uncond
+    ).clamp(min=1e-12)
     return 1 + (scale - 1) * torch.exp(-alpha * r)
 
 
@@ -141,6 +149,7 @@ def time_embedding_perturbed(unet, noise_scale: float, generator: torch.Generato
     block, Gaussian noise of std `noise_scale` (drawn by `generator` on the CPU, a fresh draw per call) is added to
     the UNet's sinusoidal time-step embedding (entries in [-1, 1]) before its MLP, so the network reads x_t at a
     blurred noise level. Removed on exit."""
+
     def add_noise(module, inputs):
         (features,) = inputs
         noise = torch.randn(tuple(features.shape), generator=generator).to(features)
@@ -160,8 +169,9 @@ def cads_gamma(t_frac: torch.Tensor, tau1: float, tau2: float) -> torch.Tensor:
     return ((tau2 - t_frac) / (tau2 - tau1)).clamp(0.0, 1.0)
 
 
-def anneal_condition(emb: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor, noise_scale: float,
-                     psi: float) -> torch.Tensor:
+def anneal_condition(
+    emb: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor, noise_scale: float, psi: float
+) -> torch.Tensor:
     """CADS's noised condition (Sadat et al. 2024, Eqs. 4 and 6): y_hat = sqrt(gamma) y + s sqrt(1 - gamma) n, then
     rescaled to y's mean and std per sample, y_res = (y_hat - mean(y_hat)) / std(y_hat) * std(y) + mean(y), and mixed,
     psi y_res + (1 - psi) y_hat. `emb` (B, D) class embeddings, gamma (B,), noise (B, D) standard normal."""
@@ -186,6 +196,7 @@ def blurred_query_attention(sigma: float):
     landscape becomes smoother). The blur is separable, with weights exp(-(i - j)^2 / (2 sigma^2)) normalised per output
     pixel over the grid (no padding); sigma = 0 is no blur, and as sigma grows every query tends to their mean, every
     row of the attention map to the same one."""
+
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if sigma == 0:
             return F.scaled_dot_product_attention(q, k, v)
@@ -197,6 +208,7 @@ def blurred_query_attention(sigma: float):
         grid = q.unflatten(2, size)  # (B, heads, H, W, d)
         blurred = torch.einsum("ih,jw,bmhwd->bmijd", weights[0], weights[1], grid).flatten(2, 3)
         return F.scaled_dot_product_attention(blurred, k, v)
+
     return attention
 
 
@@ -206,8 +218,10 @@ def attention_blocks(unet, names) -> dict[str, torch.nn.Module]:
     blocks = {name.removeprefix("_orig_mod."): m for name, m in unet.named_modules() if isinstance(m, AttentionBlock)}
     unknown = [n for n in names if n not in blocks]
     if unknown:
-        raise GuidelabError(f"guidance.layers {unknown} are not attention blocks of this UNet; its attention blocks: "
-                            f"{', '.join(blocks) or 'none'}")
+        raise GuidelabError(
+            f"guidance.layers {unknown} are not attention blocks of this UNet; its attention blocks: "
+            f"{', '.join(blocks) or 'none'}"
+        )
     return {n: blocks[n] for n in names}
 
 
@@ -233,8 +247,9 @@ def lowpass(x: torch.Tensor, levels: int) -> torch.Tensor:
     return F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def frequency_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float, low_scale: float,
-                      levels: int) -> torch.Tensor:
+def frequency_combine(
+    eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float, low_scale: float, levels: int
+) -> torch.Tensor:
     """Frequency-decoupled guidance, Sadat et al. 2025 ("Guidance in the Frequency Domain Enables High-Fidelity Sampling
     at Low CFG Scales", arXiv 2506.19713): the guidance update d = eps_c - eps_u split into a low- and a high-frequency
     band (`lowpass`), each with its own scale: eps = eps_u + low_scale * low(d) + scale * (d - low(d)). The paper states
@@ -287,8 +302,9 @@ def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Te
     return grad
 
 
-def x0_classifier_score(unet, classifier, diffusion: Diffusion, x_t: torch.Tensor, t: torch.Tensor,
-                        labels: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def x0_classifier_score(
+    unet, classifier, diffusion: Diffusion, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps, grad_{x_t} log p_phi(y | x0_hat(x_t))) for a clean classifier p_phi (trained on clean images, called at
     t = 0) on the denoised estimate x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps(x_t, labels)) / sqrt(abar_t), the gradient
     taken through the UNet: Bansal et al. 2023 ("Universal Guidance for Diffusion Models"), Sec. 3.1, forward universal
@@ -308,6 +324,7 @@ def x0_classifier_score(unet, classifier, diffusion: Diffusion, x_t: torch.Tenso
 @dataclass
 class Context:
     """What every builder may use: the networks, the labels and the model's own noise schedule."""
+
     unet: torch.nn.Module
     y: torch.Tensor
     scale: float
@@ -391,6 +408,7 @@ def _cg_x0(ctx: Context, base: str = "uncond") -> EpsFn:
             return Guided(ctx.unet(x, t, labels))
         eps, grad = x0_classifier_score(ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y)
         return Guided(eps, ctx.scale * grad)
+
     return eps_fn
 
 
@@ -400,11 +418,15 @@ def _cfg_cg(ctx: Context, classifier_scale: float = 1.0) -> EpsFn:
     return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale), ctx.score(x, t, classifier_scale))
 
 
-@MODES.register(needs=("diffusion",), phi=Range(0, 1, "0 = plain CFG, 1 = fully rescaled (Lin et al. use 0.7)"),
-                space=OneOf(("x0", "eps"), "x0 is the paper's form"))
+@MODES.register(
+    needs=("diffusion",),
+    phi=Range(0, 1, "0 = plain CFG, 1 = fully rescaled (Lin et al. use 0.7)"),
+    space=OneOf(("x0", "eps"), "x0 is the paper's form"),
+)
 def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
     """CFG, then `rescale_combine` (Lin et al. 2023, Sec. 3.4) with weight phi. space=x0 rescales the denoised image,
     the paper's form (it rescales x0 / v predictions); space=eps rescales the noise prediction, diffusers' form."""
+
     def eps_fn(x, t):
         if ctx.scale == 1:  # CFG is the conditional prediction: nothing to rescale
             return Guided(ctx.unet(x, t, ctx.y))
@@ -413,6 +435,7 @@ def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
         if space == "eps":
             return Guided(rescale_combine(eps, eps_c, phi))
         return Guided(ctx.to_eps(x, t, rescale_combine(ctx.to_x0(x, t, eps), ctx.to_x0(x, t, eps_c), phi)))
+
     return eps_fn
 
 
@@ -420,6 +443,7 @@ def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
 def _cfg_interval(ctx: Context, sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
     """CFG where sigma in (sigma_lo, sigma_hi], the conditional prediction elsewhere (Kynkaanniemi et al. 2024;
     defaults: their ImageNet-512 interval)."""
+
     def eps_fn(x, t):
         inside = in_interval(ctx.abar_t(x, t), sigma_lo, sigma_hi)
         if inside.all():
@@ -428,11 +452,13 @@ def _cfg_interval(ctx: Context, sigma_lo: float = 0.28, sigma_hi: float = 5.42) 
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(torch.where(inside, cfg_combine(eps_u, eps_c, ctx.scale), eps_c))
+
     return eps_fn
 
 
-@MODES.register(needs=("classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, sigma_lo=SIGMA,
-                sigma_hi=INTERVAL_TOP)
+@MODES.register(
+    needs=("classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, sigma_lo=SIGMA, sigma_hi=INTERVAL_TOP
+)
 def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
     """Classifier guidance only where sigma in (sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024's interval applied to
     the classifier term); elsewhere the base prediction alone."""
@@ -445,13 +471,16 @@ def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sig
             return Guided(eps)
         score = ctx.score(x, t, ctx.scale)
         return Guided(eps, score if score is None or inside.all() else score * inside)
+
     return eps_fn
 
 
-@MODES.register(needs=("diffusion",),
-                eta=Range(0, math.inf, "1 = CFG's parallel part, 0 = none (the paper's choice)"),
-                norm_threshold=Range(0, math.inf, "r > 0, or null for no cap", open_lo=True),
-                momentum=Range(-0.99, 0.99, "beta; the paper uses negative values such as -0.5"))
+@MODES.register(
+    needs=("diffusion",),
+    eta=Range(0, math.inf, "1 = CFG's parallel part, 0 = none (the paper's choice)"),
+    norm_threshold=Range(0, math.inf, "r > 0, or null for no cap", open_lo=True),
+    momentum=Range(-0.99, 0.99, "beta; the paper uses negative values such as -0.5"),
+)
 def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = 4.0, momentum: float = -0.5) -> EpsFn:
     """Adaptive projected guidance on the denoised predictions (`apg_combine`, Sadat et al. 2024). The
     momentum's running sum lives as long as this eps-function: one sampling run."""
@@ -459,23 +488,28 @@ def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = 4.0, mom
 
     def eps_fn(x, t):
         eps_u, eps_c = ctx.pair(x, t)
-        x0, state["running"] = apg_combine(ctx.to_x0(x, t, eps_u), ctx.to_x0(x, t, eps_c), ctx.scale, eta,
-                                           norm_threshold, state["running"], momentum)
+        x0, state["running"] = apg_combine(
+            ctx.to_x0(x, t, eps_u), ctx.to_x0(x, t, eps_c), ctx.scale, eta, norm_threshold, state["running"], momentum
+        )
         return Guided(ctx.to_eps(x, t, x0))
+
     return eps_fn
 
 
-@MODES.register(needs=("diffusion",), scale=Range(0, 1, "guidance=cfgpp reads scale as its lambda, e.g. scale=0.6"),
-                w=False)
+@MODES.register(
+    needs=("diffusion",), scale=Range(0, 1, "guidance=cfgpp reads scale as its lambda, e.g. scale=0.6"), w=False
+)
 def _cfgpp(ctx: Context) -> EpsFn:
     """CFG++, Chung et al. 2024 ("CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models"),
     the guided data prediction x0_u + lambda (x0_c - x0_u), lambda = `scale` in [0, 1], re-noised along the
     unconditional eps_u instead of the guided eps. lambda = 0 is the unconditional model."""
+
     def eps_fn(x, t):
         if ctx.scale == 0:
             return Guided(ctx.unet(x, t, ctx.null))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(eps_u, x0=ctx.to_x0(x, t, cfg_combine(eps_u, eps_c, ctx.scale)))
+
     return eps_fn
 
 
@@ -495,6 +529,7 @@ def _cfg_zero_star(ctx: Context, zero_init_steps: int = 1) -> EpsFn:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(cfg_combine(zero_star_scale(eps_u, eps_c) * eps_u, eps_c, ctx.scale))
+
     return eps_fn
 
 
@@ -502,11 +537,13 @@ def _cfg_zero_star(ctx: Context, zero_init_steps: int = 1) -> EpsFn:
 def _tcfg(ctx: Context) -> EpsFn:
     """Tangential CFG, Kwon et al. 2025 (arXiv 2503.18137): CFG with eps_u replaced by `tangential_uncond`, its projection
     on the top singular direction of [eps_c, eps_u]: eps = eps_u' + s (eps_c - eps_u'). s = 1 is the conditional model."""
+
     def eps_fn(x, t):
         if ctx.scale == 1:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(cfg_combine(tangential_uncond(eps_u, eps_c), eps_c, ctx.scale))
+
     return eps_fn
 
 
@@ -514,11 +551,13 @@ def _tcfg(ctx: Context) -> EpsFn:
 def _mambo(ctx: Context, alpha: float = 8.0) -> EpsFn:
     """MAMBO-G (arXiv 2508.03442): CFG whose weight is damped per sample by `magnitude_scale`,
     eps = eps_u + w(r) (eps_c - eps_u), w(r) = 1 + (s - 1) exp(-alpha r); alpha = 0 is CFG, s = 1 the conditional model."""
+
     def eps_fn(x, t):
         if ctx.scale == 1:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
         return Guided(torch.lerp(eps_u, eps_c, magnitude_scale(eps_u, eps_c, ctx.scale, alpha)))
+
     return eps_fn
 
 
@@ -533,8 +572,10 @@ def _icg(ctx: Context, seed: int = 0) -> EpsFn:
     def eps_fn(x, t):
         if ctx.scale == 1:
             return Guided(ctx.unet(x, t, ctx.y))
-        return Guided(cfg_combine(*ctx.pair(x, t, independent_classes(ctx.y, ctx.unet.null_class, generator)),
-                                  ctx.scale))
+        return Guided(
+            cfg_combine(*ctx.pair(x, t, independent_classes(ctx.y, ctx.unet.null_class, generator)), ctx.scale)
+        )
+
     return eps_fn
 
 
@@ -559,21 +600,27 @@ def _seg(ctx: Context, layers: tuple = ("encoder.mid.1",), sigma: float = 10.0) 
     return lambda x, t: Guided(ctx.away_from(x, t, perturbed))
 
 
-@MODES.register(low_scale=Range(0, math.inf, "the low-frequency band's s; = scale is CFG"),
-                levels=Range(1, 5, "octaves between the bands; 1 splits at half the resolution"))
+@MODES.register(
+    low_scale=Range(0, math.inf, "the low-frequency band's s; = scale is CFG"),
+    levels=Range(1, 5, "octaves between the bands; 1 splits at half the resolution"),
+)
 def _fdg(ctx: Context, low_scale: float = 1.0, levels: int = 1) -> EpsFn:
     """Frequency-decoupled guidance (`frequency_combine`): `scale` guides the detail band, `low_scale` the coarse band
     (global layout and colour, where high scales oversaturate and cost diversity). low_scale = scale is CFG;
     both 1 the conditional model."""
+
     def eps_fn(x, t):
         if ctx.scale == 1 and low_scale == 1:
             return Guided(ctx.unet(x, t, ctx.y))
         return Guided(frequency_combine(*ctx.pair(x, t), ctx.scale, low_scale, levels))
+
     return eps_fn
 
 
-@MODES.register(noise_scale=Range(0, math.inf, "std of the noise on the sinusoidal time embedding; 0 = none"),
-                seed=Range(0, 2**63 - 1, "seeds the embedding noise's own generator"))
+@MODES.register(
+    noise_scale=Range(0, math.inf, "std of the noise on the sinusoidal time embedding; 0 = none"),
+    seed=Range(0, 2**63 - 1, "seeds the embedding noise's own generator"),
+)
 def _tsg(ctx: Context, noise_scale: float = 1.0, seed: int = 0) -> EpsFn:
     """Time-step guidance (Sadat et al. 2025, Sec. 5, in this codebase's CFG form): the guiding prediction is the
     conditional model with a perturbed time-step embedding (`time_embedding_perturbed`):
@@ -584,13 +631,17 @@ def _tsg(ctx: Context, noise_scale: float = 1.0, seed: int = 0) -> EpsFn:
     return lambda x, t: Guided(ctx.away_from(x, t, perturbed))
 
 
-@MODES.register(needs=("diffusion",), tau1=Range(0, 1, "gamma = 1 below this t / T (the clean condition)"),
-                tau2=Above("tau1", "guidance.tau1=0.6 guidance.tau2=0.9"),
-                noise_scale=Range(0, math.inf, "s of the condition noise (0.25 in the paper)"),
-                psi=Range(0, 1, "1 = fully rescaled to the clean embedding's statistics, 0 = not"),
-                seed=Range(0, 2**63 - 1, "seeds the condition noise's own generator"))
-def _cads(ctx: Context, tau1: float = 0.6, tau2: float = 0.9, noise_scale: float = 0.25, psi: float = 1.0,
-          seed: int = 0) -> EpsFn:
+@MODES.register(
+    needs=("diffusion",),
+    tau1=Range(0, 1, "gamma = 1 below this t / T (the clean condition)"),
+    tau2=Above("tau1", "guidance.tau1=0.6 guidance.tau2=0.9"),
+    noise_scale=Range(0, math.inf, "s of the condition noise (0.25 in the paper)"),
+    psi=Range(0, 1, "1 = fully rescaled to the clean embedding's statistics, 0 = not"),
+    seed=Range(0, 2**63 - 1, "seeds the condition noise's own generator"),
+)
+def _cads(
+    ctx: Context, tau1: float = 0.6, tau2: float = 0.9, noise_scale: float = 0.25, psi: float = 1.0, seed: int = 0
+) -> EpsFn:
     """Condition-annealed sampling (Sadat et al. 2024): CFG at `scale` whose conditional branch reads the class embedding
     noised by `anneal_condition` with gamma = `cads_gamma`(t / T): strongly noised at high noise levels (diverse
     layouts), the clean condition from tau1 down. The null class's embedding is left alone. Fresh noise per call from
@@ -612,22 +663,27 @@ def _cads(ctx: Context, tau1: float = 0.6, tau2: float = 0.9, noise_scale: float
             return Guided(ctx.cfg(x, t, ctx.scale))
         finally:
             handle.remove()
+
     return eps_fn
 
 
-@MODES.register(needs=("diffusion",),
-                percentile=Range(0.5, 1, "the quantile of |x0| that is mapped to 1 (Imagen: 0.995)"))
+@MODES.register(
+    needs=("diffusion",), percentile=Range(0.5, 1, "the quantile of |x0| that is mapped to 1 (Imagen: 0.995)")
+)
 def _dynamic_threshold(ctx: Context, percentile: float = 0.995) -> EpsFn:
     """CFG whose denoised image goes through `dynamic_threshold` (Saharia et al. 2022, Sec. 2.3), which keeps large
     scales from saturating; with the sampler's clip_x0 on, quantiles <= 1 make it plain CFG."""
+
     def eps_fn(x, t):
         eps = ctx.cfg(x, t, ctx.scale)
         return Guided(ctx.to_eps(x, t, dynamic_threshold(ctx.to_x0(x, t, eps), percentile)))
+
     return eps_fn
 
 
-@MODES.register(needs=("guide",), scale=Range(0, math.inf, "the main model's weight over the guide; 1 = the main model"),
-                w=False)
+@MODES.register(
+    needs=("guide",), scale=Range(0, math.inf, "the main model's weight over the guide; 1 = the main model"), w=False
+)
 def _autoguidance(ctx: Context) -> EpsFn:
     """Autoguidance, Karras et al. 2024 ("Guiding a Diffusion Model with a Bad Version of Itself"): the CFG form
     D_0 + w (D_1 - D_0) with the unconditional model D_0 replaced by a weaker conditional guide (a smaller network or
@@ -641,15 +697,18 @@ def _autoguidance(ctx: Context) -> EpsFn:
         if ctx.scale == 1:
             return Guided(eps_main)
         return Guided(cfg_combine(ctx.guide(x, t, ctx.y), eps_main, ctx.scale))
+
     return eps_fn
 
 
-NEEDS = {"classifier": "a noisy classifier: pass classifier_ckpt=PATH (train one with `python train_classifier.py`)",
-         "clean_classifier": "a clean-image classifier: pass classifier_ckpt=PATH (train one with "
-                             "`python train_classifier.py classifier=clean`)",
-         "guide": "a guide network: pass guide_ckpt=PATH (a smaller network or an earlier checkpoint of the same "
-                  "model, e.g. RUN_DIR/checkpoints/0000500.pt)",
-         "diffusion": "the noise schedule: pass diffusion=Diffusion(...)"}
+NEEDS = {
+    "classifier": "a noisy classifier: pass classifier_ckpt=PATH (train one with `python train_classifier.py`)",
+    "clean_classifier": "a clean-image classifier: pass classifier_ckpt=PATH (train one with "
+    "`python train_classifier.py classifier=clean`)",
+    "guide": "a guide network: pass guide_ckpt=PATH (a smaller network or an earlier checkpoint of the same "
+    "model, e.g. RUN_DIR/checkpoints/0000500.pt)",
+    "diffusion": "the noise schedule: pass diffusion=Diffusion(...)",
+}
 
 
 def check(mode: str, scale: float, params: dict, schedule: str = "constant") -> None:
@@ -659,13 +718,24 @@ def check(mode: str, scale: float, params: dict, schedule: str = "constant") -> 
         entry.traits["scale"].check("scale", scale, {})
     SCHEDULE.check("schedule", schedule, {})
     if schedule != "constant" and not entry.traits["w"]:
-        raise GuidelabError(f"schedule={schedule} varies the CFG weight w = s - 1, but guidance={mode}'s scale is not "
-                            "a CFG weight; use schedule=constant, or a CFG-style mode")
+        raise GuidelabError(
+            f"schedule={schedule} varies the CFG weight w = s - 1, but guidance={mode}'s scale is not "
+            "a CFG weight; use schedule=constant, or a CFG-style mode"
+        )
     MODES.check(mode, params)
 
 
-def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier=None, diffusion: Diffusion | None = None,
-                guide=None, schedule: str = "constant", **params) -> EpsFn:
+def make_eps_fn(
+    mode: str,
+    unet,
+    y: torch.Tensor,
+    scale: float = 1.0,
+    classifier=None,
+    diffusion: Diffusion | None = None,
+    guide=None,
+    schedule: str = "constant",
+    **params,
+) -> EpsFn:
     """The eps-function of guidance `mode` for labels y; `params` are the mode's own keys (configs/guidance/<mode>.yaml),
     `diffusion` the model's own T-step process (eps-functions get the model's timesteps), `guide` autoguidance's.
     A non-constant `schedule` sets the mode's s = 1 + `scheduled_weight`(s - 1, t / T) before every call (the samplers
@@ -689,4 +759,5 @@ def make_eps_fn(mode: str, unet, y: torch.Tensor, scale: float = 1.0, classifier
     def scheduled(x, t):
         ctx.scale = 1 + scheduled_weight(float(scale) - 1, float(t[0]) / len(diffusion.abar), schedule)
         return eps_fn(x, t)
+
     return scheduled

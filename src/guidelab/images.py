@@ -1,4 +1,5 @@
 """Image helpers: [-1, 1] floats to uint8 NHWC, and class-row grids saved as PNG."""
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ def grid(rows: list[np.ndarray], pad: int = 2, scale: int = 1) -> np.ndarray:
     out = np.zeros((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            out[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = img
+            out[pad + i * (h + pad) : pad + i * (h + pad) + h, pad + j * (w + pad) : pad + j * (w + pad) + w] = img
     if scale > 1:
         out = out.repeat(scale, 0).repeat(scale, 1)
     return out
@@ -36,7 +37,8 @@ def save_png(img: np.ndarray, path: str | os.PathLike) -> None:
     Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
 
 
-def save_class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, path: str | os.PathLike,
-                    per_row: int = 10) -> None:
+def save_class_grid(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, path: str | os.PathLike, per_row: int = 10
+) -> None:
     """grid.png: one row per class, the first `per_row` samples of that class."""
     save_png(grid(class_rows(images, labels, num_classes, per_row), scale=2), path)

@@ -3,6 +3,7 @@
 wandb is an optional extra (`pip install -e '.[wandb]'`), imported lazily (only when asked for); it runs offline
 unless WANDB_MODE says otherwise, and never prompts for a login. Only rank 0 should construct a Logger with wandb on.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ def require_logger(logger_cfg) -> None:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise GuidelabError("logger=wandb needs the wandb package: pip install -e '.[wandb]' (or use logger=none)") \
-            from None
+        raise GuidelabError(
+            "logger=wandb needs the wandb package: pip install -e '.[wandb]' (or use logger=none)"
+        ) from None
 
 
 class Logger:
@@ -34,9 +36,14 @@ class Logger:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb  # lazy: wandb is only needed with logger=wandb
 
-            self.wandb_run = wandb.init(project=logger_cfg.get("project", "guidelab"), entity=logger_cfg.get("entity"),
-                                        name=logger_cfg.get("run_name"), dir=str(run_dir), config=config,
-                                        settings=wandb.Settings(console="off", silent=True))
+            self.wandb_run = wandb.init(
+                project=logger_cfg.get("project", "guidelab"),
+                entity=logger_cfg.get("entity"),
+                name=logger_cfg.get("run_name"),
+                dir=str(run_dir),
+                config=config,
+                settings=wandb.Settings(console="off", silent=True),
+            )
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:

@@ -11,6 +11,7 @@ Accuracy always comes from the evaluator, never from the guidance classifier (gu
 Real-data reference features are computed once and cached on disk, keyed by dataset, image size, split, feature
 backend and the exact evaluator / Inception weights file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,9 +63,11 @@ def find_inception_weights(path: str | None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise GuidelabError(f"Inception weights not found (looked for {', '.join(map(str, candidates))}); download "
-                        f"{INCEPTION_FILE} (torch-fidelity release v0.2.0) on a machine with internet and pass "
-                        "metrics.inception_weights=FILE, or use metrics.features=evaluator")
+    raise GuidelabError(
+        f"Inception weights not found (looked for {', '.join(map(str, candidates))}); download "
+        f"{INCEPTION_FILE} (torch-fidelity release v0.2.0) on a machine with internet and pass "
+        "metrics.inception_weights=FILE, or use metrics.features=evaluator"
+    )
 
 
 class InceptionFeatures:
@@ -79,8 +82,13 @@ class InceptionFeatures:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights = find_inception_weights(weights)
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(self.weights)).to(device).eval()
+        self.net = (
+            FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(self.weights)
+            )
+            .to(device)
+            .eval()
+        )
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, device: torch.device) -> Features:
@@ -92,7 +100,7 @@ class InceptionFeatures:
 
 
 def extract(backend, images: np.ndarray, device: torch.device, batch_size: int = 500) -> Features:
-    parts = [backend(images[i:i + batch_size], device) for i in range(0, len(images), batch_size)]
+    parts = [backend(images[i : i + batch_size], device) for i in range(0, len(images), batch_size)]
     return Features(torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]))
 
 
@@ -125,8 +133,14 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, batch_s
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
     # torch-fidelity's convention: features_1 = generated, features_2 = real
-    out = prc_features_to_metric(features_1=fake.detach().float().cpu(), features_2=real.detach().float().cpu(),
-                                 prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=True, verbose=False)
+    out = prc_features_to_metric(
+        features_1=fake.detach().float().cpu(),
+        features_2=real.detach().float().cpu(),
+        prc_neighborhood=k,
+        prc_batch_size=batch_size,
+        save_cpu_ram=True,
+        verbose=False,
+    )
     return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
 
 
@@ -148,35 +162,60 @@ def file_digest(path: str | Path) -> str:
 
 def reference_key(dataset: dict, split: str, backend: str, weights_file: str | Path, num: int | None) -> dict:
     """What the cached real features depend on; any change means a new cache entry."""
-    return {"dataset": dataset["name"], "image_size": int(dataset["image_size"]), "split": split, "backend": backend,
-            "weights_sha256": file_digest(weights_file), "num": num}
+    return {
+        "dataset": dataset["name"],
+        "image_size": int(dataset["image_size"]),
+        "split": split,
+        "backend": backend,
+        "weights_sha256": file_digest(weights_file),
+        "num": num,
+    }
 
 
-def reference_features(key: dict, backend, dataset: dict, cache_dir: str | Path, device: torch.device,
-                       seed: int = 0) -> tuple[Features, Path, bool]:
+def reference_features(
+    key: dict, backend, dataset: dict, cache_dir: str | Path, device: torch.device, seed: int = 0
+) -> tuple[Features, Path, bool]:
     """Real-data features for `key`, from the cache when present (returns features, cache file, whether reused)."""
     from guidelab import checkpoint
     from guidelab.data import load_dataset
     from guidelab.images import to_uint8
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir).expanduser() / f"{key['dataset']}-{key['image_size']}px-{key['split']}-{key['backend']}-{digest}.pt"
+    path = (
+        Path(cache_dir).expanduser()
+        / f"{key['dataset']}-{key['image_size']}px-{key['split']}-{key['backend']}-{digest}.pt"
+    )
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("key") == key:
             return Features(cached["features"], cached["logits"]), path, True
-    data = load_dataset(dataset["name"], split=key["split"], root=dataset.get("root"),
-                        image_size=dataset["image_size"], download=dataset.get("download", False))
+    data = load_dataset(
+        dataset["name"],
+        split=key["split"],
+        root=dataset.get("root"),
+        image_size=dataset["image_size"],
+        download=dataset.get("download", False),
+    )
     images = to_uint8(data.images)  # quantised exactly like the samples
     if key["num"] is not None and key["num"] < len(images):
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:key["num"]].numpy()]
+        images = images[
+            torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: key["num"]].numpy()
+        ]
     feats = extract(backend, images, device)
     checkpoint.save_atomic({"key": key, "features": feats.features, "logits": feats.logits}, path)
     return feats, path, False
 
 
-def evaluate_samples(images: np.ndarray, labels: np.ndarray, metrics_cfg, dataset: dict, evaluator,
-                     evaluator_path: str | None, device: torch.device, features: str | None = None) -> dict:
+def evaluate_samples(
+    images: np.ndarray,
+    labels: np.ndarray,
+    metrics_cfg,
+    dataset: dict,
+    evaluator,
+    evaluator_path: str | None,
+    device: torch.device,
+    features: str | None = None,
+) -> dict:
     """All metrics of one sample set: FID, IS, precision, recall in `features` (default `metrics_cfg.features`),
     accuracy under the evaluator. Returns a flat dict for metrics.json."""
     ev = EvaluatorFeatures(evaluator)
@@ -190,7 +229,15 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray, metrics_cfg, datase
     fake = extract(backend, images, device)
     fake_ev = fake if backend is ev else extract(ev, images, device)
     precision, recall = precision_recall(real.features, fake.features, metrics_cfg.k)
-    return {"features": backend.name, "fid": fid(real.features, fake.features),
-            "is": inception_score(fake.logits, metrics_cfg.is_splits), "precision": precision, "recall": recall,
-            **class_accuracy(fake_ev.logits, labels), "reference": str(cache_path), "reference_reused": reused,
-            "reference_split": metrics_cfg.reference_split, "num_reference": len(real.features)}
+    return {
+        "features": backend.name,
+        "fid": fid(real.features, fake.features),
+        "is": inception_score(fake.logits, metrics_cfg.is_splits),
+        "precision": precision,
+        "recall": recall,
+        **class_accuracy(fake_ev.logits, labels),
+        "reference": str(cache_path),
+        "reference_reused": reused,
+        "reference_split": metrics_cfg.reference_split,
+        "num_reference": len(real.features),
+    }

@@ -1,5 +1,6 @@
 """The networks a sampling run uses: found (`latest`), rebuilt from their checkpoints (EMA weights, the layout from the
 embedded config), checked to fit together, and wrapped to count their evaluations."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,12 +15,18 @@ from guidelab.errors import GuidelabError
 from guidelab.guidance import MODES
 from guidelab.models import build_classifier, build_unet
 
-TRAIN_HINT = {"diffusion": "python train_diffusion.py", "classifier": "python train_classifier.py",
-              "clean_classifier": "python train_classifier.py classifier=clean",
-              "evaluator": "python train_classifier.py classifier=evaluator (and classifier=evaluator_vgg seed=1 for "
-                           "the second opinion)"}
-ROLE_NAMES = {"classifier": "a noisy guidance classifier", "clean_classifier": "a clean classifier of the guidance "
-              "family (UNet encoder)", "evaluator": "an evaluator (a clean classifier of another family)"}
+TRAIN_HINT = {
+    "diffusion": "python train_diffusion.py",
+    "classifier": "python train_classifier.py",
+    "clean_classifier": "python train_classifier.py classifier=clean",
+    "evaluator": "python train_classifier.py classifier=evaluator (and classifier=evaluator_vgg seed=1 for "
+    "the second opinion)",
+}
+ROLE_NAMES = {
+    "classifier": "a noisy guidance classifier",
+    "clean_classifier": "a clean classifier of the guidance family (UNet encoder)",
+    "evaluator": "an evaluator (a clean classifier of another family)",
+}
 
 
 class Counted:
@@ -41,13 +48,19 @@ def load(path: str | Path, kind: str, device: torch.device):
     ckpt = checkpoint.load(path, kind=kind)
     cfg, info = ckpt["config"], ckpt["config"]["data_info"]
     build = build_unet if kind == "diffusion" else build_classifier
-    net = build(cfg["model"] if kind == "diffusion" else cfg["classifier"], info["channels"],
-                cfg["dataset"]["image_size"], info["num_classes"])
+    net = build(
+        cfg["model"] if kind == "diffusion" else cfg["classifier"],
+        info["channels"],
+        cfg["dataset"]["image_size"],
+        info["num_classes"],
+    )
     try:
         net.load_state_dict(ckpt["ema"])
     except RuntimeError:
-        raise GuidelabError(f"the weights in {path} do not fit the network its own config describes; the checkpoint "
-                            "was written by another version of guidelab or edited; retrain it") from None
+        raise GuidelabError(
+            f"the weights in {path} do not fit the network its own config describes; the checkpoint "
+            "was written by another version of guidelab or edited; retrain it"
+        ) from None
     return net.to(device).eval().requires_grad_(False), ckpt  # inference only: guidance takes input gradients
 
 
@@ -59,12 +72,18 @@ def role_of(config: dict) -> str | None:
     if "classifier" not in config:
         return None
     c = config["classifier"]
-    return "classifier" if c["noisy"] else "clean_classifier" if c.get("arch", "unet_encoder") == "unet_encoder" \
+    return (
+        "classifier"
+        if c["noisy"]
+        else "clean_classifier"
+        if c.get("arch", "unet_encoder") == "unet_encoder"
         else "evaluator"
+    )
 
 
-def find_latest(root: str | Path, role: str, like: dict | None = None, key: str = "ckpt", unlike: str | None = None) \
-        -> Path:
+def find_latest(
+    root: str | Path, role: str, like: dict | None = None, key: str = "ckpt", unlike: str | None = None
+) -> Path:
     """RUN/checkpoints/last.pt of the newest run (by last.pt's time) under `root` whose RUN/.hydra/config.yaml says it
     trained a `role` network (see role_of); with `like` (a diffusion checkpoint's config) only runs on the same dataset
     and image size (and, for a noisy classifier, schedule); with `unlike` only classifiers of another arch."""
@@ -72,24 +91,32 @@ def find_latest(root: str | Path, role: str, like: dict | None = None, key: str 
     for last in Path(root).glob("**/checkpoints/last.pt"):
         cfg_file = last.parents[1] / ".hydra" / "config.yaml"
         run = OmegaConf.to_container(OmegaConf.load(cfg_file)) if cfg_file.is_file() else {}
-        same = like is None or (all(run["dataset"][k] == like["dataset"][k] for k in ("name", "image_size"))
-                                and (role != "classifier" or run["diffusion"] == like["diffusion"]))
+        same = like is None or (
+            all(run["dataset"][k] == like["dataset"][k] for k in ("name", "image_size"))
+            and (role != "classifier" or run["diffusion"] == like["diffusion"])
+        )
         other = unlike is None or run.get("classifier", {}).get("arch") != unlike
         if role_of(run) == role and same and other:
             runs.append((last.stat().st_mtime, str(last)))
     if not runs:
         match = "" if like is None else f" on {like['dataset']['name']} at {like['dataset']['image_size']}px"
         match += "" if unlike is None else f" of another arch than {unlike}"
-        raise GuidelabError(f"{key}=latest found no {role} run{match} under {Path(root).resolve()} (RUN/checkpoints/"
-                            f"last.pt with RUN/.hydra/config.yaml); train one with `{TRAIN_HINT[role]}` or pass {key}=PATH")
+        raise GuidelabError(
+            f"{key}=latest found no {role} run{match} under {Path(root).resolve()} (RUN/checkpoints/"
+            f"last.pt with RUN/.hydra/config.yaml); train one with `{TRAIN_HINT[role]}` or pass {key}=PATH"
+        )
     return Path(max(runs)[1])
 
 
 def data_signature(ckpt: dict) -> dict:
     """What a network was trained on: dataset, class count, channels and image size (for compatibility checks)."""
     cfg = ckpt["config"]
-    return {"dataset": cfg["dataset"]["name"], "num_classes": int(cfg["data_info"]["num_classes"]),
-            "channels": int(cfg["data_info"]["channels"]), "image_size": int(cfg["dataset"]["image_size"])}
+    return {
+        "dataset": cfg["dataset"]["name"],
+        "num_classes": int(cfg["data_info"]["num_classes"]),
+        "channels": int(cfg["data_info"]["channels"]),
+        "image_size": int(cfg["dataset"]["image_size"]),
+    }
 
 
 def check_compatible(a: dict, a_name: str, b: dict, b_name: str, schedule: bool = False) -> None:
@@ -98,12 +125,16 @@ def check_compatible(a: dict, a_name: str, b: dict, b_name: str, schedule: bool 
     sig_a, sig_b = data_signature(a), data_signature(b)
     if sig_a != sig_b:
         diff = ", ".join(f"{k} {sig_a[k]} vs {sig_b[k]}" for k in sig_a if sig_a[k] != sig_b[k])
-        raise GuidelabError(f"{a_name} and {b_name} were trained on different data ({diff}); "
-                            f"train the {b_name} with the same dataset= and dataset.image_size= as the {a_name}")
+        raise GuidelabError(
+            f"{a_name} and {b_name} were trained on different data ({diff}); "
+            f"train the {b_name} with the same dataset= and dataset.image_size= as the {a_name}"
+        )
     if schedule and a["config"]["diffusion"] != b["config"]["diffusion"]:
-        raise GuidelabError(f"the {b_name} was trained on another noise schedule than the {a_name} "
-                            f"({b['config']['diffusion']} vs {a['config']['diffusion']}); train it with the same "
-                            "diffusion= settings")
+        raise GuidelabError(
+            f"the {b_name} was trained on another noise schedule than the {a_name} "
+            f"({b['config']['diffusion']} vs {a['config']['diffusion']}); train it with the same "
+            "diffusion= settings"
+        )
 
 
 @dataclass
@@ -119,8 +150,10 @@ class Networks:
 
     def evaluations(self) -> dict:
         """Rows evaluated so far: UNet passes (the guide's included) and classifier passes (forward + input grad)."""
-        return {"nfe": self.unet.rows + (self.guide.rows if self.guide is not None else 0),
-                "classifier_nfe": self.classifier.rows if self.classifier is not None else 0}
+        return {
+            "nfe": self.unet.rows + (self.guide.rows if self.guide is not None else 0),
+            "classifier_nfe": self.classifier.rows if self.classifier is not None else 0,
+        }
 
 
 def for_sampling(cfg, device: torch.device) -> Networks:
@@ -128,18 +161,25 @@ def for_sampling(cfg, device: torch.device) -> Networks:
     needs = MODES.get_entry(cfg.guidance.name).traits["needs"]
     paths = {"ckpt": resolve("ckpt", cfg.ckpt, cfg.runs_root, "diffusion")}
     unet, unet_ckpt = load(paths["ckpt"], "diffusion", device)
-    nets = Networks(Counted(unet), Diffusion.from_config(unet_ckpt["config"]["diffusion"]).to(device),
-                    unet_ckpt["config"], paths=paths)
+    nets = Networks(
+        Counted(unet),
+        Diffusion.from_config(unet_ckpt["config"]["diffusion"]).to(device),
+        unet_ckpt["config"],
+        paths=paths,
+    )
     if "guide" in needs:
         if not cfg.guide_ckpt:
-            raise GuidelabError(f"guidance={cfg.guidance.name} needs guide_ckpt=PATH: a smaller diffusion model or an "
-                                "earlier checkpoint of the same run (RUN_DIR/checkpoints/0000500.pt)")
+            raise GuidelabError(
+                f"guidance={cfg.guidance.name} needs guide_ckpt=PATH: a smaller diffusion model or an "
+                "earlier checkpoint of the same run (RUN_DIR/checkpoints/0000500.pt)"
+            )
         paths["guide_ckpt"] = cfg.guide_ckpt
         nets.guide = Counted(_partner(cfg.guide_ckpt, "guide", unet_ckpt, device)[0])
     for role in ("classifier", "clean_classifier"):
         if role in needs:
-            paths["classifier_ckpt"] = resolve("classifier_ckpt", cfg.classifier_ckpt, cfg.runs_root, role,
-                                               unet_ckpt["config"])
+            paths["classifier_ckpt"] = resolve(
+                "classifier_ckpt", cfg.classifier_ckpt, cfg.runs_root, role, unet_ckpt["config"]
+            )
             net, cls_ckpt = _partner(paths["classifier_ckpt"], role, unet_ckpt, device)
             nets.classifier, nets.classifier_metrics = Counted(net), cls_ckpt["metrics"]
     unlike = None
@@ -149,12 +189,16 @@ def for_sampling(cfg, device: torch.device) -> Networks:
         paths[key] = resolve(key, cfg[key], cfg.runs_root, "evaluator", unet_ckpt["config"], unlike)
         used = [paths.get("classifier_ckpt")] + ([paths["evaluator_ckpt"]] if key == "second_evaluator_ckpt" else [])
         if paths[key] in used:
-            raise GuidelabError(f"{key} {paths[key]} is already used as another network of this run; each judge must "
-                                "be a network of its own")
+            raise GuidelabError(
+                f"{key} {paths[key]} is already used as another network of this run; each judge must "
+                "be a network of its own"
+            )
         net, ev_ckpt = _partner(paths[key], "evaluator", unet_ckpt, device)
         if unlike is not None and ev_ckpt["config"]["classifier"].get("arch") == unlike:
-            raise GuidelabError(f"second_evaluator_ckpt is a {unlike} like the primary evaluator; the second opinion "
-                                "must be of another family (train one with classifier=evaluator_vgg seed=1)")
+            raise GuidelabError(
+                f"second_evaluator_ckpt is a {unlike} like the primary evaluator; the second opinion "
+                "must be of another family (train one with classifier=evaluator_vgg seed=1)"
+            )
         nets.evaluators.append((net, ev_ckpt["config"], ev_ckpt["metrics"]))
         unlike = ev_ckpt["config"]["classifier"].get("arch")
     return nets
@@ -166,8 +210,9 @@ def _partner(path: str, role: str, unet_ckpt: dict, device: torch.device):
     net, ckpt = load(path, "diffusion" if role == "guide" else "classifier", device)
     check_compatible(unet_ckpt, "diffusion checkpoint", ckpt, role, schedule=role in ("guide", "classifier"))
     if role != "guide" and (found := role_of(ckpt["config"])) != role:
-        raise GuidelabError(f"{path} is {ROLE_NAMES[found]}, but this use needs {ROLE_NAMES[role]}; train one with "
-                            f"`{TRAIN_HINT[role]}`")
+        raise GuidelabError(
+            f"{path} is {ROLE_NAMES[found]}, but this use needs {ROLE_NAMES[role]}; train one with `{TRAIN_HINT[role]}`"
+        )
     return net, ckpt
 
 

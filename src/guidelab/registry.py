@@ -5,6 +5,7 @@ derives the Hydra schema (a dataclass that config.py puts in the ConfigStore, so
 decorator's keyword arguments are the entry's traits (what it needs, what `scale` means for it) and the checks of its
 values (`Range`, `OneOf`, `Above`), which run before any network is loaded.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -21,6 +22,7 @@ from guidelab.errors import GuidelabError
 
 class Range(NamedTuple):
     """A number in [lo, hi] (lo excluded with `open_lo`); None passes (keys whose null means "none")."""
+
     lo: float
     hi: float = math.inf
     why: str = ""  # what the values mean, appended to the error
@@ -29,8 +31,11 @@ class Range(NamedTuple):
     def check(self, key: str, value, values: dict) -> None:
         if value is None or (value > self.lo if self.open_lo else value >= self.lo) and value <= self.hi:
             return
-        bound = (f"> {self.lo:g}" if self.open_lo else f">= {self.lo:g}") if self.hi == math.inf else \
-            f"in [{self.lo:g}, {self.hi:g}]"
+        bound = (
+            (f"> {self.lo:g}" if self.open_lo else f">= {self.lo:g}")
+            if self.hi == math.inf
+            else f"in [{self.lo:g}, {self.hi:g}]"
+        )
         raise GuidelabError(f"{key} must be {bound}, got {value:g}" + (f"; {self.why}" if self.why else ""))
 
 
@@ -40,20 +45,25 @@ class OneOf(NamedTuple):
 
     def check(self, key: str, value, values: dict) -> None:
         if value not in self.options:
-            raise GuidelabError(f"{key} must be one of {', '.join(map(str, self.options))}, got {value!r}"
-                                + (f"; {self.why}" if self.why else ""))
+            raise GuidelabError(
+                f"{key} must be one of {', '.join(map(str, self.options))}, got {value!r}"
+                + (f"; {self.why}" if self.why else "")
+            )
 
 
 class Above(NamedTuple):
     """A number above another key of the same entry."""
+
     other: str
     example: str = ""
 
     def check(self, key: str, value, values: dict) -> None:
         if not value > values[self.other]:
             prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-            raise GuidelabError(f"{key} ({value:g}) must be above {prefix}{self.other} ({values[self.other]:g})"
-                                + (f"; e.g. {self.example}" if self.example else ""))
+            raise GuidelabError(
+                f"{key} ({value:g}) must be above {prefix}{self.other} ({values[self.other]:g})"
+                + (f"; e.g. {self.example}" if self.example else "")
+            )
 
 
 class Entry(NamedTuple):
@@ -83,6 +93,7 @@ class Registry(dict):
             checks = {k: v for k, v in declared.items() if k not in self.traits}
             self[key] = Entry(key, fn, params, checks, traits)
             return fn
+
         return add
 
     def get_entry(self, name: str) -> Entry:
@@ -114,8 +125,10 @@ def schema_of(fn: Callable, cls_name: str, head: list, params: dict[str, inspect
     types and defaults: the Hydra schema of a config that feeds fn."""
     hints = typing.get_type_hints(fn)
     fields = [(k, t, config_default(d)) for k, t, d in head]
-    fields += [(k, _config_type(hints.get(k, Any)), config_default(MISSING if p.default is p.empty else p.default))
-               for k, p in params.items()]
+    fields += [
+        (k, _config_type(hints.get(k, Any)), config_default(MISSING if p.default is p.empty else p.default))
+        for k, p in params.items()
+    ]
     return make_dataclass(cls_name, fields)
 
 

@@ -10,6 +10,7 @@
 It runs by itself at the end of every `sample.py -m` sweep (a Hydra callback, configured in configs/sample.yaml), and
 by hand:   python -m guidelab.report SWEEP_DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,38 @@ from guidelab.guidance import MODES
 from guidelab.images import class_rows, grid, save_png
 
 MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
-COLUMNS = ["guidance", "base", "options", "p_uncond", "classifier", "s", "w", "classifier_scale", "sampler", "spacing", "steps", "nfe",
-           "classifier_nfe", "features", "fid", "is", "precision", "recall", "accuracy", "evaluator", "evaluator_test_acc",
-           "fid_2", "accuracy_2", "evaluator_2", "evaluator_2_test_acc", "disagreement", "num_samples", "seconds",
-           "seconds_per_sample", "run"]
+COLUMNS = [
+    "guidance",
+    "base",
+    "options",
+    "p_uncond",
+    "classifier",
+    "s",
+    "w",
+    "classifier_scale",
+    "sampler",
+    "spacing",
+    "steps",
+    "nfe",
+    "classifier_nfe",
+    "features",
+    "fid",
+    "is",
+    "precision",
+    "recall",
+    "accuracy",
+    "evaluator",
+    "evaluator_test_acc",
+    "fid_2",
+    "accuracy_2",
+    "evaluator_2",
+    "evaluator_2_test_acc",
+    "disagreement",
+    "num_samples",
+    "seconds",
+    "seconds_per_sample",
+    "run",
+]
 DISAGREE = 0.03  # rows whose two evaluators' accuracies differ by more are flagged in results.md
 PLOTS = {  # file: (x, y, title)
     "fid_vs_scale.png": ("s", "fid", "FID vs guidance scale"),
@@ -51,10 +80,20 @@ def collect(sweep_dirs: list[Path]) -> list[dict]:
             run = npz.parent.name if len(sweep_dirs) == 1 else f"{sweep_dir.name}/{npz.parent.name}"
             rows.append({**{c: None for c in COLUMNS}, **m, "s": m["scale"], "run": run, "dir": npz.parent})
     if not rows:
-        raise GuidelabError(f"no */samples.npz under {', '.join(map(str, sweep_dirs))}; pass the hydra.sweep.dir "
-                            "of a `sample.py -m` run")
-    return sorted(rows, key=lambda r: (MODE_ORDER.get(r["guidance"], 99), str(r["base"]), str(r["p_uncond"]),
-                                       r["steps"] or 1e9, r["s"]))
+        raise GuidelabError(
+            f"no */samples.npz under {', '.join(map(str, sweep_dirs))}; pass the hydra.sweep.dir "
+            "of a `sample.py -m` run"
+        )
+    return sorted(
+        rows,
+        key=lambda r: (
+            MODE_ORDER.get(r["guidance"], 99),
+            str(r["base"]),
+            str(r["p_uncond"]),
+            r["steps"] or 1e9,
+            r["s"],
+        ),
+    )
 
 
 def _from_overrides(job_dir: Path) -> dict:
@@ -77,35 +116,81 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["guidance", "base", "options", "p_uncond", "classifier", "s", "w", "classifier_scale", "sampler", "spacing",
-            "steps", "nfe", "classifier_nfe", "fid", "is", "precision", "recall", "accuracy", "fid_2", "accuracy_2",
-            "disagreement", "seconds_per_sample"]
+    cols = [
+        "guidance",
+        "base",
+        "options",
+        "p_uncond",
+        "classifier",
+        "s",
+        "w",
+        "classifier_scale",
+        "sampler",
+        "spacing",
+        "steps",
+        "nfe",
+        "classifier_nfe",
+        "fid",
+        "is",
+        "precision",
+        "recall",
+        "accuracy",
+        "fid_2",
+        "accuracy_2",
+        "disagreement",
+        "seconds_per_sample",
+    ]
     cols = [c for c in cols if any(r[c] is not None for r in rows)]
     features = sorted({r["features"] for r in rows if r["features"]})
-    note = (f"FID / IS / precision / recall in **{', '.join(features)}** features"
-            + (" (the codebase's own evaluators: not comparable with literature FIDs)" if "evaluator" in features else "")
-            if features else "accuracy only; FID / IS / precision / recall need eval=true"
-            if any(r["accuracy"] is not None for r in rows) else "no evaluation (run with eval=true evaluator_ckpt=PATH)")
+    note = (
+        f"FID / IS / precision / recall in **{', '.join(features)}** features"
+        + (" (the codebase's own evaluators: not comparable with literature FIDs)" if "evaluator" in features else "")
+        if features
+        else "accuracy only; FID / IS / precision / recall need eval=true"
+        if any(r["accuracy"] is not None for r in rows)
+        else "no evaluation (run with eval=true evaluator_ckpt=PATH)"
+    )
     for suffix, which in (("", "primary evaluator"), ("_2", "second evaluator (`_2` columns)")):
-        judges = sorted({(r[f"evaluator{suffix}"], r[f"evaluator{suffix}_test_acc"]) for r in rows
-                         if r[f"evaluator{suffix}"] is not None}, key=str)
+        judges = sorted(
+            {
+                (r[f"evaluator{suffix}"], r[f"evaluator{suffix}_test_acc"])
+                for r in rows
+                if r[f"evaluator{suffix}"] is not None
+            },
+            key=str,
+        )
         if judges:
-            note += f"; {which}: " + ", ".join(f"{name} (held-out accuracy on real data {_fmt(acc)})"
-                                               for name, acc in judges)
+            note += f"; {which}: " + ", ".join(
+                f"{name} (held-out accuracy on real data {_fmt(acc)})" for name, acc in judges
+            )
     guides = {json.dumps(r["classifier_test_acc"]) for r in rows if r.get("classifier_test_acc")}
     for accs in map(json.loads, sorted(guides)):  # the guidance classifier's own held-out accuracy
         note += "; guidance classifier held-out accuracy " + ", ".join(
-            f"{a:.2f}" + ("" if t == "clean" else f" at t = {t[1:]}") for t, a in accs.items())
+            f"{a:.2f}" + ("" if t == "clean" else f" at t = {t[1:]}") for t, a in accs.items()
+        )
     flagged = [r for r in rows if r["disagreement"] is not None and abs(r["disagreement"]) > DISAGREE + 1e-9]
     if any(r["disagreement"] is not None for r in rows):
-        note += (f"; **!** marks the {len(flagged)} rows whose evaluators differ by more than {DISAGREE:.0%} in accuracy"
-                 if flagged else f"; the two evaluators agree within {DISAGREE:.0%} on every row")
-    table = lambda rs: ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
-        "| " + " | ".join(_fmt(r[c]) + (" **!**" if c == "disagreement" and r in flagged else "") for c in cols) + " |"
-        for r in rs]
+        note += (
+            f"; **!** marks the {len(flagged)} rows whose evaluators differ by more than {DISAGREE:.0%} in accuracy"
+            if flagged
+            else f"; the two evaluators agree within {DISAGREE:.0%} on every row"
+        )
+    table = lambda rs: (
+        ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        + [
+            "| "
+            + " | ".join(_fmt(r[c]) + (" **!**" if c == "disagreement" and r in flagged else "") for c in cols)
+            + " |"
+            for r in rs
+        ]
+    )
     lines = [note, ""] + table(rows)
     if (best := best_rows(rows)) and len(best) < len(rows):
-        lines += ["", "Each series at its best scale (the highest primary-evaluator accuracy; ties: the lower FID):", ""]
+        lines += [
+            "",
+            "Each series at its best scale (the highest primary-evaluator accuracy; ties: the lower FID):",
+            "",
+        ]
         lines += table(best)
     return "\n".join(lines)
 
@@ -114,8 +199,11 @@ def best_rows(rows: list[dict]) -> list[dict]:
     """Per series (see _series) the row of highest primary accuracy, ties broken by the lower FID; [] without
     accuracies."""
     scored = {k: [r for r in v if r["accuracy"] is not None] for k, v in _series(rows).items()}
-    return [max(v, key=lambda r: (round(r["accuracy"], 6), -(r["fid"] if r["fid"] is not None else 0)))
-            for v in scored.values() if v]
+    return [
+        max(v, key=lambda r: (round(r["accuracy"], 6), -(r["fid"] if r["fid"] is not None else 0)))
+        for v in scored.values()
+        if v
+    ]
 
 
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
@@ -124,9 +212,11 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for mode in dict.fromkeys(r["guidance"] for r in rows):
         mode_rows = [r for r in rows if r["guidance"] == mode]
-        varying = [k for k in ("base", "options", "p_uncond", "classifier", "steps", "classifier_scale", "sampler",
-                               "spacing")
-                   if len({str(r[k]) for r in mode_rows}) > 1]
+        varying = [
+            k
+            for k in ("base", "options", "p_uncond", "classifier", "steps", "classifier_scale", "sampler", "spacing")
+            if len({str(r[k]) for r in mode_rows}) > 1
+        ]
         for r in mode_rows:
             parts = [f"{k}={r[k]}" for k in varying if r[k] is not None]  # "cfg", not "cfg options=None"
             out.setdefault(" ".join([mode] + parts), []).append(r)
@@ -138,6 +228,7 @@ def _pyplot():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -163,8 +254,10 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
 
 def _trace(ax, series: list[dict], x: str, y: str, label: str, style: dict) -> None:
     """One line; trade-off curves (x not the scale) follow the scale and label each point with it."""
-    pts = sorted(((r[x], r[y], r["s"]) for r in series if r[x] is not None and r[y] is not None),
-                 key=lambda p: p[2] if x != "s" else p[0])
+    pts = sorted(
+        ((r[x], r[y], r["s"]) for r in series if r[x] is not None and r[y] is not None),
+        key=lambda p: p[2] if x != "s" else p[0],
+    )
     if not pts:
         return
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=label, **style)
@@ -178,7 +271,9 @@ def variant_panels(rows: list[dict], out_dir: Path) -> list[Path]:
     variant's FID-accuracy curve(s) against plain CFG and plain CG of the same report. Only when the report holds
     CFG or CG rows with accuracy and FID, and at least one variant."""
     plt = _pyplot()
-    series = {k: v for k, v in _series(rows).items() if any(r["fid"] is not None and r["accuracy"] is not None for r in v)}
+    series = {
+        k: v for k, v in _series(rows).items() if any(r["fid"] is not None and r["accuracy"] is not None for r in v)
+    }
     anchors = {k: v for k, v in series.items() if v[0]["guidance"] in ("cfg", "cg") and v[0]["options"] is None}
     variants: dict[str, dict[str, list[dict]]] = {}
     for k, v in series.items():  # CFG or CG with options of their own (e.g. a weight schedule) are variants too
@@ -192,22 +287,30 @@ def variant_panels(rows: list[dict], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False, sharex=True, sharey=True)
     for ax, (mode, curves) in zip(axes.flat, variants.items()):
         for k, v in anchors.items():
-            _trace(ax, v, "accuracy", "fid", k, dict(color="black" if v[0]["guidance"] == "cfg" else "grey",
-                                                     marker="o", alpha=0.6))
+            _trace(
+                ax,
+                v,
+                "accuracy",
+                "fid",
+                k,
+                dict(color="black" if v[0]["guidance"] == "cfg" else "grey", marker="o", alpha=0.6),
+            )
         for i, (k, v) in enumerate(curves.items()):
             _trace(ax, v, "accuracy", "fid", k.replace(" options=", " "), dict(color=plt.cm.tab10(i + 1), marker="s"))
         ax.set_title(mode, fontsize=9)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    for ax in axes.flat[len(variants):]:
+    for ax in axes.flat[len(variants) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("evaluator accuracy")
     for ax in axes[:, 0]:
         ax.set_ylabel("FID (evaluator features, log)")
-    fig.suptitle("FID-accuracy trade-off of each variant against plain CFG (black) and CG (grey); points labelled "
-                 "with s", fontsize=9)
+    fig.suptitle(
+        "FID-accuracy trade-off of each variant against plain CFG (black) and CG (grey); points labelled with s",
+        fontsize=9,
+    )
     fig.tight_layout()
     path = out_dir / "fid_vs_accuracy_panels.png"
     fig.savefig(path, dpi=110)
@@ -249,7 +352,10 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
         strips.append(grid([np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_row=1))], pad=1))
     h, w = strips[0].shape[:2]
     longest = max(len(f"{label[id(r)]}  s={r['s']:g}") for r in rows)
-    fig_w, label_w = 8.0, max(1.6, 0.075 * longest)  # inches; the left margin holds the row labels, 9 pt ~ 0.075 in/char
+    fig_w, label_w = (
+        8.0,
+        max(1.6, 0.075 * longest),
+    )  # inches; the left margin holds the row labels, 9 pt ~ 0.075 in/char
     fig_h = len(strips) * (fig_w - label_w) * h / w * 1.04 + 0.35
     fig, axes = plt.subplots(len(strips), 1, figsize=(fig_w, fig_h), squeeze=False)
     fig.subplots_adjust(left=label_w / fig_w, right=0.99, top=1 - 0.3 / fig_h, bottom=0.01, hspace=0.08)
@@ -274,8 +380,12 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, wandb_run=None) -> str:
     if wandb_run is not None:
         import wandb
 
-        wandb_run.log({"sweep/results": wandb.Table(columns=COLUMNS, data=[[_fmt(r[c]) for c in COLUMNS] for r in rows]),
-                       **{f"sweep/{p.stem}": wandb.Image(str(p)) for p in figures}})
+        wandb_run.log(
+            {
+                "sweep/results": wandb.Table(columns=COLUMNS, data=[[_fmt(r[c]) for c in COLUMNS] for r in rows]),
+                **{f"sweep/{p.stem}": wandb.Image(str(p)) for p in figures},
+            }
+        )
     return md
 
 

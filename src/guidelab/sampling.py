@@ -10,6 +10,7 @@ Each applies what the eps-function returns in its own form: the classifier score
 Alg. 2), and a data prediction `Guided.x0` (CFG++) in place of the one implied by eps, with eps kept as the direction
 to re-noise along.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,11 @@ from guidelab.diffusion import Diffusion, _gather
 from guidelab.guidance import EpsFn, Guided
 from guidelab.registry import MISSING, OneOf, Range, Registry
 
-SAMPLERS = Registry("sampler", fixed=("eps_fn", "noise", "process", "clip_x0", "generator", "progress"),
-                    shared=(("steps", Optional[int], MISSING), ("spacing", str, MISSING), ("clip_x0", bool, True)))
+SAMPLERS = Registry(
+    "sampler",
+    fixed=("eps_fn", "noise", "process", "clip_x0", "generator", "progress"),
+    shared=(("steps", Optional[int], MISSING), ("spacing", str, MISSING), ("clip_x0", bool, True)),
+)
 SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 SIGMA_MAX = 80.0  # Karras et al. 2022, Sec. 5: beyond sigma = 80 data in [-1, 1] are lost in the noise
 
@@ -61,8 +65,9 @@ def timesteps(diffusion: Diffusion, steps: int | None, spacing: str) -> torch.Te
     return torch.tensor(keep[::-1])
 
 
-def _x0_and_eps(diffusion: Diffusion, x: torch.Tensor, t: torch.Tensor, out: Guided, clip_x0: bool,
-                eps_correction: bool = True):
+def _x0_and_eps(
+    diffusion: Diffusion, x: torch.Tensor, t: torch.Tensor, out: Guided, clip_x0: bool, eps_correction: bool = True
+):
     """The step's data prediction x_0 and noise direction eps.
 
     x_0 comes from eps unless the eps-function gave its own; clipping to the data range [-1, 1] then recomputes eps
@@ -95,8 +100,15 @@ def _steps(d: Diffusion, x: torch.Tensor, progress: bool, desc: str):
 
 @SAMPLERS.register()
 @torch.no_grad()
-def ddpm(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: bool, generator: torch.Generator | None,
-         progress: bool) -> torch.Tensor:
+def ddpm(
+    eps_fn: EpsFn,
+    noise: torch.Tensor,
+    process: Diffusion,
+    *,
+    clip_x0: bool,
+    generator: torch.Generator | None,
+    progress: bool,
+) -> torch.Tensor:
     """Ancestral sampling, Ho et al. 2020 Alg. 2 (posterior variance, Eq. 7) on the grid's respaced process (Nichol &
     Dhariwal 2021, Sec. 4); classifier term as the mean shift mu + Sigma * score (Dhariwal & Nichol 2021, Alg. 1)."""
     d, x = process, noise
@@ -116,8 +128,16 @@ def ddpm(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: boo
 
 @SAMPLERS.register(eta=Range(0, 1, "0 = deterministic DDIM, 1 = DDPM-like noise"))
 @torch.no_grad()
-def ddim(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: bool, generator: torch.Generator | None,
-         progress: bool, eta: float = 0.0) -> torch.Tensor:
+def ddim(
+    eps_fn: EpsFn,
+    noise: torch.Tensor,
+    process: Diffusion,
+    *,
+    clip_x0: bool,
+    generator: torch.Generator | None,
+    progress: bool,
+    eta: float = 0.0,
+) -> torch.Tensor:
     """DDIM, Song et al. 2021 Eq. 12 with sigma from Eq. 16 (eta = 0 deterministic, eta = 1 DDPM-like);
     classifier term as eps - sqrt(1 - abar_t) * score (Dhariwal & Nichol 2021, Alg. 2)."""
     d, x = process, noise
@@ -133,8 +153,15 @@ def ddim(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: boo
 
 @SAMPLERS.register()
 @torch.no_grad()
-def dpmpp_2m(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: bool,
-             generator: torch.Generator | None, progress: bool) -> torch.Tensor:
+def dpmpp_2m(
+    eps_fn: EpsFn,
+    noise: torch.Tensor,
+    process: Diffusion,
+    *,
+    clip_x0: bool,
+    generator: torch.Generator | None,
+    progress: bool,
+) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models"), Alg. 2: the multistep second-order solver of the probability-flow ODE in the data prediction x_0.
 
@@ -164,8 +191,15 @@ def dpmpp_2m(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0:
 
 @SAMPLERS.register()
 @torch.no_grad()
-def heun(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: bool, generator: torch.Generator | None,
-         progress: bool) -> torch.Tensor:
+def heun(
+    eps_fn: EpsFn,
+    noise: torch.Tensor,
+    process: Diffusion,
+    *,
+    clip_x0: bool,
+    generator: torch.Generator | None,
+    progress: bool,
+) -> torch.Tensor:
     """Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models"), Alg. 1: deterministic
     Heun steps of the probability-flow ODE dx/dsigma = eps in x = x_t / sqrt(abar), sigma = sqrt((1 - abar) / abar).
     Each step is Euler's, x' = x0 + sigma' eps (DDIM in these variables), then, unless sigma' = 0, corrected with the
@@ -184,9 +218,18 @@ def heun(eps_fn: EpsFn, noise: torch.Tensor, process: Diffusion, *, clip_x0: boo
     return x
 
 
-def sample(name: str, eps_fn: EpsFn, diffusion: Diffusion, noise: torch.Tensor, steps: int | None, spacing: str,
-           clip_x0: bool = True, generator: torch.Generator | None = None, progress: bool = False,
-           **params) -> torch.Tensor:
+def sample(
+    name: str,
+    eps_fn: EpsFn,
+    diffusion: Diffusion,
+    noise: torch.Tensor,
+    steps: int | None,
+    spacing: str,
+    clip_x0: bool = True,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **params,
+) -> torch.Tensor:
     """Run sampler `name` (its own keys in `params`) from `noise` over the grid `timesteps(diffusion, steps, spacing)`
     of the model's T-step process."""
     entry = SAMPLERS.get_entry(name)

@@ -3,6 +3,7 @@ network, its loss and its evaluation. AdamW with linear warm-up (then constant o
 weights with warm-up, bf16 autocast on CUDA, seeded RNGs, DDP, tqdm with loss and images/s, periodic evaluation,
 atomic checkpoints every N steps and at the end, and `resume=true` with optimizer, EMA, step, data order and RNG state.
 """
+
 from __future__ import annotations
 
 import copy
@@ -94,20 +95,25 @@ def check_output_dir(run_dir: Path, min_free_gb: float) -> None:
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as e:
-        raise GuidelabError(f"cannot write to the run dir {run_dir} ({e.strerror}); choose a writable "
-                            "hydra.run.dir") from None
+        raise GuidelabError(
+            f"cannot write to the run dir {run_dir} ({e.strerror}); choose a writable hydra.run.dir"
+        ) from None
     free_gb = shutil.disk_usage(run_dir).free / 1e9
     if free_gb < min_free_gb:
-        raise GuidelabError(f"only {free_gb:.1f} GB free under {run_dir}, train.min_free_gb asks for {min_free_gb:g}; "
-                            "free some space, choose another hydra.run.dir, or lower train.min_free_gb")
+        raise GuidelabError(
+            f"only {free_gb:.1f} GB free under {run_dir}, train.min_free_gb asks for {min_free_gb:g}; "
+            "free some space, choose another hydra.run.dir, or lower train.min_free_gb"
+        )
 
 
 def finite(loss: torch.Tensor, step: int) -> float:
     """loss as a float; a non-finite loss stops the run (before anything is saved for that step)."""
     value = loss.item()
     if not math.isfinite(value):
-        raise GuidelabError(f"loss is {value} at step {step}; nothing was saved for it. Lower train.lr or raise "
-                            "train.warmup_steps, then resume from the last good checkpoint (resume=true)")
+        raise GuidelabError(
+            f"loss is {value} at step {step}; nothing was saved for it. Lower train.lr or raise "
+            "train.warmup_steps, then resume from the last good checkpoint (resume=true)"
+        )
     return value
 
 
@@ -133,8 +139,10 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
     device = dist.setup(dist.select_device(cfg.device))
     world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
     if tc.batch_size % world:
-        raise GuidelabError(f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over the "
-                            f"{world} ranks; pick a multiple of {world}")
+        raise GuidelabError(
+            f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over the "
+            f"{world} ranks; pick a multiple of {world}"
+        )
     if cfg.resume:
         found = checkpoint.newest_intact(run_dir / "checkpoints", kind)
         if found is None:
@@ -151,13 +159,17 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
 
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model = task.model.to(device, memory_format=memory_format)
-    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
+    net = (
+        model
+        if world == 1
+        else torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    )
     if tc.compile:  # the wrapper shares model's parameters: checkpoints, EMA and the optimizer see `model` as before
         net = torch.compile(net, backend=tc.compile_backend)
     ema = EMA(model, tc.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999),
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda"
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
     modules = {"model": model, "ema": ema.model, "optimizer": opt, "scheduler": sched}  # checkpointed under these names
     images, labels = data.images.to(device), data.labels.to(device)  # small data sets live on the device
@@ -172,11 +184,18 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
         rngs = dist.gather(checkpoint.rng_state(device))  # every rank's own RNG state, on rank 0
         if main:
             if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-                raise GuidelabError(f"the weights hold inf/nan at step {step}; nothing was saved for it. Lower "
-                                    "train.lr or raise train.warmup_steps, then resume from the last good checkpoint "
-                                    "(resume=true)")
-            checkpoint.save(checkpoint.state(kind, modules, step, {"perm": perm, "cursor": cursor}, rngs, data_gen,
-                                             config, final_metrics), run_dir / "checkpoints", tc.keep_checkpoints)
+                raise GuidelabError(
+                    f"the weights hold inf/nan at step {step}; nothing was saved for it. Lower "
+                    "train.lr or raise train.warmup_steps, then resume from the last good checkpoint "
+                    "(resume=true)"
+                )
+            checkpoint.save(
+                checkpoint.state(
+                    kind, modules, step, {"perm": perm, "cursor": cursor}, rngs, data_gen, config, final_metrics
+                ),
+                run_dir / "checkpoints",
+                tc.keep_checkpoints,
+            )
         dist.barrier()
 
     def run_eval() -> dict:
@@ -193,13 +212,14 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
     stop = StopRequest()
     try:
         model.train()
-        bar = tqdm(total=tc.steps, initial=step, desc=f"train {kind}", dynamic_ncols=True,
-                   disable=not (tc.progress and main))
+        bar = tqdm(
+            total=tc.steps, initial=step, desc=f"train {kind}", dynamic_ncols=True, disable=not (tc.progress and main)
+        )
         t_log, seen = time.perf_counter(), 0
         while step < tc.steps:
             if cursor + tc.batch_size > len(perm):  # a new epoch: a fresh permutation
                 perm, cursor = torch.randperm(len(labels), generator=data_gen).to(device), 0
-            idx = perm[cursor:cursor + tc.batch_size][rank::world]  # this rank's share of the global batch
+            idx = perm[cursor : cursor + tc.batch_size][rank::world]  # this rank's share of the global batch
             cursor += tc.batch_size
             x0, y = images[idx].contiguous(memory_format=memory_format), labels[idx]
             if data.hflip:
@@ -221,9 +241,16 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
                 rate = seen / (time.perf_counter() - t_log)
                 t_log, seen = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}")
-                logger.log({"train/loss": loss_val, "train/grad_norm": grad_norm.item(),
-                            "train/lr": sched.get_last_lr()[0], "train/img_per_s": rate,
-                            **{f"train/{k}": v.item() for k, v in stats.items()}}, step)
+                logger.log(
+                    {
+                        "train/loss": loss_val,
+                        "train/grad_norm": grad_norm.item(),
+                        "train/lr": sched.get_last_lr()[0],
+                        "train/img_per_s": rate,
+                        **{f"train/{k}": v.item() for k, v in stats.items()},
+                    },
+                    step,
+                )
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 run_eval()
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
@@ -233,9 +260,11 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
             if (world == 1 or step % tc.log_every == 0) and dist.any_rank(stop.name is not None, device):
                 finite(dist.mean(loss), step)
                 save()
-                raise GuidelabError(f"stopped by {stop.name or 'a signal on another rank'} at step {step}; saved "
-                                    f"{run_dir / 'checkpoints' / 'last.pt'}; continue with the same command plus "
-                                    f"resume=true hydra.run.dir={run_dir}")
+                raise GuidelabError(
+                    f"stopped by {stop.name or 'a signal on another rank'} at step {step}; saved "
+                    f"{run_dir / 'checkpoints' / 'last.pt'}; continue with the same command plus "
+                    f"resume=true hydra.run.dir={run_dir}"
+                )
     finally:
         stop.restore()
     bar.close()

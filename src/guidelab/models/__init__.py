@@ -17,8 +17,15 @@ from guidelab.models.unet import UNet
 
 __all__ = ["UNet", "NoisyClassifier", "ResNet", "VGG", "CLASSIFIERS", "RUN_KEYS", "build_unet", "build_classifier"]
 CLASSIFIERS = {"unet_encoder": NoisyClassifier, "resnet": ResNet, "vgg": VGG}  # classifier.arch -> network
-RUN_KEYS = {"name": "", "noisy": False, "arch": "unet_encoder",  # classifier keys that describe the run, not the network
-            "shift": 0, "rotate": 0.0, "pgd_eps": 0.0, "pgd_steps": 0}  # defaults; their types type the schema
+RUN_KEYS = {
+    "name": "",
+    "noisy": False,
+    "arch": "unet_encoder",  # classifier keys that describe the run, not the network
+    "shift": 0,
+    "rotate": 0.0,
+    "pgd_eps": 0.0,
+    "pgd_steps": 0,
+}  # defaults; their types type the schema
 
 
 def _kwargs(cls: type, cfg: Mapping, group: str) -> dict:

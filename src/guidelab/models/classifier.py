@@ -49,7 +49,10 @@ class NoisyClassifier(nn.Module):
     """logits(x_t, t) (B, num_classes). No class input; gradients w.r.t. x give classifier guidance."""
 
     def __init__(
-        self, in_channels: int, image_size: int, num_classes: int,
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
         channels: int = 128,  # base width of the trunk
         channel_mult: tuple = (1, 2, 2, 2),  # width multiplier per resolution level
         num_res_blocks: int = 2,  # ResBlocks per level
@@ -61,8 +64,18 @@ class NoisyClassifier(nn.Module):
         super().__init__()
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedder(channels, emb_dim)
-        self.encoder = Encoder(in_channels, image_size, channels, channel_mult, num_res_blocks, attn_resolutions, dropout,
-                               num_heads, emb_dim, use_scale_shift_norm)
+        self.encoder = Encoder(
+            in_channels,
+            image_size,
+            channels,
+            channel_mult,
+            num_res_blocks,
+            attn_resolutions,
+            dropout,
+            num_heads,
+            emb_dim,
+            use_scale_shift_norm,
+        )
         self.head = AttentionPool2d(self.encoder.out_channels, self.encoder.resolutions[-1], num_heads, num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

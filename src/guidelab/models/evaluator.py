@@ -35,7 +35,10 @@ class ResNet(nn.Module):
     at full resolution, each next one halving it), global average pooling, a linear head."""
 
     def __init__(
-        self, in_channels: int, image_size: int, num_classes: int,
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
         channels: int = 32,  # width of the first stage
         channel_mult: tuple = (1, 2, 4),  # width multiplier per stage; every stage after the first halves the size
         num_blocks: int = 2,  # pre-activation blocks per stage
@@ -69,7 +72,10 @@ class VGG(nn.Module):
     conv3x3-BN-ReLU and a 2x2 max-pool, then global max pooling, dropout and a linear head. No residual path."""
 
     def __init__(
-        self, in_channels: int, image_size: int, num_classes: int,
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
         channels: int = 32,  # width of the first stage
         channel_mult: tuple = (1, 2, 4),  # width multiplier per stage; a 2x2 max-pool after each but the last
         dropout: float = 0.3,  # before the linear head

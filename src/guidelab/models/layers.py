@@ -61,7 +61,10 @@ class ResBlock(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int, out_ch: int, emb_dim: int,
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
         dropout: float = 0.0,  # before the last conv, as in DDPM (0.1 on CIFAR-10)
         use_scale_shift_norm: bool = True,  # ADM AdaGN; False = DDPM additive embedding (half the proj params)
     ):

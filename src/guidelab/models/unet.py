@@ -9,13 +9,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guidelab.models.layers import (AttentionBlock, Downsample, EmbedSequential, ResBlock, TimestepEmbedder, Upsample,
-                                    group_norm, zero_module)
+from guidelab.models.layers import (
+    AttentionBlock,
+    Downsample,
+    EmbedSequential,
+    ResBlock,
+    TimestepEmbedder,
+    Upsample,
+    group_norm,
+    zero_module,
+)
 from guidelab.registry import Range
 
 
-def res_block(in_ch: int, out_ch: int, emb_dim: int, dropout: float, attn: bool, num_heads: int,
-              use_scale_shift_norm: bool) -> EmbedSequential:
+def res_block(
+    in_ch: int, out_ch: int, emb_dim: int, dropout: float, attn: bool, num_heads: int, use_scale_shift_norm: bool
+) -> EmbedSequential:
     """ResBlock, followed by self-attention when `attn` (DDPM: at the attention resolutions)."""
     layers = [ResBlock(in_ch, out_ch, emb_dim, dropout, use_scale_shift_norm)]
     if attn:
@@ -32,8 +41,19 @@ class Encoder(nn.Module):
     size at each level for an image_size input), `out_channels` (of h).
     """
 
-    def __init__(self, in_channels: int, image_size: int, channels: int, channel_mult: tuple, num_res_blocks: int,
-                 attn_resolutions: tuple, dropout: float, num_heads: int, emb_dim: int, use_scale_shift_norm: bool):
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        channels: int,
+        channel_mult: tuple,
+        num_res_blocks: int,
+        attn_resolutions: tuple,
+        dropout: float,
+        num_heads: int,
+        emb_dim: int,
+        use_scale_shift_norm: bool,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.blocks = nn.ModuleList()
@@ -44,15 +64,20 @@ class Encoder(nn.Module):
             self.resolutions.append(res)
             for _ in range(num_res_blocks):
                 attn = res in attn_resolutions
-                self.blocks.append(res_block(ch, channels * mult, emb_dim, dropout, attn, num_heads, use_scale_shift_norm))
+                self.blocks.append(
+                    res_block(ch, channels * mult, emb_dim, dropout, attn, num_heads, use_scale_shift_norm)
+                )
                 ch = channels * mult
                 self.skip_channels.append(ch)
             if level < len(channel_mult) - 1:
                 self.blocks.append(EmbedSequential(Downsample(ch)))
                 self.skip_channels.append(ch)
                 res = (res + 1) // 2  # stride-2 conv3x3 with padding 1 gives ceil(res / 2)
-        self.mid = EmbedSequential(ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm), AttentionBlock(ch, num_heads),
-                                   ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm))
+        self.mid = EmbedSequential(
+            ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm),
+            AttentionBlock(ch, num_heads),
+            ResBlock(ch, ch, emb_dim, dropout, use_scale_shift_norm),
+        )
         self.out_channels = ch
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -71,7 +96,10 @@ class UNet(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, image_size: int, num_classes: int,
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
         channels: int = 128,  # base width; DDPM CIFAR-10: 128
         channel_mult: tuple = (1, 2, 2, 2),  # width multiplier per resolution level (32, 16, 8, 4 on CIFAR)
         num_res_blocks: int = 2,  # ResBlocks per encoder level (decoder: one more, as in DDPM)
@@ -89,8 +117,18 @@ class UNet(nn.Module):
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedder(channels, emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim)  # last row: the null (unconditional) label
-        self.encoder = Encoder(in_channels, image_size, channels, channel_mult, num_res_blocks, attn_resolutions, dropout,
-                               num_heads, emb_dim, use_scale_shift_norm)
+        self.encoder = Encoder(
+            in_channels,
+            image_size,
+            channels,
+            channel_mult,
+            num_res_blocks,
+            attn_resolutions,
+            dropout,
+            num_heads,
+            emb_dim,
+            use_scale_shift_norm,
+        )
 
         skip_channels = list(self.encoder.skip_channels)
         ch = self.encoder.out_channels

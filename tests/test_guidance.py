@@ -350,24 +350,29 @@ def test_cfg_zero_star_is_cfg_on_the_scaled_unconditional_prediction():
     s = 1 is the conditional model."""
     unet, (x, t, y) = ToyUNet(), _inputs()
     eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
-    out = make_eps_fn("cfg_zero_star", unet, y, 2.5, zero_init_steps=0)(x, t).eps
+    out = make_eps_fn("cfg_zero_star", unet, y, 2.5, diffusion=PROCESS, zero_init_steps=0)(x, t).eps
     s_star = zero_star_scale(eps_u, eps_c)
     assert torch.allclose(out, s_star * eps_u + 2.5 * (eps_c - s_star * eps_u), atol=1e-5)
     assert (s_star - 1).abs().max() > 0.01 and not torch.allclose(out, make_eps_fn("cfg", unet, y, 2.5)(x, t).eps)
-    assert torch.equal(make_eps_fn("cfg_zero_star", unet, y, 1.0, zero_init_steps=0)(x, t).eps, eps_c)
+    assert torch.equal(make_eps_fn("cfg_zero_star", unet, y, 1.0, diffusion=PROCESS, zero_init_steps=0)(x, t).eps, eps_c)
     orthogonal = project(torch.randn_like(eps_u), eps_u)[1]
     assert torch.allclose(zero_star_scale(eps_u, eps_u + orthogonal), torch.ones(len(x), 1, 1, 1), atol=1e-5)
 
 
 def test_cfg_zero_star_zeroes_the_first_noise_levels_without_calling_the_network():
+    """Zeroed in x0 space: the data prediction is 0 and eps = x_t / sqrt(1 - abar_t) (the x_t it implies)."""
     unet, (x, _, y) = ToyUNet(), _inputs()
-    eps_fn = make_eps_fn("cfg_zero_star", unet, y, 3.0, zero_init_steps=2)
+    eps_fn = make_eps_fn("cfg_zero_star", unet, y, 3.0, diffusion=PROCESS, zero_init_steps=2)
     for step, level in enumerate((999, 899, 899, 799, 699)):  # a level seen twice counts once (Heun's second pass)
-        out = eps_fn(x, torch.full_like(y, level)).eps
-        assert torch.equal(out, torch.zeros_like(x)) == (step < 3), step
+        t = torch.full_like(y, level)
+        out = eps_fn(x, t)
+        zeroed = out.x0 is not None and torch.equal(out.x0, torch.zeros_like(x))
+        assert zeroed == (step < 3), step
+        if zeroed:
+            assert torch.allclose(out.eps, x / (1 - ABAR[level]).sqrt().float(), atol=1e-6)
     assert unet.calls == [2 * len(x)] * 2  # one doubled batch per guided step, none while zeroed
     with pytest.raises(GuidelabError, match="guidance.zero_init_steps must be >= 0, got -1"):
-        make_eps_fn("cfg_zero_star", unet, y, 3.0, zero_init_steps=-1)
+        make_eps_fn("cfg_zero_star", unet, y, 3.0, diffusion=PROCESS, zero_init_steps=-1)
 
 
 # --- cg_x0: a clean classifier on the denoised estimate, the gradient through the UNet -------------------------------

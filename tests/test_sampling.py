@@ -309,3 +309,32 @@ def test_the_classifier_correction_comes_after_the_clip_and_is_not_clipped_again
     expected = (x - (1 - abar).sqrt() * guided) / abar.sqrt()  # beyond 1: the push survives
     out = sample("ddim", lambda x_t, t_: Guided(eps, score), d, x, 1, "trailing")  # the one timestep T - 1
     assert torch.allclose(out, expected, atol=1e-4) and out.min() > 1.0
+
+
+class GaussianUNet:
+    """A network whose every class is data N(0, 0.5^2): the exact eps, the same for every label (CFG is then exact)."""
+
+    null_class = 10
+
+    def __init__(self, d: Diffusion):
+        self.oracle = gaussian_oracle(d, 0.0, 0.5)
+
+    def __call__(self, x, t, y):
+        return self.oracle(x, t).eps
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_cfg_zero_star_keeps_the_sample_in_range_without_clipping_on_the_cosine_schedule(name):
+    """Zero-init in x0 space: without clip_x0, on the cosine schedule (abar_T ~ 1e-9), the samples of data N(0, 0.5^2)
+    end with std ~0.5. Zeroing eps instead (x0 = x_t / sqrt(abar_T)) multiplies them by hundreds at the first step."""
+    d = Diffusion(cosine_betas(1000))
+    unet, y = GaussianUNet(d), torch.zeros(512, dtype=torch.long)
+    noise = torch.randn(512, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    run = lambda eps_fn: sample(
+        name, eps_fn, d, noise, 20, spacing(name), clip_x0=False, generator=torch.Generator().manual_seed(1)
+    )
+    x = run(make_eps_fn("cfg_zero_star", unet, y, 3.0, diffusion=d, zero_init_steps=1))
+    assert 0.4 < x.std() < 0.6, x.std()
+    first = int(d.respace(timesteps(d, 20, spacing(name))).model_t[-1])  # the zero-init level, by the old rule
+    eps_zeroed = lambda x, t: Guided(torch.zeros_like(x)) if int(t[0]) == first else Guided(unet(x, t, y))
+    assert run(eps_zeroed).std() > 10

@@ -39,8 +39,10 @@ def make_betas(schedule: str, num_steps: int) -> torch.Tensor:
 
 
 def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a[t] as a float32 tensor on x's device, shaped to broadcast over x's (B, C, H, W)."""
-    return a.to(x.device)[t.to(x.device)].to(torch.float32).view(-1, *([1] * (x.dim() - 1)))
+    """a[t] in x's dtype (at least float32: the float64 schedule rounded once) on x's device, shaped to broadcast over
+    x's (B, C, H, W); a float64 run keeps float64 coefficients."""
+    dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+    return a.to(x.device)[t.to(x.device)].to(dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
 class Diffusion:

@@ -238,9 +238,11 @@ def attention_replaced(blocks: dict, attention):
 
 
 def lowpass(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """The coarse band of a Laplacian pyramid (Burt & Adelson 1983) with `levels` octaves: x averaged over 2x2 blocks
-    `levels` times (odd sizes rounded up: 28 -> 14 -> 7 -> 4), then bilinearly upsampled back; x - lowpass(x) is the
-    detail band, and the two sum to x. One octave on 16-32 px images splits at half the resolution."""
+    """The coarse band of a box-filter pyramid with `levels` octaves: x averaged over 2x2 blocks `levels` times (odd
+    sizes rounded up: 28 -> 14 -> 7 -> 4), then bilinearly upsampled back; x - lowpass(x) is the detail band, and the
+    two sum to x. One octave on 16-32 px images splits at half the resolution. This is not Burt & Adelson's (1983)
+    Laplacian pyramid, whose reduce step is a 5-tap Gaussian-like filter: the 2x2 box lets more of the band above
+    half the resolution into the coarse band. Which filter the FDG paper uses could not be checked offline."""
     low = x
     for _ in range(levels):
         low = F.avg_pool2d(low, 2, ceil_mode=True)
@@ -252,9 +254,9 @@ def frequency_combine(
 ) -> torch.Tensor:
     """Frequency-decoupled guidance, Sadat et al. 2025 ("Guidance in the Frequency Domain Enables High-Fidelity Sampling
     at Low CFG Scales", arXiv 2506.19713): the guidance update d = eps_c - eps_u split into a low- and a high-frequency
-    band (`lowpass`), each with its own scale: eps = eps_u + low_scale * low(d) + scale * (d - low(d)). The paper states
-    it on the denoised prediction; x0 is affine in eps with the same x_t term, so on eps it is the same update.
-    low_scale = scale is CFG."""
+    band (`lowpass`, a box-filter pyramid), each with its own scale:
+    eps = eps_u + low_scale * low(d) + scale * (d - low(d)). The paper states it on the denoised prediction; x0 is
+    affine in eps with the same x_t term, so on eps it is the same update. low_scale = scale is CFG."""
     diff = eps_cond - eps_uncond
     low = lowpass(diff, levels)
     return eps_uncond + low_scale * low + scale * (diff - low)
@@ -513,18 +515,26 @@ def _cfgpp(ctx: Context) -> EpsFn:
     return eps_fn
 
 
-@MODES.register(zero_init_steps=Range(0, math.inf, "the first noise levels of a run whose prediction is zeroed"))
-def _cfg_zero_star(ctx: Context, zero_init_steps: int = 1) -> EpsFn:
+@MODES.register(
+    needs=("diffusion",),
+    zero_init_steps=Range(0, math.inf, "the first noise levels of a run whose prediction is zeroed"),
+)
+def _cfg_zero_star(ctx: Context, zero_init_steps: int = 1) -> EpsFn:  # noise levels zeroed at the start; 0 = off
     """CFG-Zero*, Fan et al. 2025 (arXiv 2503.18886), Sec. 3: eps = s* eps_u + s (eps_c - s* eps_u) with the optimized
-    scale s* (`zero_star_scale`), and zero-init: the prediction is zero at the first `zero_init_steps` noise levels of
-    the run (no network call). s* = 1 and no zero-init is CFG; s = 1 is the conditional model."""
+    scale s* (`zero_star_scale`), and zero-init at the first `zero_init_steps` noise levels of the run (no network
+    call). The paper zeroes the flow velocity, so that the ODE does not move there. Zeroing eps instead would make the
+    data prediction x0 = x_t / sqrt(abar_t), which at the first step of the cosine schedule scales the sample by
+    hundreds without clip_x0; here the data prediction is zeroed, x0 = 0 with eps = x_t / sqrt(1 - abar_t), so that
+    the step keeps x_t up to the factor sqrt((1 - abar_prev) / (1 - abar_t)) (DDIM), with or without clipping.
+    s* = 1 and no zero-init is CFG; s = 1 is the conditional model."""
     levels: list[int] = []  # the noise levels seen so far in this run (one per sampler step; Heun's come twice)
 
     def eps_fn(x, t):
         if len(levels) < zero_init_steps and int(t[0]) not in levels:
             levels.append(int(t[0]))
         if int(t[0]) in levels:
-            return Guided(torch.zeros_like(x))
+            x0 = torch.zeros_like(x)
+            return Guided(ctx.to_eps(x, t, x0), x0=x0)
         if ctx.scale == 1:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)

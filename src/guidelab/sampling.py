@@ -43,7 +43,7 @@ def timesteps(diffusion: Diffusion, steps: int | None, spacing: str) -> torch.Te
       linspace  round(linspace(0, T - 1, steps)), t = 0 included (DDIMScheduler's linspace);
       leading   0, T // steps, 2 T // steps, ... (steps_offset 0);
       trailing  round(T - i T / steps) - 1, t = T - 1 first, the last T / steps - 1;
-      logsnr    T - 1, then the timesteps nearest to evenly spaced lambda from min(lambda_{T-1}, -log SIGMA_MAX) to
+      logsnr    T - 1, then the timesteps nearest to evenly spaced lambda from max(lambda_{T-1}, -log SIGMA_MAX) to
                 lambda_0 (DPM-Solver's logSNR grid, Lu et al. 2022, Sec. 3.3), `steps` distinct ones: with the cosine
                 schedule lambda_{T-1} ~ -10 and evenly spaced targets would fall on few timesteps."""
     T = diffusion.num_steps

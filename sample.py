@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from guidelab import dist, guidance, networks, sampling
 from guidelab.cli import main
 from guidelab.errors import GuidelabError
+from guidelab.guidance import GuidanceSpec
 from guidelab.images import save_class_grid, to_uint8
 from guidelab.metrics import (
     BACKENDS,
@@ -31,12 +32,14 @@ from guidelab.metrics import (
     find_inception_weights,
 )
 from guidelab.registry import OneOf, Range
+from guidelab.report import COLUMNS, make_row
 
 
-def check(cfg) -> None:
-    """Every value check that needs no network, for every job of a sweep before the first one runs."""
-    guidance.check(cfg.guidance.name, cfg.scale, guidance.MODES.own(cfg.guidance), cfg.schedule)
-    sampling.SAMPLERS.check(cfg.sampler.name, sampling.SAMPLERS.own(cfg.sampler))
+def check(cfg) -> GuidanceSpec:
+    """Every value check that needs no network, for every job of a sweep before the first one runs; returns the
+    run's guidance, resolved (and checked) once."""
+    spec = guidance.resolve_config(cfg)
+    sampling.SAMPLERS.check(cfg.sampler.name, {k: v for k, v in cfg.sampler.items() if k != "name"})
     for key in ("num_samples", "batch_size"):
         Range(1).check(key, cfg[key], cfg)
     if cfg.ckpt == "latest":  # nothing to find: say so before Hydra makes a run dir
@@ -55,6 +58,7 @@ def check(cfg) -> None:
         OneOf(BACKENDS).check("metrics.features", cfg.metrics.features, cfg.metrics)
         if cfg.metrics.features == "inception":
             find_inception_weights(cfg.metrics.inception_weights)
+    return spec
 
 
 def requested_labels(labels, num_samples: int, num_classes: int) -> torch.Tensor:
@@ -70,10 +74,10 @@ def requested_labels(labels, num_samples: int, num_classes: int) -> torch.Tensor
 
 
 def sample(cfg, run_dir: Path) -> dict:
-    check(cfg)
+    spec = check(cfg)
     device = dist.setup(dist.select_device(cfg.device))
     world, rank, is_main = dist.world_size(), dist.rank(), dist.is_main()
-    nets = networks.for_sampling(cfg, device)
+    nets = networks.for_sampling(cfg, spec, device)
     if is_main and (run_dir / ".hydra").is_dir():  # the run's config records the checkpoints `latest` chose
         OmegaConf.save(OmegaConf.merge(cfg, nets.paths), run_dir / ".hydra" / "config.yaml")
     if cfg.compile:  # CUDA graphs on CUDA: every step of a batch has the same shapes
@@ -82,21 +86,19 @@ def sample(cfg, run_dir: Path) -> dict:
     unet, num_classes = nets.unet, nets.train_config["data_info"]["num_classes"]
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
     y_all = requested_labels(labels, cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples, num_classes)
-    mode, params = cfg.guidance.name, guidance.MODES.own(cfg.guidance)
+    sampler = sampling.SAMPLERS.own(cfg.sampler)  # the sampler's own keys (eta); steps, spacing, clip_x0 are shared
     starts = list(range(0, len(y_all), cfg.batch_size))
     mine, t0 = [], time.perf_counter()
     for b in tqdm(
         range(rank, len(starts), world),
-        desc=f"sample {mode} s={cfg.scale}",
+        desc=f"sample {spec.name} s={spec.scale}",
         dynamic_ncols=True,
         disable=not (cfg.progress and is_main),
     ):
         y = y_all[starts[b] : starts[b] + cfg.batch_size].to(device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
         noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
-        eps_fn = guidance.make_eps_fn(
-            mode, unet, y, cfg.scale, nets.classifier, nets.diffusion, nets.guide, cfg.schedule, **params
-        )
+        eps_fn = guidance.make_eps_fn(spec, unet, y, nets.classifier, nets.diffusion, nets.guide)
         x = sampling.sample(
             cfg.sampler.name,
             eps_fn,
@@ -106,7 +108,7 @@ def sample(cfg, run_dir: Path) -> dict:
             cfg.sampler.spacing,
             cfg.sampler.clip_x0,
             gen,
-            **sampling.SAMPLERS.own(cfg.sampler),
+            **sampler,
         )
         mine.append((b, to_uint8(x)))
     gathered = dist.gather((mine, nets.evaluations()))
@@ -121,29 +123,43 @@ def sample(cfg, run_dir: Path) -> dict:
     np.savez(tmp, images=images, labels=y_np)
     os.replace(tmp, run_dir / "samples.npz")
     save_class_grid(images, y_np, num_classes, run_dir / "grid.png")
+    result, details = results_row(cfg, spec, nets, [n for _, n in gathered], seconds, images, y_np, device)
+    if nets.evaluators:
+        (run_dir / "metrics.json").write_text(
+            json.dumps({k: v for k, v in result.items() if COLUMNS[k].json} | details, indent=2) + "\n"
+        )
+    shown = {k: result[k] for k in ("fid", "is", "precision", "recall", "accuracy") if result[k] is not None}
+    print(
+        f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(y_np)} samples, {seconds:.1f} s)"
+        + "".join(f"; {k} {v:.3f}" for k, v in shown.items())
+    )
+    return result
 
-    entry = guidance.MODES[mode]
-    options = {k: v for k, v in params.items() if k not in ("classifier_scale", "base")}
-    if cfg.schedule != "constant":
-        options["schedule"] = cfg.schedule
-    if "guide" in entry.traits["needs"]:  # which guide: its run dir and checkpoint file
-        options["guide"] = "/".join(Path(cfg.guide_ckpt).parts[-3:])
-    evaluations = {k: sum(n[k] for _, n in gathered) / len(y_np) for k in ("nfe", "classifier_nfe")}  # per sample
-    result = {
-        "guidance": mode,
-        "scale": cfg.scale,
-        "w": cfg.scale - 1 if entry.traits["w"] else None,
-        "options": " ".join(f"{k}={v}" for k, v in options.items()) or None,
+
+def results_row(
+    cfg,
+    spec: GuidanceSpec,
+    nets: networks.Networks,
+    counts: list[dict],
+    seconds: float,
+    images: np.ndarray,
+    y_np: np.ndarray,
+    device: torch.device,
+) -> tuple[dict, dict]:
+    """The run's results row (guidelab.report.ROW), and the evaluators' details that are no column (per-class
+    accuracy, the reference set used): what metrics.json holds."""
+    n = len(y_np)
+    per_sample = {k: sum(c[k] for c in counts) / n for k in ("nfe", "classifier_nfe")}
+    values = {
+        **spec.row(nets.paths.get("guide_ckpt")),
         "sampler": cfg.sampler.name,
         "spacing": cfg.sampler.spacing,
         "steps": cfg.sampler.steps,
-        **evaluations,
-        "num_samples": len(y_np),
+        **per_sample,
+        "num_samples": n,
         "seconds": seconds,
-        "seconds_per_sample": seconds / len(y_np),
+        "seconds_per_sample": seconds / n,
         "seed": cfg.seed,
-        "classifier_scale": params.get("classifier_scale"),
-        "base": params.get("base"),
         "p_uncond": nets.train_config["model"].get("p_uncond"),
         "ckpt": nets.paths["ckpt"],
         "classifier": Path(nets.paths["classifier_ckpt"]).parts[-3] if "classifier_ckpt" in nets.paths else None,
@@ -152,10 +168,11 @@ def sample(cfg, run_dir: Path) -> dict:
         }
         or None,
     }
+    details = {}
     for i, (evaluator, ev_config, ev_metrics) in enumerate(nets.evaluators):  # the primary, then the second opinion
         suffix, key = ("", "evaluator_ckpt") if i == 0 else ("_2", "second_evaluator_ckpt")
-        result[f"evaluator{suffix}"] = ev_config["classifier"]["name"]
-        result[f"evaluator{suffix}_test_acc"] = ev_metrics.get("test_acc")  # how good the judge itself is on real data
+        values[f"evaluator{suffix}"] = ev_config["classifier"]["name"]
+        values[f"evaluator{suffix}_test_acc"] = ev_metrics.get("test_acc")  # how good the judge is on real data
         if cfg.eval.enabled:
             scores = evaluate_samples(
                 images,
@@ -169,17 +186,11 @@ def sample(cfg, run_dir: Path) -> dict:
             )
         else:
             scores = class_accuracy(extract(EvaluatorFeatures(evaluator), images, device).logits, y_np)
-        result.update({f"{k}{suffix}": v for k, v in scores.items()})
+        for k, v in scores.items():
+            (values if f"{k}{suffix}" in COLUMNS else details)[f"{k}{suffix}"] = v
     if len(nets.evaluators) == 2:
-        result["disagreement"] = result["accuracy"] - result["accuracy_2"]
-    if nets.evaluators:
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    shown = {k: result[k] for k in ("fid", "is", "precision", "recall", "accuracy") if k in result}
-    print(
-        f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(y_np)} samples, {seconds:.1f} s)"
-        + "".join(f"; {k} {v:.3f}" for k, v in shown.items())
-    )
-    return result
+        values["disagreement"] = values["accuracy"] - values["accuracy_2"]
+    return make_row(**values), details
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from guidelab.cli import main
 from guidelab.data import ImageData, dataset_info
 from guidelab.diffusion import Diffusion
-from guidelab.guidance import make_eps_fn
+from guidelab.guidance import make_eps_fn, resolve
 from guidelab.images import save_class_grid, to_uint8
 from guidelab.models import build_unet
 from guidelab.sampling import sample
@@ -30,6 +30,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
     the periodic evaluation is a CFG preview grid (DDIM, one row of 8 per class, the same noise every time)."""
     channels, num_classes, size = data.info["channels"], data.num_classes, cfg.dataset.image_size
     diffusion = Diffusion.from_config(cfg.diffusion).to(device)
+    preview = resolve("cfg", cfg.train.eval_scale)
 
     def evaluate(ema_model, step: int, run_dir: Path) -> dict:
         y = torch.arange(num_classes, device=device).repeat_interleave(8)
@@ -38,14 +39,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
             device=device,
             generator=torch.Generator(device=device).manual_seed(cfg.seed),
         )
-        x = sample(
-            "ddim",
-            make_eps_fn("cfg", ema_model, y, cfg.train.eval_scale),
-            diffusion,
-            noise,
-            cfg.train.eval_steps,
-            "linspace",
-        )
+        x = sample("ddim", make_eps_fn(preview, ema_model, y), diffusion, noise, cfg.train.eval_steps, "linspace")
         path = run_dir / "samples" / f"{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_class_grid(to_uint8(x), y.cpu().numpy(), num_classes, path, per_row=8)
@@ -57,6 +51,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
 def check(cfg) -> None:
     """The training options, and the UNet's own arguments (built on the meta device: no memory, no time)."""
     validate(cfg)
+    resolve("cfg", cfg.train.eval_scale)  # the preview grids' CFG scale
     spec = dataset_info(cfg.dataset.name)
     with torch.device("meta"):
         network(cfg, spec.channels, spec.num_classes)

@@ -18,7 +18,6 @@ import json
 import resource
 import time
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from guidelab.dist import select_device
-from guidelab.guidance import make_eps_fn
+from guidelab.guidance import make_eps_fn, resolve
 from guidelab.models import NoisyClassifier, UNet, build_classifier, build_unet
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -151,8 +150,8 @@ def sampling_figures(unet: UNet, classifier: NoisyClassifier, case: Case, device
     out = {}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for mode in ("none", "cfg", "cg"):
-            eps_fn = make_eps_fn(mode, unet, y, 3.0, classifier=classifier)
-            seconds = _timed(lambda: eps_fn(x, t), device, iters, warmup=max(2, iters // 5))
+            eps_fn = make_eps_fn(resolve(mode, 3.0), unet, y, classifier)
+            seconds = _timed(lambda fn=eps_fn: fn(x, t), device, iters, warmup=max(2, iters // 5))
             out[f"{mode}_img_steps_s"] = case.batch / seconds
     out["cg_over_none_cost"] = out["none_img_steps_s"] / out["cg_img_steps_s"]
     out["cfg_over_none_cost"] = out["none_img_steps_s"] / out["cfg_img_steps_s"]
@@ -188,9 +187,9 @@ def lever_figures(case: Case, device: torch.device, iters: int, compile_backend:
     unet = case.build()[0].to(device).eval()
     mode = "reduce-overhead" if device.type == "cuda" and compile_backend == "inductor" else None
     for name, net in (("eager", unet), ("compiled", torch.compile(unet, backend=compile_backend, mode=mode))):
-        eps_fn = make_eps_fn("cfg", net, y, 3.0)
+        eps_fn = make_eps_fn(resolve("cfg", 3.0), net, y)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            seconds = _timed(lambda: eps_fn(x, t).eps.clone(), device, iters, warmup=max(3, iters // 5))
+            seconds = _timed(lambda fn=eps_fn: fn(x, t).eps.clone(), device, iters, warmup=max(3, iters // 5))
         out[f"cfg_img_steps_s[{name}]"] = case.batch / seconds
     return out
 

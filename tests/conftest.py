@@ -48,11 +48,11 @@ def check_command_line(script: str, *overrides: str) -> str:
 
     config.register(CONFIGS)
     name = script.removesuffix(".py")
-    argv = cli.expand_aliases(list(overrides), {"eval": "eval.enabled"})
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            cli.preflight(argv, CONFIGS, name, "samples" if name == "sample" else "checkpoints")
+            argv = cli.expand_aliases(list(overrides), {"eval": "eval.enabled"})
+            cli.preflight(argv, name, "samples" if name == "sample" else "checkpoints")
             cli.check_jobs(argv, CONFIGS, name, _script_module(script).check)
         except SystemExit as e:
             assert e.code == 2, e.code
@@ -60,6 +60,24 @@ def check_command_line(script: str, *overrides: str) -> str:
             assert len(lines) == 1 and lines[0].startswith("error: "), lines
             return lines[0]
     return ""
+
+
+def eps_function(
+    mode: str,
+    unet,
+    y,
+    scale: float = 1.0,
+    classifier=None,
+    diffusion=None,
+    guide=None,
+    schedule: str = "constant",
+    **params,
+):
+    """The eps-function of guidance `mode` resolved with `params` (the rest at their defaults), as sample.py builds
+    it."""
+    from guidelab.guidance import make_eps_fn, resolve
+
+    return make_eps_fn(resolve(mode, scale, schedule, **params), unet, y, classifier, diffusion, guide)
 
 
 def tree_digest(path: Path) -> dict[str, str]:

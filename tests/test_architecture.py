@@ -17,6 +17,7 @@ ORDER = [
     "checkpoint",
     "data",
     "models",
+    "guided",
     "guidance",
     "sampling",
     "metrics",

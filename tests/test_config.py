@@ -4,6 +4,7 @@ line wins."""
 
 import re
 import subprocess
+import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -26,7 +27,7 @@ def _compose(script, overrides=()):
 
 
 def options(script: str, group: str) -> list[str]:
-    return sorted(p.stem for p in groups_of(script)[group].glob("*.yaml"))
+    return groups_of(script)[group]
 
 
 CASES = [
@@ -52,23 +53,42 @@ def _yaml(group: str, name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml"))
 
 
-def test_every_registered_entry_has_exactly_its_config_file():
-    """One function, one yaml: the files of configs/guidance/ and configs/sampler/ are the registries' entries, each
-    file holds exactly its function's keyword parameters (plus name, and a sampler's shared grid keys) with the
-    function's defaults as values; configs/dataset/ holds the registered datasets at their native size."""
-    for group, registry, shared in (("guidance", MODES, set()), ("sampler", SAMPLERS, {"steps", "spacing", "clip_x0"})):
+def test_each_registered_function_is_its_group_option_and_each_default_is_written_once():
+    """guidance=<mode> and sampler=<name> are generated from the registered functions (no yaml holds a second copy):
+    the option's keys are exactly the function's keyword parameters (plus name, and a sampler's shared grid keys) at
+    the function's defaults; configs/dataset/ holds the registered datasets at their native size."""
+    assert not (CONFIGS / "guidance").exists() and not (CONFIGS / "sampler").exists()
+    for group, registry in (("guidance", MODES), ("sampler", SAMPLERS)):
         assert options("sample", group) == sorted(registry), group
         for name, entry in registry.items():
-            values = _yaml(group, name)
+            values = OmegaConf.to_container(_compose("sample", [f"{group}={name}"])[group])
             assert values.pop("name") == name
-            assert set(values) == set(entry.params) | shared, name
+            shared = {k: entry.shared.get(k, v.default) for k, v in registry.shared.items()}
+            assert set(values) == set(entry.params) | set(shared), name
             for key, param in entry.params.items():
-                default = list(param.default) if isinstance(param.default, tuple) else param.default  # yaml lists
+                default = list(param.default) if isinstance(param.default, tuple) else param.default  # config lists
                 assert values[key] == default, (name, key)
+            assert {k: values[k] for k in shared} == shared, name
+    assert SAMPLERS["heun"].shared == {"steps": 10, "spacing": "logsnr"}  # a sampler's own grid defaults
     assert options("train_diffusion", "dataset") == sorted(DATASETS)
     for name, spec in DATASETS.items():
         assert _yaml("dataset", name)["name"] == name and _yaml("dataset", name)["image_size"] == spec.image_size
         assert (CONFIGS / "model" / f"{spec.default_model}.yaml").is_file(), name
+
+
+def test_help_lists_the_scripts_own_groups_only():
+    out = subprocess.run(
+        [sys.executable, str(CONFIGS.parent / "sample.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=CONFIGS.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    listing = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    groups = [line.split(":")[0] for line in listing.splitlines() if ": " in line]
+    assert groups == ["guidance", "sampler", "logger", "experiment"], out.stdout
+    assert "schema" not in out.stdout and "train_diffusion/experiment" not in out.stdout
+    assert "guidance: apg, autoguidance, cads, cfg," in out.stdout and "  eta: 0.0" in out.stdout  # options, defaults
 
 
 def test_each_dataset_names_its_default_model_and_an_explicit_model_wins():
@@ -120,7 +140,7 @@ def test_every_preset_with_an_overridden_group(script, preset, group):
         if key not in (group, "hydra"):
             assert cfg[key] == base[key], key
     for node, key in (("dataset", "image_size"), ("sampler", "steps")):  # set by the preset, not by its option
-        if group == node and base[node][key] != _yaml(node, base[node].name)[key]:
+        if group == node and base[node][key] != _compose(script, [f"{node}={base[node].name}"])[node][key]:
             assert cfg[node][key] == base[node][key]
 
 

@@ -110,6 +110,9 @@ def test_a_bad_command_line_through_the_real_script_writes_nothing(tmp_path):
         ),
         (["-m", "guidance=cfgpp", "scale=0.5,2"], ["scale must be in [0, 1], got 2", "(in the job", "scale=2"]),
         (["+foo=1"], ["+foo=1: guidelab's configs hold exactly the keys their code reads"]),
+        (["sampler.steps=0"], ["sampler.steps must be >= 1, got 0"]),  # the sampler's shared keys, before any network
+        (["sampler.spacing=time"], ["sampler.spacing must be one of linspace, leading, trailing, logsnr, got 'time'"]),
+        (["-m", "sampler.steps=5,0"], ["sampler.steps must be >= 1, got 0", "(in the job", "sampler.steps=0"]),
         (["eval=true"], ["eval=true needs evaluator_ckpt=PATH"]),
         (
             ["eval=true", "evaluator_ckpt=E.pt", "metrics.features=clip"],
@@ -145,13 +148,12 @@ def test_bad_sampling_values_are_refused_before_hydra_starts(overrides, fragment
         (["guidance=cg_interval"], ["classifier_ckpt=latest found no classifier run"]),
         (["labels=[0,10]"], ["labels must be class indices in [0, 10)", "got 10"]),
         (["sampler.steps=5000"], ["sampler.steps must be in [1, 1000]"]),
-        (["sampler.steps=0"], ["sampler.steps must be in [1, 1000], got 0"]),
-        (["sampler.spacing=time"], ["sampler.spacing must be one of linspace, leading, trailing, logsnr, got 'time'"]),
         (["guidance=autoguidance"], ["guidance=autoguidance needs guide_ckpt=PATH"]),
     ],
 )
 def test_bad_sampling_options_that_need_the_networks(guarded, tmp_path, overrides, fragments):
-    """Refused once the checkpoint is read (the class count, T, a classifier to find): still one line, nothing written."""
+    """Refused once the checkpoint is read (the class count, T, a classifier to find): still one line, nothing
+    written."""
     assert_one_line_error(_sample(guarded, tmp_path, *overrides), *fragments)
     assert not (tmp_path / "out" / "samples.npz").exists()
 

@@ -5,14 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guidelab.errors import GuidelabError
+from conftest import eps_function
 from guidelab.diffusion import Diffusion, linear_betas
+from guidelab.errors import GuidelabError
 from guidelab.guidance import (
     MODES,
     anneal_condition,
     apg_combine,
-    attention_blocks,
-    attention_replaced,
     blurred_query_attention,
     cads_gamma,
     cfg_combine,
@@ -24,16 +23,15 @@ from guidelab.guidance import (
     independent_classes,
     lowpass,
     magnitude_scale,
-    make_eps_fn,
-    noise_level,
     project,
     rescale_combine,
     scheduled_weight,
     tangential_uncond,
-    time_embedding_perturbed,
+    time_noise,
     x0_classifier_score,
     zero_star_scale,
 )
+from guidelab.guided import noise_level
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
@@ -80,13 +78,13 @@ def test_cfg_combine_endpoints_are_exact_and_formula_holds():
 def test_cfg_eps_fn_equals_unconditional_at_0_conditional_at_1():
     unet, (x, t, y) = ToyUNet(), _inputs()
     null = torch.full_like(y, 3)
-    assert torch.equal(make_eps_fn("cfg", unet, y, 0.0)(x, t).eps, unet(x, t, null))
-    assert torch.equal(make_eps_fn("cfg", unet, y, 1.0)(x, t).eps, unet(x, t, y))
+    assert torch.equal(eps_function("cfg", unet, y, 0.0)(x, t).eps, unet(x, t, null))
+    assert torch.equal(eps_function("cfg", unet, y, 1.0)(x, t).eps, unet(x, t, y))
 
 
 def test_cfg_runs_cond_and_uncond_as_one_doubled_batch():
     unet, (x, t, y) = ToyUNet(), _inputs()
-    out = make_eps_fn("cfg", unet, y, 2.5)(x, t)
+    out = eps_function("cfg", unet, y, 2.5)(x, t)
     assert unet.calls == [2 * len(x)]
     eps_c, eps_u = unet(x, t, y), unet(x, t, torch.full_like(y, 3))
     assert torch.allclose(out.eps, eps_u + 2.5 * (eps_c - eps_u), atol=1e-6)
@@ -95,8 +93,8 @@ def test_cfg_runs_cond_and_uncond_as_one_doubled_batch():
 
 def test_none_mode_bases():
     unet, (x, t, y) = ToyUNet(), _inputs()
-    assert torch.equal(make_eps_fn("none", unet, y, base="cond")(x, t).eps, unet(x, t, y))
-    assert torch.equal(make_eps_fn("none", unet, y, base="uncond")(x, t).eps, unet(x, t, torch.full_like(y, 3)))
+    assert torch.equal(eps_function("none", unet, y, base="cond")(x, t).eps, unet(x, t, y))
+    assert torch.equal(eps_function("none", unet, y, base="uncond")(x, t).eps, unet(x, t, torch.full_like(y, 3)))
 
 
 def test_classifier_score_is_the_gradient_of_log_softmax():
@@ -110,22 +108,22 @@ def test_classifier_score_is_the_gradient_of_log_softmax():
 
 def test_cg_guides_the_unconditional_prediction_and_a_small_step_raises_log_p():
     unet, clf, (x, t, y) = ToyUNet(), ToyClassifier(), _inputs()
-    out = make_eps_fn("cg", unet, y, 2.0, classifier=clf)(x, t)
+    out = eps_function("cg", unet, y, 2.0, classifier=clf)(x, t)
     assert torch.equal(out.eps, unet(x, t, torch.full_like(y, 3)))  # base=uncond by default
     assert not any(p.requires_grad for p in clf.parameters())  # frozen classifier
     assert not x.requires_grad and out.score.grad_fn is None  # no graph kept
     logp = lambda z: F.log_softmax(clf(z, t), -1)[torch.arange(len(y)), y]
     assert (logp(x + 1e-2 * out.score) > logp(x)).all()
-    cond = make_eps_fn("cg", unet, y, 2.0, classifier=clf, base="cond")(x, t)
+    cond = eps_function("cg", unet, y, 2.0, classifier=clf, base="cond")(x, t)
     assert torch.equal(cond.eps, unet(x, t, y))
     assert torch.allclose(cond.score, 2.0 * classifier_score(clf, x, t, y))
 
 
 def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
     unet, clf, (x, t, y) = ToyUNet(), ToyClassifier(), _inputs()
-    assert make_eps_fn("cg", unet, y, 0.0, classifier=clf)(x, t).score is None
-    out = make_eps_fn("cfg_cg", unet, y, 3.0, classifier=clf, classifier_scale=0.5)(x, t)
-    assert torch.allclose(out.eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps)
+    assert eps_function("cg", unet, y, 0.0, classifier=clf)(x, t).score is None
+    out = eps_function("cfg_cg", unet, y, 3.0, classifier=clf, classifier_scale=0.5)(x, t)
+    assert torch.allclose(out.eps, eps_function("cfg", unet, y, 3.0)(x, t).eps)
     assert torch.allclose(out.score, 0.5 * classifier_score(clf, x, t, y))
 
 
@@ -159,9 +157,9 @@ def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
     ],
 )
 def test_bad_guidance_arguments(mode, kwargs, match):
-    unet, (x, t, y) = ToyUNet(), _inputs()
+    unet, (_, _, y) = ToyUNet(), _inputs()
     with pytest.raises(GuidelabError, match=match):
-        make_eps_fn(mode, unet, y, 1.0, **kwargs)
+        eps_function(mode, unet, y, 1.0, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +173,7 @@ def test_bad_guidance_arguments(mode, kwargs, match):
 )
 def test_each_mode_checks_its_scale(mode, scale, match):
     with pytest.raises(GuidelabError, match=match):
-        make_eps_fn(mode, ToyUNet(), _inputs()[2], scale, classifier=ToyClassifier(), diffusion=PROCESS)
+        eps_function(mode, ToyUNet(), _inputs()[2], scale, classifier=ToyClassifier(), diffusion=PROCESS)
 
 
 # --- variants: each reduces to plain CFG / CG where its paper says, and has its defining property -------------------
@@ -200,21 +198,23 @@ def test_rescale_is_cfg_at_phi_0_and_matches_the_conditional_std_at_phi_1():
 @pytest.mark.parametrize("space", ["x0", "eps"])
 def test_cfg_rescale_eps_fn(space):
     unet, (x, t, y) = ToyUNet(), _inputs()
-    cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
-    plain = make_eps_fn("cfg_rescale", unet, y, 3.0, diffusion=PROCESS, phi=0.0, space=space)(x, t).eps
+    cfg = eps_function("cfg", unet, y, 3.0)(x, t).eps
+    plain = eps_function("cfg_rescale", unet, y, 3.0, diffusion=PROCESS, phi=0.0, space=space)(x, t).eps
     assert torch.allclose(plain, cfg, atol=1e-4)
-    full = make_eps_fn("cfg_rescale", unet, y, 3.0, diffusion=PROCESS, phi=1.0, space=space)(x, t).eps
+    full = eps_function("cfg_rescale", unet, y, 3.0, diffusion=PROCESS, phi=1.0, space=space)(x, t).eps
     eps_c = unet(x, t, y)
     pick = (lambda e: _x0(x, t, e)) if space == "x0" else (lambda e: e)
     assert torch.allclose(pick(full).flatten(1).std(1), pick(eps_c).flatten(1).std(1), rtol=1e-3)
-    assert torch.equal(make_eps_fn("cfg_rescale", unet, y, 1.0, diffusion=PROCESS, phi=1.0)(x, t).eps, eps_c)
+    assert torch.equal(eps_function("cfg_rescale", unet, y, 1.0, diffusion=PROCESS, phi=1.0)(x, t).eps, eps_c)
 
 
 def test_interval_covering_every_noise_level_is_cfg_and_an_empty_one_is_conditional():
     unet, (x, t, y) = ToyUNet(), _inputs()
-    everywhere = make_eps_fn("cfg_interval", unet, y, 3.0, diffusion=PROCESS, sigma_lo=0.0, sigma_hi=float("inf"))(x, t)
-    assert torch.equal(everywhere.eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps)
-    nowhere = make_eps_fn("cfg_interval", unet, y, 3.0, diffusion=PROCESS, sigma_lo=1e8, sigma_hi=2e8)(x, t)
+    everywhere = eps_function("cfg_interval", unet, y, 3.0, diffusion=PROCESS, sigma_lo=0.0, sigma_hi=float("inf"))(
+        x, t
+    )
+    assert torch.equal(everywhere.eps, eps_function("cfg", unet, y, 3.0)(x, t).eps)
+    nowhere = eps_function("cfg_interval", unet, y, 3.0, diffusion=PROCESS, sigma_lo=1e8, sigma_hi=2e8)(x, t)
     assert torch.equal(nowhere.eps, unet(x, t, y))
 
 
@@ -224,14 +224,14 @@ def test_interval_guides_exactly_the_samples_inside_it():
     sigma = noise_level(ABAR[t])
     inside = in_interval(ABAR[t], 0.28, 5.42)
     assert inside.tolist() == ((sigma > 0.28) & (sigma <= 5.42)).tolist() and 0 < inside.sum() < len(t)
-    eps = make_eps_fn("cfg_interval", unet, y, 3.0, diffusion=PROCESS)(x, t).eps
-    cfg, cond = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, unet(x, t, y)
+    eps = eps_function("cfg_interval", unet, y, 3.0, diffusion=PROCESS)(x, t).eps
+    cfg, cond = eps_function("cfg", unet, y, 3.0)(x, t).eps, unet(x, t, y)
     assert torch.allclose(eps[inside], cfg[inside]) and torch.equal(eps[~inside], cond[~inside])
-    out = make_eps_fn("cg_interval", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
-    cg = make_eps_fn("cg", unet, y, 2.0, classifier=clf)(x, t)
+    out = eps_function("cg_interval", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
+    cg = eps_function("cg", unet, y, 2.0, classifier=clf)(x, t)
     assert torch.equal(out.eps, cg.eps)
     assert torch.allclose(out.score[inside], cg.score[inside]) and (out.score[~inside] == 0).all()
-    full = make_eps_fn(
+    full = eps_function(
         "cg_interval", unet, y, 2.0, classifier=clf, diffusion=PROCESS, sigma_lo=0.0, sigma_hi=float("inf")
     )
     assert torch.equal(full(x, t).score, cg.score)
@@ -243,8 +243,8 @@ def test_apg_is_cfg_with_eta_1_no_threshold_no_momentum():
     guided, _ = apg_combine(d_u, d_c, 3.0, eta=1.0, norm_threshold=None, momentum=0.0)
     assert torch.allclose(guided, cfg_combine(d_u, d_c, 3.0), atol=1e-5)
     unet, (x, t, y) = ToyUNet(), _inputs()
-    apg = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=0.0)(x, t).eps
-    assert torch.allclose(apg, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
+    apg = eps_function("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=0.0)(x, t).eps
+    assert torch.allclose(apg, eps_function("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
 
 
 def test_apg_parts_are_orthogonal_threshold_caps_the_norm_and_momentum_accumulates():
@@ -272,8 +272,8 @@ def test_apg_parts_are_orthogonal_threshold_caps_the_norm_and_momentum_accumulat
 
 def test_apg_eps_fn_keeps_its_momentum_across_steps():
     unet, (x, t, y) = ToyUNet(), _inputs()
-    with_m = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=-0.5)
-    without = make_eps_fn("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=0.0)
+    with_m = eps_function("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=-0.5)
+    without = eps_function("apg", unet, y, 3.0, diffusion=PROCESS, eta=1.0, norm_threshold=None, momentum=0.0)
     assert torch.allclose(with_m(x, t).eps, without(x, t).eps, atol=1e-4)  # first step: nothing accumulated yet
     assert not torch.allclose(with_m(x, t).eps, without(x, t).eps, atol=1e-3)
 
@@ -295,15 +295,15 @@ def test_dynamic_threshold_is_static_clipping_below_1_and_maps_the_quantile_to_1
     unet, (x, t, y) = ToyUNet(), _inputs()
     t = torch.zeros_like(t)  # at t = 0, x0 = x_t up to 1%: |x0| < 1 everywhere, so plain CFG
     x = x.clamp(-0.9, 0.9)
-    eps = make_eps_fn("dynamic_threshold", unet, y, 3.0, diffusion=PROCESS)(x, t).eps
-    assert torch.allclose(eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
+    eps = eps_function("dynamic_threshold", unet, y, 3.0, diffusion=PROCESS)(x, t).eps
+    assert torch.allclose(eps, eps_function("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
 
 
 def test_cfgpp_is_unconditional_at_0_and_renoises_the_guided_x0_with_eps_u():
     unet, (x, t, y) = ToyUNet(), _inputs()
     null = torch.full_like(y, 3)
-    assert torch.equal(make_eps_fn("cfgpp", unet, y, 0.0, diffusion=PROCESS)(x, t).eps, unet(x, t, null))
-    out = make_eps_fn("cfgpp", unet, y, 0.6, diffusion=PROCESS)(x, t)
+    assert torch.equal(eps_function("cfgpp", unet, y, 0.0, diffusion=PROCESS)(x, t).eps, unet(x, t, null))
+    out = eps_function("cfgpp", unet, y, 0.6, diffusion=PROCESS)(x, t)
     eps_u, eps_c = unet(x, t, null), unet(x, t, y)
     assert torch.allclose(out.eps, eps_u)
     assert torch.allclose(out.x0, torch.lerp(_x0(x, t, eps_u), _x0(x, t, eps_c), 0.6), rtol=1e-4, atol=1e-3)
@@ -322,11 +322,11 @@ class UncondHalf(torch.nn.Module):
 
 def test_autoguidance_with_the_unconditional_model_as_guide_is_cfg():
     unet, (x, t, y) = ToyUNet(), _inputs()
-    auto = make_eps_fn("autoguidance", unet, y, 3.0, guide=UncondHalf(unet))(x, t).eps
-    assert torch.allclose(auto, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-6)
-    assert torch.equal(make_eps_fn("autoguidance", unet, y, 1.0, guide=ToyUNet())(x, t).eps, unet(x, t, y))
+    auto = eps_function("autoguidance", unet, y, 3.0, guide=UncondHalf(unet))(x, t).eps
+    assert torch.allclose(auto, eps_function("cfg", unet, y, 3.0)(x, t).eps, atol=1e-6)
+    assert torch.equal(eps_function("autoguidance", unet, y, 1.0, guide=ToyUNet())(x, t).eps, unet(x, t, y))
     guide = ToyUNet()
-    out = make_eps_fn("autoguidance", unet, y, 2.0, guide=guide)(x, t).eps
+    out = eps_function("autoguidance", unet, y, 2.0, guide=guide)(x, t).eps
     assert torch.allclose(out, guide(x, t, y) + 2.0 * (unet(x, t, y) - guide(x, t, y)), atol=1e-6)
     assert not any(p.requires_grad for p in guide.parameters())
 
@@ -350,11 +350,13 @@ def test_cfg_zero_star_is_cfg_on_the_scaled_unconditional_prediction():
     s = 1 is the conditional model."""
     unet, (x, t, y) = ToyUNet(), _inputs()
     eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
-    out = make_eps_fn("cfg_zero_star", unet, y, 2.5, diffusion=PROCESS, zero_init_steps=0)(x, t).eps
+    out = eps_function("cfg_zero_star", unet, y, 2.5, diffusion=PROCESS, zero_init_steps=0)(x, t).eps
     s_star = zero_star_scale(eps_u, eps_c)
     assert torch.allclose(out, s_star * eps_u + 2.5 * (eps_c - s_star * eps_u), atol=1e-5)
-    assert (s_star - 1).abs().max() > 0.01 and not torch.allclose(out, make_eps_fn("cfg", unet, y, 2.5)(x, t).eps)
-    assert torch.equal(make_eps_fn("cfg_zero_star", unet, y, 1.0, diffusion=PROCESS, zero_init_steps=0)(x, t).eps, eps_c)
+    assert (s_star - 1).abs().max() > 0.01 and not torch.allclose(out, eps_function("cfg", unet, y, 2.5)(x, t).eps)
+    assert torch.equal(
+        eps_function("cfg_zero_star", unet, y, 1.0, diffusion=PROCESS, zero_init_steps=0)(x, t).eps, eps_c
+    )
     orthogonal = project(torch.randn_like(eps_u), eps_u)[1]
     assert torch.allclose(zero_star_scale(eps_u, eps_u + orthogonal), torch.ones(len(x), 1, 1, 1), atol=1e-5)
 
@@ -362,7 +364,7 @@ def test_cfg_zero_star_is_cfg_on_the_scaled_unconditional_prediction():
 def test_cfg_zero_star_zeroes_the_first_noise_levels_without_calling_the_network():
     """Zeroed in x0 space: the data prediction is 0 and eps = x_t / sqrt(1 - abar_t) (the x_t it implies)."""
     unet, (x, _, y) = ToyUNet(), _inputs()
-    eps_fn = make_eps_fn("cfg_zero_star", unet, y, 3.0, diffusion=PROCESS, zero_init_steps=2)
+    eps_fn = eps_function("cfg_zero_star", unet, y, 3.0, diffusion=PROCESS, zero_init_steps=2)
     for step, level in enumerate((999, 899, 899, 799, 699)):  # a level seen twice counts once (Heun's second pass)
         t = torch.full_like(y, level)
         out = eps_fn(x, t)
@@ -372,7 +374,7 @@ def test_cfg_zero_star_zeroes_the_first_noise_levels_without_calling_the_network
             assert torch.allclose(out.eps, x / (1 - ABAR[level]).sqrt().float(), atol=1e-6)
     assert unet.calls == [2 * len(x)] * 2  # one doubled batch per guided step, none while zeroed
     with pytest.raises(GuidelabError, match="guidance.zero_init_steps must be >= 0, got -1"):
-        make_eps_fn("cfg_zero_star", unet, y, 3.0, diffusion=PROCESS, zero_init_steps=-1)
+        eps_function("cfg_zero_star", unet, y, 3.0, diffusion=PROCESS, zero_init_steps=-1)
 
 
 # --- cg_x0: a clean classifier on the denoised estimate, the gradient through the UNet -------------------------------
@@ -424,10 +426,10 @@ def _log_p_of_x0(unet, clf, x, t, labels, y):
 
 def test_cg_x0_at_scale_0_is_exactly_the_base_model_in_one_plain_pass():
     unet, clf, (x, t, y) = ToyUNet(), ToyClassifier(), _inputs()
-    out = make_eps_fn("cg_x0", unet, y, 0.0, classifier=clf, diffusion=PROCESS)(x, t)
+    out = eps_function("cg_x0", unet, y, 0.0, classifier=clf, diffusion=PROCESS)(x, t)
     assert unet.calls == [len(x)] and out.score is None
     assert torch.equal(out.eps, unet(x, t, torch.full_like(y, 3)))
-    cond = make_eps_fn("cg_x0", unet, y, 0.0, classifier=clf, diffusion=PROCESS, base="cond")(x, t)
+    cond = eps_function("cg_x0", unet, y, 0.0, classifier=clf, diffusion=PROCESS, base="cond")(x, t)
     assert torch.equal(cond.eps, unet(x, t, y)) and cond.score is None
 
 
@@ -436,7 +438,7 @@ def test_cg_x0_score_is_the_finite_difference_gradient_of_log_p_y_given_x0_hat()
     1e-6 relative, with one UNet call (eps and gradient together), the classifier at t = 0 and nothing left behind."""
     unet, clf, (x, t, y) = TanhUNet(), CleanClassifier(), _x0_inputs()
     null = torch.full_like(y, 3)
-    out = make_eps_fn("cg_x0", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
+    out = eps_function("cg_x0", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
     assert unet.calls == [len(x)] and all((seen == 0).all() for seen in clf.seen_t)
     assert torch.equal(out.eps, unet(x, t, null))
     assert out.eps.grad_fn is None and out.score.grad_fn is None and not x.requires_grad
@@ -457,7 +459,7 @@ def test_cg_x0_score_is_the_finite_difference_gradient_of_log_p_y_given_x0_hat()
 def test_cg_x0_differs_from_the_classifier_on_x_t_and_a_small_step_raises_log_p_y_given_x0_hat():
     unet, clf, (x, t, y) = TanhUNet(), CleanClassifier(), _x0_inputs()
     null = torch.full_like(y, 3)
-    score = make_eps_fn("cg_x0", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t).score
+    score = eps_function("cg_x0", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t).score
     on_x_t = 2.0 * classifier_score(clf, x, torch.zeros_like(t), y)
     assert not torch.allclose(score, on_x_t, rtol=0.1)
     # with eps held constant the gradient would be grad_x0 log p / sqrt(abar_t): the UNet's Jacobian changes it
@@ -491,11 +493,11 @@ def test_tcfg_is_cfg_on_the_projected_unconditional_prediction():
     unet, (x, t, y) = ToyUNet(), _inputs()
     eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
     unet.calls.clear()
-    out = make_eps_fn("tcfg", unet, y, 3.0)(x, t).eps
+    out = eps_function("tcfg", unet, y, 3.0)(x, t).eps
     assert unet.calls == [2 * len(x)]  # one doubled batch
     assert torch.allclose(out, cfg_combine(tangential_uncond(eps_u, eps_c), eps_c, 3.0), atol=1e-6)
-    assert not torch.allclose(out, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
-    assert torch.equal(make_eps_fn("tcfg", unet, y, 1.0)(x, t).eps, eps_c)
+    assert not torch.allclose(out, eps_function("cfg", unet, y, 3.0)(x, t).eps, atol=1e-3)
+    assert torch.equal(eps_function("tcfg", unet, y, 1.0)(x, t).eps, eps_c)
 
 
 # --- mambo: the CFG weight damped by the update's relative size ------------------------------------------------------
@@ -517,25 +519,25 @@ def test_magnitude_scale_is_w_at_alpha_0_and_damps_large_updates_more():
 def test_mambo_is_cfg_at_alpha_0_and_damped_cfg_otherwise():
     unet, (x, t, y) = ToyUNet(), _inputs()
     eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
-    cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
-    assert torch.allclose(make_eps_fn("mambo", unet, y, 3.0, alpha=0.0)(x, t).eps, cfg, atol=1e-6)
-    out = make_eps_fn("mambo", unet, y, 3.0, alpha=5.0)(x, t).eps
+    cfg = eps_function("cfg", unet, y, 3.0)(x, t).eps
+    assert torch.allclose(eps_function("mambo", unet, y, 3.0, alpha=0.0)(x, t).eps, cfg, atol=1e-6)
+    out = eps_function("mambo", unet, y, 3.0, alpha=5.0)(x, t).eps
     assert torch.allclose(out, eps_u + magnitude_scale(eps_u, eps_c, 3.0, 5.0) * (eps_c - eps_u), atol=1e-6)
     assert (out - eps_c).norm() < (cfg - eps_c).norm()  # damped: between the conditional model and CFG
-    assert torch.equal(make_eps_fn("mambo", unet, y, 1.0)(x, t).eps, eps_c)
+    assert torch.equal(eps_function("mambo", unet, y, 1.0)(x, t).eps, eps_c)
     with pytest.raises(GuidelabError, match="guidance.alpha must be >= 0, got -1"):
-        make_eps_fn("mambo", unet, y, 3.0, alpha=-1.0)
+        eps_function("mambo", unet, y, 3.0, alpha=-1.0)
 
 
 # --- icg: an independent random class in place of the null class -----------------------------------------------------
 
 
 def test_icg_is_cfg_when_the_independent_class_is_the_null_class(monkeypatch):
-    import guidelab.guidance as guidance
+    import guidelab.guidance.cfg_like as guidance
 
     unet, (x, t, y) = ToyUNet(), _inputs()
     monkeypatch.setattr(guidance, "independent_classes", lambda y, k, g: torch.full_like(y, unet.null_class))
-    assert torch.equal(make_eps_fn("icg", unet, y, 3.0)(x, t).eps, make_eps_fn("cfg", unet, y, 3.0)(x, t).eps)
+    assert torch.equal(eps_function("icg", unet, y, 3.0)(x, t).eps, eps_function("cfg", unet, y, 3.0)(x, t).eps)
 
 
 def test_icg_draws_real_classes_independent_of_y_per_call_reproducibly():
@@ -548,13 +550,13 @@ def test_icg_draws_real_classes_independent_of_y_per_call_reproducibly():
     # the mode: eps(x_t, c) + s (eps(x_t, y) - eps(x_t, c)) with c from its own seeded generator, one doubled batch
     gen = torch.Generator().manual_seed(5)
     first, second = independent_classes(y, 3, gen), independent_classes(y, 3, gen)
-    eps_fn = make_eps_fn("icg", unet, y, 2.0, seed=5)
+    eps_fn = eps_function("icg", unet, y, 2.0, seed=5)
     for c in (first, second):
         unet.calls.clear()
         expected = cfg_combine(unet(x, t, c), unet(x, t, y), 2.0)
         unet.calls.clear()
         assert torch.allclose(eps_fn(x, t).eps, expected, atol=1e-6) and unet.calls == [2 * len(x)]
-    assert torch.equal(make_eps_fn("icg", unet, y, 1.0)(x, t).eps, unet(x, t, y))
+    assert torch.equal(eps_function("icg", unet, y, 1.0)(x, t).eps, unet(x, t, y))
 
 
 # --- pag: the guiding pass with identity self-attention ---------------------------------------------------------------
@@ -601,21 +603,20 @@ def test_pag_is_cfg_between_the_conditional_and_the_perturbed_pass_and_no_layers
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
     with torch.no_grad():
         eps_c = unet(x, t, y)
-        blocks = attention_blocks(unet, ["encoder.mid.1", "up.0.1.1"])
-        with attention_replaced(blocks, identity_attention):
+        with unet.perturbed(attention=dict.fromkeys(["encoder.mid.1", "up.0.1.1"], identity_attention)):
             eps_pert = unet(x, t, y)
-        assert all(b.attention is None for b in blocks.values())  # restored after the guiding pass
-        out = make_eps_fn("pag", unet, y, 2.5, layers=["encoder.mid.1", "up.0.1.1"])(x, t).eps
+        assert all(b.attention is None for b in unet.attention_blocks().values())  # restored after the guiding pass
+        out = eps_function("pag", unet, y, 2.5, layers=["encoder.mid.1", "up.0.1.1"])(x, t).eps
         assert torch.allclose(out, cfg_combine(eps_pert, eps_c, 2.5), atol=1e-6)
         assert (eps_pert - eps_c).abs().max() > 1e-3
-        assert torch.equal(make_eps_fn("pag", unet, y, 2.5, layers=[])(x, t).eps, eps_c)
-        assert torch.equal(make_eps_fn("pag", unet, y, 1.0)(x, t).eps, eps_c)
+        assert torch.equal(eps_function("pag", unet, y, 2.5, layers=[])(x, t).eps, eps_c)
+        assert torch.equal(eps_function("pag", unet, y, 1.0)(x, t).eps, eps_c)
     with pytest.raises(
         GuidelabError,
         match=r"guidance.layers \['mid'\] are not attention blocks of this UNet; its "
         r"attention blocks: encoder.blocks.2.1, encoder.mid.1, up.0.0.1, up.0.1.1$",
     ):
-        make_eps_fn("pag", unet, y, 2.5, layers=["mid"])
+        eps_function("pag", unet, y, 2.5, layers=["mid"])
 
 
 # --- seg: the guiding pass with blurred attention queries -------------------------------------------------------------
@@ -652,16 +653,15 @@ def test_seg_is_cfg_between_the_conditional_and_the_blurred_pass_and_reduces_to_
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
     with torch.no_grad():
         eps_c = unet(x, t, y)
-        blocks = attention_blocks(unet, ["encoder.mid.1"])
-        with attention_replaced(blocks, blurred_query_attention(2.0)):
+        with unet.perturbed(attention={"encoder.mid.1": blurred_query_attention(2.0)}):
             eps_seg = unet(x, t, y)
-        out = make_eps_fn("seg", unet, y, 3.0, layers=["encoder.mid.1"], sigma=2.0)(x, t).eps
+        out = eps_function("seg", unet, y, 3.0, layers=["encoder.mid.1"], sigma=2.0)(x, t).eps
         assert torch.allclose(out, cfg_combine(eps_seg, eps_c, 3.0), atol=1e-6) and (eps_seg - eps_c).abs().max() > 1e-4
         for params in (dict(layers=[]), dict(sigma=0.0), dict()):
             scale = 1.0 if not params else 3.0
-            assert torch.equal(make_eps_fn("seg", unet, y, scale, **params)(x, t).eps, eps_c), params
+            assert torch.equal(eps_function("seg", unet, y, scale, **params)(x, t).eps, eps_c), params
     with pytest.raises(GuidelabError, match="guidance.sigma must be >= 0, got -1"):
-        make_eps_fn("seg", unet, y, 3.0, sigma=-1.0)
+        eps_function("seg", unet, y, 3.0, sigma=-1.0)
 
 
 # --- fdg: separate scales for the coarse and the detail band ---------------------------------------------------------
@@ -682,16 +682,16 @@ def test_fdg_is_cfg_with_equal_scales_and_guides_each_band_by_its_own_scale():
     unet, (x, t, y) = ToyUNet(), _inputs()
     x = torch.randn(len(y), 1, 8, 8)
     eps_u, eps_c = unet(x, t, torch.full_like(y, 3)), unet(x, t, y)
-    cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
-    assert torch.allclose(make_eps_fn("fdg", unet, y, 3.0, low_scale=3.0)(x, t).eps, cfg, atol=1e-5)
-    out = make_eps_fn("fdg", unet, y, 3.0, low_scale=1.0, levels=1)(x, t).eps
+    cfg = eps_function("cfg", unet, y, 3.0)(x, t).eps
+    assert torch.allclose(eps_function("fdg", unet, y, 3.0, low_scale=3.0)(x, t).eps, cfg, atol=1e-5)
+    out = eps_function("fdg", unet, y, 3.0, low_scale=1.0, levels=1)(x, t).eps
     d = eps_c - eps_u
     assert torch.equal(out, frequency_combine(eps_u, eps_c, 3.0, 1.0, 1))
     assert torch.allclose(out, eps_u + lowpass(d, 1) + 3.0 * (d - lowpass(d, 1)), atol=1e-6)
     unet.calls.clear()
-    assert torch.equal(make_eps_fn("fdg", unet, y, 1.0, low_scale=1.0)(x, t).eps, eps_c) and unet.calls == [len(x)]
+    assert torch.equal(eps_function("fdg", unet, y, 1.0, low_scale=1.0)(x, t).eps, eps_c) and unet.calls == [len(x)]
     with pytest.raises(GuidelabError, match="guidance.levels must be in"):
-        make_eps_fn("fdg", unet, y, 3.0, levels=0)
+        eps_function("fdg", unet, y, 3.0, levels=0)
 
 
 # --- tsg: the guiding pass with a noised time-step embedding ---------------------------------------------------------
@@ -705,21 +705,21 @@ def test_tsg_guides_away_from_a_noised_time_embedding_and_reduces_to_the_conditi
     with torch.no_grad():
         eps_c = unet(x, t, y)
         seen = []
-        with time_embedding_perturbed(unet, 0.5, torch.Generator().manual_seed(3)):
-            spy = unet.time_embed.mlp.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))  # runs after
+        spy = unet.time_embed.mlp.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))  # the MLP's input
+        with unet.perturbed(time_features=time_noise(0.5, torch.Generator().manual_seed(3))):
             eps_pert = unet(x, t, y)
-            spy.remove()
-        assert unet.time_embed.mlp._forward_pre_hooks == {}  # removed on exit
+        assert torch.equal(unet(x, t, y), eps_c)  # restored on exit
+        spy.remove()
         noise = seen[0] - timestep_embedding(t, unet.time_embed.dim)
         assert torch.allclose(
             noise, 0.5 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(3)), atol=1e-6
         )
-        out = make_eps_fn("tsg", unet, y, 2.0, noise_scale=0.5, seed=3)(x, t).eps
+        out = eps_function("tsg", unet, y, 2.0, noise_scale=0.5, seed=3)(x, t).eps
         assert (
             torch.allclose(out, cfg_combine(eps_pert, eps_c, 2.0), atol=1e-6) and (eps_pert - eps_c).abs().max() > 1e-4
         )
-        assert torch.equal(make_eps_fn("tsg", unet, y, 2.0, noise_scale=0.0)(x, t).eps, eps_c)
-        assert torch.equal(make_eps_fn("tsg", unet, y, 1.0)(x, t).eps, eps_c)
+        assert torch.equal(eps_function("tsg", unet, y, 2.0, noise_scale=0.0)(x, t).eps, eps_c)
+        assert torch.equal(eps_function("tsg", unet, y, 1.0)(x, t).eps, eps_c)
 
 
 # --- cads: the class embedding annealed from noise to clean -----------------------------------------------------------
@@ -745,16 +745,16 @@ def test_cads_is_cfg_with_a_clean_condition_and_noises_only_the_conditional_bran
     kw = dict(diffusion=PROCESS)
     with torch.no_grad():
         for t in (torch.full((3,), 100), torch.full((3,), 950)):
-            cfg = make_eps_fn("cfg", unet, y, 3.0)(x, t).eps
-            clean = make_eps_fn("cads", unet, y, 3.0, tau1=1.0, tau2=1.0 + 1e-9, **kw)(x, t).eps
+            cfg = eps_function("cfg", unet, y, 3.0)(x, t).eps
+            clean = eps_function("cads", unet, y, 3.0, tau1=1.0, tau2=1.0 + 1e-9, **kw)(x, t).eps
             assert torch.allclose(clean, cfg, atol=1e-5)
-            out = make_eps_fn("cads", unet, y, 3.0, **kw)(x, t).eps  # tau1 = 0.6: t = 100 clean, t = 950 pure noise
+            out = eps_function("cads", unet, y, 3.0, **kw)(x, t).eps  # tau1 = 0.6: t = 100 clean, t = 950 pure noise
             assert torch.allclose(out, cfg, atol=1e-5) == (t[0] == 100)
         uncond = unet(x, t, torch.full_like(y, 3))  # the null embedding is never noised
-        assert torch.equal(make_eps_fn("cads", unet, y, 0.0, **kw)(x, t).eps, uncond)
-        assert unet.class_embed._forward_hooks == {}
+        assert torch.equal(eps_function("cads", unet, y, 0.0, **kw)(x, t).eps, uncond)
+        assert torch.equal(eps_function("cfg", unet, y, 3.0)(x, t).eps, cfg)  # the network is itself again
     with pytest.raises(GuidelabError, match=r"guidance.tau2 \(0.5\) must be above guidance.tau1 \(0.6\)"):
-        make_eps_fn("cads", unet, y, 3.0, tau2=0.5, **kw)
+        eps_function("cads", unet, y, 3.0, tau2=0.5, **kw)
 
 
 # --- schedule: the CFG weight over t (Wang et al. 2024) ---------------------------------------------------------------
@@ -785,20 +785,20 @@ def test_every_cfg_style_mode_takes_a_schedule_and_constant_is_the_unscheduled_m
     for mode in modes:
         for level in (900, 300):
             t = torch.full((3,), level)
-            plain = make_eps_fn(mode, unet, y, 3.0, **kw)(x, t).eps
-            assert torch.equal(make_eps_fn(mode, unet, y, 3.0, schedule="constant", **kw)(x, t).eps, plain), mode
+            plain = eps_function(mode, unet, y, 3.0, **kw)(x, t).eps
+            assert torch.equal(eps_function(mode, unet, y, 3.0, schedule="constant", **kw)(x, t).eps, plain), mode
             s_t = 1 + scheduled_weight(2.0, level / 1000, "linear")
-            expected = make_eps_fn(mode, unet, y, s_t, **kw)(x, t).eps
+            expected = eps_function(mode, unet, y, s_t, **kw)(x, t).eps
             assert torch.allclose(
-                make_eps_fn(mode, unet, y, 3.0, schedule="linear", **kw)(x, t).eps, expected, atol=1e-6
+                eps_function(mode, unet, y, 3.0, schedule="linear", **kw)(x, t).eps, expected, atol=1e-6
             ), (mode, level)
 
 
 def test_a_schedule_needs_a_cfg_style_mode_and_a_known_name():
-    unet, (x, t, y) = ToyUNet(), _inputs()
+    unet, (_, _, y) = ToyUNet(), _inputs()
     with pytest.raises(GuidelabError, match="schedule=linear varies the CFG weight w = s - 1, but guidance=cg's scale"):
-        make_eps_fn("cg", unet, y, 3.0, classifier=ToyClassifier(), schedule="linear")
+        eps_function("cg", unet, y, 3.0, classifier=ToyClassifier(), schedule="linear")
     with pytest.raises(GuidelabError, match="schedule must be one of constant, linear, cosine, got 'step'"):
-        make_eps_fn("cfg", unet, y, 3.0, diffusion=PROCESS, schedule="step")
+        eps_function("cfg", unet, y, 3.0, diffusion=PROCESS, schedule="step")
     with pytest.raises(GuidelabError, match="needs the noise schedule"):
-        make_eps_fn("cfg", unet, y, 3.0, schedule="cosine")
+        eps_function("cfg", unet, y, 3.0, schedule="cosine")

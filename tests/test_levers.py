@@ -6,6 +6,7 @@ kernels are PyTorch's to test. Speeds are measured by `python benchmarks/bench.p
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import run_script

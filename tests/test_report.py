@@ -2,20 +2,12 @@
 
 from PIL import Image
 
-from guidelab.report import COLUMNS, _file_name, _series, best_rows, markdown, variant_panels
+from guidelab.report import _file_name, _series, best_rows, make_row, markdown, variant_panels
 
 
 def _row(guidance, s, fid, acc, options=None):
-    return {
-        **{c: None for c in COLUMNS},
-        "guidance": guidance,
-        "s": s,
-        "fid": fid,
-        "accuracy": acc,
-        "options": options,
-        "steps": 25,
-        "sampler": "ddim",
-    }
+    row = make_row(guidance=guidance, scale=s, fid=fid, accuracy=acc, steps=25, sampler="ddim")
+    return {**row, "options": options}
 
 
 def test_variant_panels_draw_one_panel_per_variant_against_the_anchors(tmp_path):
@@ -59,7 +51,7 @@ def test_best_rows_and_the_flag_where_the_two_evaluators_disagree():
         _row("cg", 3.0, 5.0, 0.80),
         _row("cg", 10.0, 6.0, 0.86),
     ]
-    assert [(r["guidance"], r["s"]) for r in best_rows(rows)] == [("cfg", 5.0), ("cg", 10.0)]  # tie: lower FID
+    assert [(r["guidance"], r["scale"]) for r in best_rows(rows)] == [("cfg", 5.0), ("cg", 10.0)]  # tie: lower FID
     for r, second in zip(rows, [0.89, 0.98, 0.985, 0.70, 0.85]):
         r.update(accuracy_2=second, disagreement=r["accuracy"] - second, evaluator="evaluator", evaluator_test_acc=0.99)
     rows[3]["classifier_test_acc"] = {"t125": 0.9, "t875": 0.25}

@@ -7,10 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
+from test_checkpoint import Payload
 
 from conftest import REPO, assert_one_line_error, run_script, tree_digest
-from test_checkpoint import Payload
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 

@@ -4,12 +4,12 @@ and the timestep grids every sampler shares."""
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import CONFIGS
+from conftest import eps_function
 from guidelab.diffusion import Diffusion, cosine_betas, linear_betas
 from guidelab.errors import GuidelabError
-from guidelab.guidance import MODES, Guided, make_eps_fn
+from guidelab.guidance import MODES
+from guidelab.guided import Guided
 from guidelab.models import build_classifier, build_unet
 from guidelab.sampling import SAMPLERS, SPACINGS, sample, timesteps
 
@@ -17,8 +17,8 @@ SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 
 def spacing(name: str) -> str:
-    """The sampler's default grid: its configs/sampler/<name>.yaml."""
-    return OmegaConf.load(CONFIGS / "sampler" / f"{name}.yaml").spacing
+    """The sampler's default grid, as its registration declares it."""
+    return SAMPLERS[name].shared["spacing"]
 
 
 def point_mass_oracle(d: Diffusion, c: torch.Tensor):
@@ -231,12 +231,12 @@ def test_every_sampler_runs_every_guidance_mode(sampler, mode):
     d = Diffusion(linear_betas(100))
     y = torch.tensor([0, 1, 2, 0])
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    eps_fn = make_eps_fn(mode, unet, y, MODE_SCALES.get(mode, 3.0), classifier=classifier, diffusion=d, guide=guide)
+    eps_fn = eps_function(mode, unet, y, MODE_SCALES.get(mode, 3.0), classifier=classifier, diffusion=d, guide=guide)
     x = sample(sampler, eps_fn, d, noise, 4, spacing(sampler), generator=torch.Generator().manual_seed(1))
     assert x.shape == noise.shape and torch.isfinite(x).all()
     base = sample(
         sampler,
-        make_eps_fn("none", unet, y, base="cond"),
+        eps_function("none", unet, y, base="cond"),
         d,
         noise,
         4,
@@ -300,7 +300,6 @@ def test_the_classifier_correction_comes_after_the_clip_and_is_not_clipped_again
     sqrt(1 - abar_t) score, and x_0 of that eps left unclipped: one DDIM step from T - 1 to the data."""
     d = Diffusion(linear_betas(1000))
     x = torch.full((2, 1, 2, 2), 0.5)
-    t = torch.full((2,), 999)
     eps, score = torch.full_like(x, -3.0), torch.full_like(x, 0.02)  # x_0 of this eps is far above 1
     abar = d.abar[999]
     clipped = torch.ones_like(x)
@@ -333,7 +332,7 @@ def test_cfg_zero_star_keeps_the_sample_in_range_without_clipping_on_the_cosine_
     run = lambda eps_fn: sample(
         name, eps_fn, d, noise, 20, spacing(name), clip_x0=False, generator=torch.Generator().manual_seed(1)
     )
-    x = run(make_eps_fn("cfg_zero_star", unet, y, 3.0, diffusion=d, zero_init_steps=1))
+    x = run(eps_function("cfg_zero_star", unet, y, 3.0, diffusion=d, zero_init_steps=1))
     assert 0.4 < x.std() < 0.6, x.std()
     first = int(d.respace(timesteps(d, 20, spacing(name))).model_t[-1])  # the zero-init level, by the old rule
     eps_zeroed = lambda x, t: Guided(torch.zeros_like(x)) if int(t[0]) == first else Guided(unet(x, t, y))

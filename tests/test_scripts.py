@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import run_script
 from guidelab.diffusion import Diffusion
 from guidelab.guidance import MODES, in_interval
-from guidelab.report import COLUMNS
+from guidelab.report import HEADER
 from guidelab.sampling import SAMPLERS, timesteps
 
 
@@ -124,7 +124,7 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == COLUMNS and len(rows) == 4
+    assert list(rows[0]) == HEADER and len(rows) == 4
     for r in rows:  # two opinions: the primary's columns, the second's, and their difference
         assert (r["evaluator"], r["evaluator_2"]) == ("evaluator", "evaluator_vgg")
         assert float(r["disagreement"]) == pytest.approx(float(r["accuracy"]) - float(r["accuracy_2"]), abs=1e-3)

@@ -166,7 +166,8 @@ def restore(
 ) -> tuple[int, dict]:
     """Continue a run: refuse another model, classifier, diffusion or dataset config than the checkpoint's (the data
     root may move), load every module's state, and give each DDP rank its own saved RNG state back (a rank the
-    checkpoint has none for, when the run now has more ranks, is seeded from seed, rank and step). Returns (step, data)."""
+    checkpoint has none for, when the run now has more ranks, is seeded from seed, rank and step). Returns (step,
+    data)."""
     before, rank = ckpt["config"], dist.rank()
     mismatch = [sec for sec in ("model", "classifier", "diffusion") if sec in config and before.get(sec) != config[sec]]
     mismatch += ["dataset"] if any(before["dataset"][k] != config["dataset"][k] for k in ("name", "image_size")) else []

@@ -1,23 +1,26 @@
 """The entry points' shared wrapper: checks the command line before Hydra writes anything (group options, types, nan,
 every value check, for each job of a sweep), runs the task in the Hydra run dir, and turns a GuidelabError into one
-line on stderr and exit status 2."""
+line on stderr and exit status 2. The command line is read through Hydra's public override parser and composed by
+Hydra's compose API, exactly as the run will compose it."""
 
 from __future__ import annotations
 
+import itertools
 import os
-import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 
 from guidelab import config
 from guidelab.checkpoint import refuse_overwrite
 from guidelab.errors import GuidelabError, one_line
 
-_OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?([\w.]+)=(.*)$")
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc"}
 
 
 def fail(message: str) -> None:
@@ -25,29 +28,44 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def preflight(argv: list[str], config_dir: Path, config_name: str, protect: str) -> None:
-    """Refuse, before Hydra creates or writes the run dir, (a) an unknown option of a config group, listing the valid
-    ones, and (b) an explicit hydra.run.dir that already holds results (`protect` names them: "checkpoints" or
-    "samples") unless resume=true."""
-    overrides = dict(m.groups() for a in argv if (m := _OVERRIDE.match(a)))
+def parse(argv: list[str]) -> list[Override]:
+    """The overrides of a command line (key=value, ~key; not the flags such as -m or --cfg job, nor their values)."""
+    from hydra.errors import OverrideParseException
+
+    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        fail(f"malformed override: {one_line(e)}; write overrides as key=value, e.g. scale=3.0")
+
+
+def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
+    """`eval=true` -> `eval.enabled=true`: a switch that also has sub-keys (eval.num_samples) stays short to type."""
+    renamed = {o.input_line: o for o in parse(argv) if o.key_or_group in aliases and o.type == OverrideType.CHANGE}
+    return [f"{aliases[renamed[a].key_or_group]}={a.split('=', 1)[1]}" if a in renamed else a for a in argv]
+
+
+def preflight(argv: list[str], config_name: str, protect: str) -> None:
+    """Refuse, before Hydra creates or writes the run dir: an added (+) or deleted (~) key; a group of another script;
+    and an explicit hydra.run.dir that cannot be written or already holds results (`protect` names them:
+    "checkpoints" or "samples") unless resume=true."""
+    overrides = parse(argv)
     multirun = "-m" in argv or "--multirun" in argv
     groups = config.groups_of(config_name)
-    for key in overrides:
-        if key not in groups and (config_dir / key).is_dir():
+    for o in overrides:
+        if o.type != OverrideType.CHANGE and not o.is_hydra_override():
+            fail(
+                f"{o.input_line}: guidelab's configs hold exactly the keys their code reads, so none is added (+) or "
+                "deleted (~); set an existing key with key=value (`--cfg job` lists them)"
+            )
+        key = o.key_or_group
+        if key not in groups and key in config.all_groups():
             fail(
                 f"{key}= is not a config group of {config_name}.py (its groups: {', '.join(groups)}); "
                 f"{key} options belong to another script"
             )
-    for group, where in groups.items():
-        if group not in overrides:
-            continue
-        valid = sorted(p.stem for p in where.glob("*.yaml"))
-        for value in overrides[group].split(",") if multirun else [overrides[group]]:
-            if value not in valid:
-                fail(
-                    f"unknown {group} {value!r}; valid: {', '.join(valid)} (files in {where.relative_to(config_dir.parent)}/)"
-                )
-    run_dir = overrides.get("hydra.run.dir")
+    values = {o.key_or_group: o for o in overrides if not o.is_sweep_override()}
+    run_dir = str(values["hydra.run.dir"].value()) if "hydra.run.dir" in values else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_dir and not multirun:
         fail("under torchrun pass hydra.run.dir=DIR, so that every rank writes to the same run dir")
     if run_dir and not multirun:
@@ -60,7 +78,8 @@ def preflight(argv: list[str], config_dir: Path, config_name: str, protect: str)
                 f"cannot create the run dir {run_dir}: {ancestor} is not a writable directory; "
                 "choose another hydra.run.dir"
             )
-        if protect == "checkpoints" and overrides.get("resume", "false").lower() != "true":
+        resume = "resume" in values and str(values["resume"].value()).lower() == "true"
+        if protect == "checkpoints" and not resume:
             try:
                 refuse_overwrite(run_dir)
             except GuidelabError as e:
@@ -70,32 +89,28 @@ def preflight(argv: list[str], config_dir: Path, config_name: str, protect: str)
 
 
 def jobs(argv: list[str]) -> list[list[str]]:
-    """The override lists of every job the command line asks for (one, or a sweep's cartesian product), expanded by
-    the splitter of Hydra's basic sweeper itself; hydra.* overrides left out."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]  # not flag values
-    for added in [a for a in overrides if a[0] in "+~" and not a.startswith(("+hydra", "~hydra"))]:
-        fail(
-            f"{added}: guidelab's configs hold exactly the keys their code reads, so none is added (+) or deleted (~); "
-            "set an existing key with key=value (`--cfg job` lists them)"
-        )
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except OverrideParseException as e:
-        fail(f"malformed override: {one_line(e)}; write overrides as key=value, e.g. scale=3.0")
-    (batch,) = BasicSweeper.split_arguments([o for o in parsed if not o.get_key_element().startswith("hydra.")], None)
-    return batch
+    """The override lists of every job the command line asks for: one, or a sweep's cartesian product in the order of
+    Hydra's basic sweeper (the first override varies slowest); hydra.* overrides left out."""
+    lists = []
+    for o in parse(argv):
+        if o.is_hydra_override():
+            continue
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not o.is_discrete_sweep():
+                fail(f"{o.input_line}: only lists and range() sweeps are supported, e.g. scale=1,2,3")
+            lists.append([f"{key}={value}" for value in o.sweep_string_iterator()])
+        else:
+            lists.append([f"{key}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*lists)]
 
 
 def check_jobs(argv: list[str], config_dir: Path, config_name: str, check: Callable | None) -> None:
     """Compose every job's config as Hydra will, then refuse in one line, before any job runs: a malformed override,
-    an unknown key, a value of the wrong type (Hydra's structured configs), nan or inf, and whatever `check(cfg)`
-    refuses (the script's value checks)."""
+    an unknown group option or key, a value of the wrong type (Hydra's structured configs), nan or inf, and whatever
+    `check(cfg)` refuses (the script's value checks)."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, MissingConfigException
 
     all_jobs = jobs(argv)
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
@@ -108,28 +123,36 @@ def check_jobs(argv: list[str], config_dir: Path, config_name: str, check: Calla
                     check(cfg)
             except GuidelabError as e:
                 fail(f"{e}{where}")
+            except MissingConfigException as e:
+                fail(_missing_option(e, config_name) + where)
             except ConfigCompositionException as e:
-                fail(_composition_error(e, config_name) + where)
+                fail(_composition_error(e, config_name, job) + where)
 
 
-def _composition_error(e: Exception, config_name: str) -> str:
+def _missing_option(e, config_name: str) -> str:
+    """An unknown option of a config group, with the valid ones (and where a file-backed group keeps them)."""
+    group, _, value = str(e.missing_cfg_file).rpartition("/")
+    if not group:
+        return one_line(e)
+    where = (
+        ""
+        if group in config.REGISTRIES
+        else f" (files in {config.group_dir(config_name, group).relative_to(config.CONFIG_DIR.parent)}/)"
+    )
+    return f"unknown {group} {value!r}; valid: {', '.join(e.options or [])}{where}"
+
+
+def _composition_error(e: Exception, config_name: str, job: list[str]) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
     hint = f"`python {config_name}.py --cfg job` lists every key"
-    unknown = re.match(r"Could not override '([^']+)'", str(e))
-    if unknown and "not in" in str(e.__cause__):
-        return f"unknown key {unknown.group(1)!r} for {config_name}.py; {hint}"
-    typed = re.match(r"Error merging override (\S+)", str(e))
-    if typed and e.__cause__ is not None:
-        return f"{typed.group(1)}: {str(e.__cause__).splitlines()[0]}; {hint}"
-    return f"{one_line(e)}{f' ({one_line(e.__cause__)})' if e.__cause__ else ''}; {hint}"
-
-
-def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
-    """`eval=true` -> `eval.enabled=true`: a switch that also has sub-keys (eval.num_samples) stays short to type."""
-    out = []
-    for arg in argv:
-        m = _OVERRIDE.match(arg)
-        out.append(f"{aliases[m.group(1)]}={m.group(2)}" if m and m.group(1) in aliases else arg)
-    return out
+    cause = e.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        return f"unknown key {cause.full_key!r} for {config_name}.py; {hint}"
+    if isinstance(cause, ValidationError) and cause.full_key:
+        given = next((o for o in job if o.split("=", 1)[0] == cause.full_key), cause.full_key)
+        return f"{given}: {str(cause).splitlines()[0]}; {hint}"
+    return f"{one_line(e)}{f' ({one_line(cause)})' if cause else ''}; {hint}"
 
 
 def main(
@@ -144,8 +167,9 @@ def main(
     on every job's config before the first job starts."""
     config.register(config_dir)
     sys.argv[1:] = expand_aliases(sys.argv[1:], aliases or {})
-    preflight(sys.argv[1:], config_dir, config_name, protect)
-    check_jobs(sys.argv[1:], config_dir, config_name, check)
+    if not INFO_FLAGS & set(sys.argv[1:]):  # --help and --cfg only print: nothing to check, nothing is written
+        preflight(sys.argv[1:], config_name, protect)
+        check_jobs(sys.argv[1:], config_dir, config_name, check)
 
     @hydra.main(config_path=str(config_dir.resolve()), config_name=config_name, version_base="1.3")
     def _run(cfg) -> None:

@@ -2,13 +2,15 @@
 
 A script's own keys, their defaults and their comments live in its primary config (configs/<script>.yaml); the
 schema is made from it, each key typed by its value (int, float, bool, str; null: see NULL_TYPES), nested mappings as
-nested dataclasses. The network groups are typed by the networks' own signatures, guidance modes and samplers by
-their registered functions (each yaml merges onto `schema/<group>/<option>`, chosen in the primary config's defaults
-list). Hydra then refuses a wrong type (`seed=abc`, `train.steps=1.5`) or an unknown key; `check_finite` refuses nan
-and inf; range checks live in the functions that own the values.
+nested dataclasses. The network groups are typed by the networks' own signatures. Guidance modes and samplers have no
+files: each registered function's generated dataclass is the group option itself (`guidance=<mode>`,
+`sampler=<name>`), so its defaults are written once, in the function. Hydra then refuses a wrong type (`seed=abc`,
+`train.steps=1.5`) or an unknown key; `check_finite` refuses nan and inf; range checks live in the functions that own
+the values.
 
-Two resolvers serve the primary configs: `${default_model:${dataset}}` (the dataset spec's default diffusion model)
-and `${guidelab_configs:}` (the configs dir, for each script's own presets in configs/<script>/experiment/).
+Three resolvers serve the primary configs: `${default_model:${dataset}}` (the dataset spec's default diffusion model),
+`${guidelab_configs:}` (the configs dir, for each script's own presets in configs/<script>/experiment/) and
+`${guidelab_groups:<script>}` (the script's own groups and their options, for its --help).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def group_schema(group: str):
     elsewhere, Any; else the keys of all its option files (configs/<group>/*.yaml), typed by their values."""
     if group == "model":
         return network_schema(UNet, "model", [("name", str, MISSING)])
-    if group in (MODES.group, SAMPLERS.group, "classifier"):
+    if group in REGISTRIES or group == "classifier":
         return Any
     values = {}
     for option in sorted((CONFIG_DIR / group).glob("*.yaml")):
@@ -66,16 +68,36 @@ def group_schema(group: str):
     return typed(values, group)
 
 
-def groups_of(script: str) -> dict[str, Path]:
-    """A script's config groups (its primary config's defaults list) and the directory of each (the script's own
-    presets in configs/<script>/<group>/, the shared groups in configs/<group>/)."""
+SCRIPTS = ("train_diffusion", "train_classifier", "sample")
+REGISTRIES = {MODES.group: MODES, SAMPLERS.group: SAMPLERS}  # groups whose options are registered functions
+
+
+def groups_of(script: str) -> dict[str, list[str]]:
+    """A script's config groups (its primary config's defaults list, schemas left out) and the options of each: the
+    registered functions of a registry group, else the files of the script's own presets (configs/<script>/<group>/)
+    or of the shared group (configs/<group>/)."""
     entries = OmegaConf.load(CONFIG_DIR / f"{script}.yaml").defaults
     groups = [next(iter(e)).split("@")[0] for e in entries if not isinstance(e, str)]
     return {
-        g: CONFIG_DIR / script / g if (CONFIG_DIR / script / g).is_dir() else CONFIG_DIR / g
+        g: sorted(REGISTRIES[g]) if g in REGISTRIES else sorted(p.stem for p in group_dir(script, g).glob("*.yaml"))
         for g in groups
-        if not g.startswith("schema")
+        if not g.startswith(("schema", "override "))
     }
+
+
+def all_groups() -> set[str]:
+    """Every config group of the three scripts (a group of another script is refused by name)."""
+    return {g for script in SCRIPTS for g in groups_of(script)}
+
+
+def group_dir(script: str, group: str) -> Path:
+    """Where a file-backed group's options live: the script's own presets, or the shared group."""
+    return CONFIG_DIR / script / group if (CONFIG_DIR / script / group).is_dir() else CONFIG_DIR / group
+
+
+def help_groups(script: str) -> str:
+    """The --help listing of a script's own groups and their options (Hydra's lists every group it can find)."""
+    return "\n".join(f"{group}: {', '.join(options)}" for group, options in groups_of(script).items())
 
 
 def script_schema(script: str) -> type:
@@ -90,11 +112,11 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
     global CONFIG_DIR
     CONFIG_DIR = Path(config_dir).resolve()
     store = ConfigStore.instance()
-    for script in ("train_diffusion", "train_classifier", "sample"):
+    for script in SCRIPTS:
         store.store(group="schema", name=script, node=script_schema(script))
-    for registry in (MODES, SAMPLERS):
+    for registry in REGISTRIES.values():  # each function's schema is the group option itself
         for name in registry:
-            store.store(group=f"schema/{registry.group}", name=name, node=registry.schema(name))
+            store.store(group=registry.group, name=name, node=registry.schema(name))
     for option in (CONFIG_DIR / "classifier").glob("*.yaml"):  # typed by the network family the option names
         arch = OmegaConf.load(option).get("arch", "unet_encoder")
         head = [
@@ -104,6 +126,7 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
         store.store(group="schema/classifier", name=option.stem, node=node)
     OmegaConf.register_new_resolver("default_model", lambda name: dataset_info(name).default_model, replace=True)
     OmegaConf.register_new_resolver("guidelab_configs", lambda: str(CONFIG_DIR), replace=True)
+    OmegaConf.register_new_resolver("guidelab_groups", help_groups, replace=True)
 
 
 def check_finite(cfg, prefix: str = "") -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
-from typing import Callable
 from pathlib import Path
 from urllib.error import URLError
 

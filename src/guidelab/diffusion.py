@@ -24,8 +24,8 @@ def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.0
 
 
 def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """Cosine schedule of Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2),
-    beta_t = 1 - abar_t / abar_{t-1}, clipped at 0.999 (their Sec. 3.2)."""
+    """Cosine schedule of Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s))
+    pi/2), beta_t = 1 - abar_t / abar_{t-1}, clipped at 0.999 (their Sec. 3.2)."""
     steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     abar = f / f[0]
@@ -61,7 +61,7 @@ class Diffusion:
         # the timestep the networks see for each index of this (possibly respaced) process
         self.model_t = torch.arange(self.num_steps, device=betas.device) if model_t is None else model_t
 
-    def to(self, device: torch.device | str) -> "Diffusion":
+    def to(self, device: torch.device | str) -> Diffusion:
         """Move the schedule buffers to `device` once, so gathering them in the training step copies nothing."""
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
@@ -69,13 +69,13 @@ class Diffusion:
         return self
 
     @classmethod
-    def from_config(cls, cfg) -> "Diffusion":
+    def from_config(cls, cfg) -> Diffusion:
         """Build from a `diffusion` config group: {schedule, num_steps}."""
         if int(cfg["num_steps"]) < 2:
             raise GuidelabError(f"diffusion.num_steps must be at least 2, got {cfg['num_steps']}")
         return cls(make_betas(cfg["schedule"], int(cfg["num_steps"])))
 
-    def respace(self, keep: torch.Tensor) -> "Diffusion":
+    def respace(self, keep: torch.Tensor) -> Diffusion:
         """The process on the timesteps `keep` (increasing), betas recomputed so that abar is unchanged on them:
         beta_i = 1 - abar_{S_i} / abar_{S_{i-1}} (Nichol & Dhariwal 2021, Sec. 4); its first step ends at abar = 1."""
         if len(keep) == self.num_steps:

@@ -58,7 +58,8 @@ class EvaluatorFeatures:
 
 
 def find_inception_weights(path: str | None) -> Path:
-    """The local TF-Inception weights: `metrics.inception_weights`, else the torch hub cache; a clear error if absent."""
+    """The local TF-Inception weights: `metrics.inception_weights`, else the torch hub cache; a clear error if
+    absent."""
     candidates = [Path(path).expanduser()] if path else [Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE]
     for c in candidates:
         if c.is_file():

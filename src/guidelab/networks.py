@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from guidelab import checkpoint
 from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
-from guidelab.guidance import MODES
+from guidelab.guidance import GuidanceSpec
+from guidelab.guided import Counted
 from guidelab.models import build_classifier, build_unet
 
 TRAIN_HINT = {
@@ -27,20 +28,6 @@ ROLE_NAMES = {
     "clean_classifier": "a clean classifier of the guidance family (UNet encoder)",
     "evaluator": "an evaluator (a clean classifier of another family)",
 }
-
-
-class Counted:
-    """A network that counts the rows (samples) it is evaluated on; attributes pass through to the network."""
-
-    def __init__(self, net):
-        self.net, self.rows = net, 0
-
-    def __call__(self, x: torch.Tensor, *args):
-        self.rows += len(x)
-        return self.net(x, *args)
-
-    def __getattr__(self, name):
-        return getattr(self.net, name)
 
 
 def load(path: str | Path, kind: str, device: torch.device):
@@ -156,9 +143,9 @@ class Networks:
         }
 
 
-def for_sampling(cfg, device: torch.device) -> Networks:
-    """The UNet and what the guidance mode needs (noisy or clean classifier, guide), plus the evaluators asked for."""
-    needs = MODES.get_entry(cfg.guidance.name).traits["needs"]
+def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
+    """The UNet and what the guidance `spec` needs (noisy or clean classifier, guide), plus the evaluators asked for."""
+    needs = spec.needs
     paths = {"ckpt": resolve("ckpt", cfg.ckpt, cfg.runs_root, "diffusion")}
     unet, unet_ckpt = load(paths["ckpt"], "diffusion", device)
     nets = Networks(
@@ -170,7 +157,7 @@ def for_sampling(cfg, device: torch.device) -> Networks:
     if "guide" in needs:
         if not cfg.guide_ckpt:
             raise GuidelabError(
-                f"guidance={cfg.guidance.name} needs guide_ckpt=PATH: a smaller diffusion model or an "
+                f"guidance={spec.name} needs guide_ckpt=PATH: a smaller diffusion model or an "
                 "earlier checkpoint of the same run (RUN_DIR/checkpoints/0000500.pt)"
             )
         paths["guide_ckpt"] = cfg.guide_ckpt

@@ -1,9 +1,11 @@
 """Self-describing registries: a guidance mode or a sampler is one registered function (a dataset too: data.py).
 
-A function's keyword parameters after its `fixed` ones are its config keys, exactly. From the signature the registry
-derives the Hydra schema (a dataclass that config.py puts in the ConfigStore, so that types are Hydra's job); the
-decorator's keyword arguments are the entry's traits (what it needs, what `scale` means for it) and the checks of its
-values (`Range`, `OneOf`, `Above`), which run before any network is loaded.
+A function's keyword parameters after its `fixed` ones are its config keys, exactly, and their defaults are the
+config's defaults: from the signature the registry derives the Hydra schema (a dataclass that config.py stores in the
+ConfigStore as the group option itself, so each default is written once and types are Hydra's job). The decorator's
+keyword arguments are the entry's traits (what it needs, what `scale` means for it), its defaults of the registry's
+shared keys (a sampler's steps and spacing), and the checks of its values (`Range`, `OneOf`, `Above`), which run before
+any network is loaded.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import field, make_dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from omegaconf import MISSING  # '???': a key the config file must set
 
@@ -66,32 +69,43 @@ class Above(NamedTuple):
             )
 
 
+class Shared(NamedTuple):
+    """A config key every entry of a registry has besides its own: its type, its default (an entry may declare its
+    own) and its check (None: the type says it all)."""
+
+    type: Any
+    default: Any = MISSING
+    check: Any = None
+
+
 class Entry(NamedTuple):
     name: str
     fn: Callable
     params: dict[str, inspect.Parameter]  # the config keys and their defaults
     checks: dict[str, Any]
     traits: dict[str, Any]
+    shared: dict[str, Any]  # this entry's defaults of the registry's shared keys
 
 
 class Registry(dict):
     """name -> Entry. `fixed`: the leading parameters every entry's function takes that are not config keys;
-    `shared`: config keys every entry has besides its own ((name, type, default) triples); `traits`: the traits an
-    entry may declare, with their defaults."""
+    `shared`: config keys every entry has besides its own ({name: Shared}); `traits`: the traits an entry may declare,
+    with their defaults."""
 
-    def __init__(self, group: str, fixed: tuple[str, ...] = (), shared: tuple = (), **traits):
+    def __init__(self, group: str, fixed: tuple[str, ...] = (), shared: dict[str, Shared] | None = None, **traits):
         super().__init__()
-        self.group, self.fixed, self.shared, self.traits = group, fixed, shared, traits
+        self.group, self.fixed, self.shared, self.traits = group, fixed, shared or {}, traits
 
     def register(self, name: str | None = None, **declared) -> Callable:
         def add(fn: Callable) -> Callable:
             key = name or fn.__name__.lstrip("_")
             params = {p: v for p, v in inspect.signature(fn).parameters.items() if p not in self.fixed}
-            unknown = set(declared) - set(params) - set(self.traits) - {"scale"} - {s[0] for s in self.shared}
+            unknown = set(declared) - set(params) - set(self.traits) - set(self.shared) - {"scale"}
             assert not unknown, f"{self.group} {key}: {unknown} are neither parameters nor traits"
             traits = {**self.traits, **{k: v for k, v in declared.items() if k in self.traits}}
-            checks = {k: v for k, v in declared.items() if k not in self.traits}
-            self[key] = Entry(key, fn, params, checks, traits)
+            shared = {k: v for k, v in declared.items() if k in self.shared}
+            checks = {k: v for k, v in declared.items() if k not in self.traits and k not in self.shared}
+            self[key] = Entry(key, fn, params, checks, traits, shared)
             return fn
 
         return add
@@ -106,18 +120,24 @@ class Registry(dict):
         return {k: values[k] for k in self.get_entry(values["name"]).params if k in values}
 
     def check(self, name: str, values: dict) -> None:
-        """Run the entry's checks on `values` (its config keys, printed as group.key); a check that compares with
-        another key (`Above`) sees that key's default where `values` leaves it out."""
-        entry = self.get_entry(name)
+        """Run the checks of entry `name` on `values` (see `check_values`)."""
+        self.check_values(self.get_entry(name), values)
+
+    def check_values(self, entry: Entry, values: dict) -> None:
+        """Run the shared keys' checks and the entry's checks on `values` (its config keys, printed as group.key); a
+        check that compares with another key (`Above`) sees that key's default where `values` leaves it out."""
         full = {**{k: p.default for k, p in entry.params.items() if p.default is not p.empty}, **values}
-        for key, rule in entry.checks.items():
+        rules = {**{k: v.check for k, v in self.shared.items() if v.check is not None}, **entry.checks}
+        for key, rule in rules.items():
             if key in values:
                 rule.check(f"{self.group}.{key}", values[key], full)
 
     def schema(self, name: str) -> type:
-        """The entry's config as a dataclass: `name`, the shared keys, then its own keys with their types."""
+        """The entry's config as a dataclass: `name`, the shared keys (at the entry's defaults), then its own keys with
+        their types and defaults."""
         entry = self[name]
-        return schema_of(entry.fn, f"{self.group}_{name}", [("name", str, name), *self.shared], entry.params)
+        shared = [(k, v.type, entry.shared.get(k, v.default)) for k, v in self.shared.items()]
+        return schema_of(entry.fn, f"{self.group}_{name}", [("name", str, name), *shared], entry.params)
 
 
 def schema_of(fn: Callable, cls_name: str, head: list, params: dict[str, inspect.Parameter]) -> type:

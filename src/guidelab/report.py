@@ -1,6 +1,7 @@
 """Collect a `sample.py -m` sweep into tables and figures, in the sweep dir:
 
-  results.csv       one row per job: guidance, s, w, sampler, steps, NFE, FID, IS, precision, recall, accuracy, seconds
+  results.csv       one row per job: the columns of ROW below (guidance, s, w, sampler, steps, NFE, FID, IS,
+                    precision, recall, the two evaluators' accuracies, seconds, ...), the row sample.py writes
   results.md        the same as a markdown table, naming the feature space of FID / IS / precision / recall
   plots             fid_vs_scale.png, is_vs_scale.png, fid_vs_is.png, fid_vs_accuracy.png, precision_vs_recall.png,
                     accuracy_vs_scale.png
@@ -18,52 +19,95 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from hydra.experimental.callback import Callback
 
 from guidelab.errors import GuidelabError
-from guidelab.guidance import MODES
+from guidelab.guidance import MODES, resolve_config
 from guidelab.images import class_rows, grid, save_png
 
 MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
-COLUMNS = [
-    "guidance",
-    "base",
-    "options",
-    "p_uncond",
-    "classifier",
-    "s",
-    "w",
-    "classifier_scale",
-    "sampler",
-    "spacing",
-    "steps",
-    "nfe",
-    "classifier_nfe",
-    "features",
-    "fid",
-    "is",
-    "precision",
-    "recall",
-    "accuracy",
-    "evaluator",
-    "evaluator_test_acc",
-    "fid_2",
-    "accuracy_2",
-    "evaluator_2",
-    "evaluator_2_test_acc",
-    "disagreement",
-    "num_samples",
-    "seconds",
-    "seconds_per_sample",
-    "run",
-]
+
+
+class Column(NamedTuple):
+    """One field of the results row: sample.py fills it (metrics.json), the report reads it (results.csv, .md)."""
+
+    name: str  # its key in the row and in metrics.json
+    doc: str  # what it holds
+    header: str | None = ""  # its results.csv / results.md header: "" = the name, None = not in the tables
+    md: bool = False  # also in results.md (where some row has a value)
+    json: bool = True  # written to metrics.json by sample.py (False: filled in by the report)
+
+
+# The results row, defined once: adding a column is one line here (plus the code that measures it).
+ROW = (
+    Column("guidance", "the guidance mode (guidance=)", md=True),
+    Column(
+        "base", "the guided prediction of the modes that have one: cond = eps(x_t, y), uncond = eps(x_t, null)", md=True
+    ),
+    Column("options", "the mode's other keys, its weight schedule and its guide, as key=value", md=True),
+    Column("p_uncond", "the guided UNet's label-dropout rate in training", md=True),
+    Column("classifier", "the run dir of the guidance classifier", md=True),
+    Column("scale", "s (guidance scale)", header="s", md=True),
+    Column("w", "Ho & Salimans' w = s - 1 where s is a CFG strength", md=True),
+    Column("classifier_scale", "cfg_cg's weight of the classifier term", md=True),
+    Column("sampler", "the sampler (sampler=)", md=True),
+    Column("spacing", "its timestep grid", md=True),
+    Column("steps", "timesteps of the grid", md=True),
+    Column("nfe", "UNet evaluations per sample (the guide's included), counted", md=True),
+    Column("classifier_nfe", "classifier evaluations per sample (forward + input gradient), counted", md=True),
+    Column("features", "the feature space of FID / IS / precision / recall"),
+    Column("fid", "FID", md=True),
+    Column("is", "Inception score in the evaluator's classes", md=True),
+    Column("precision", "improved precision (Kynkaanniemi et al. 2019)", md=True),
+    Column("recall", "improved recall", md=True),
+    Column("accuracy", "the primary evaluator's accuracy on the requested classes", md=True),
+    Column("evaluator", "the primary evaluator's network"),
+    Column("evaluator_test_acc", "its held-out accuracy on real data"),
+    Column("fid_2", "FID in the second evaluator's features", md=True),
+    Column("accuracy_2", "the second evaluator's accuracy", md=True),
+    Column("evaluator_2", "the second evaluator's network"),
+    Column("evaluator_2_test_acc", "its held-out accuracy on real data"),
+    Column("disagreement", "accuracy - accuracy_2", md=True),
+    Column("num_samples", "samples in the set"),
+    Column("seconds", "wall seconds of the sampling loop (all ranks)"),
+    Column("seconds_per_sample", "seconds / num_samples", md=True),
+    Column("run", "the job dir in the sweep", json=False),
+    Column("seed", "the sampling seed", header=None),
+    Column("ckpt", "the diffusion checkpoint", header=None),
+    Column(
+        "classifier_test_acc", "the guidance classifier's held-out accuracy (per quarter of t if noisy)", header=None
+    ),
+)
+COLUMNS = {c.name: c for c in ROW}
+TABLE = [c.name for c in ROW if c.header is not None]  # results.csv's columns, in order
+HEADER = [c.header or c.name for c in ROW if c.header is not None]
+
+
+def make_row(options: dict | None = None, **values) -> dict:
+    """A results row: every column (None where not given), `options` folded in (a key that is a column fills it, the
+    others become the key=value string of `options`). Refuses a key that is not a column."""
+    unknown = sorted(set(values) - set(COLUMNS))
+    if unknown:
+        raise KeyError(f"{unknown} are not columns of the results row (guidelab.report.ROW)")
+    row = dict.fromkeys(COLUMNS) | values
+    rest = {}
+    for key, value in (options or {}).items():
+        if key in COLUMNS:
+            row[key] = value
+        else:
+            rest[key] = value
+    row["options"] = " ".join(f"{k}={v}" for k, v in rest.items()) or None
+    return row
+
+
 DISAGREE = 0.03  # rows whose two evaluators' accuracies differ by more are flagged in results.md
 PLOTS = {  # file: (x, y, title)
-    "fid_vs_scale.png": ("s", "fid", "FID vs guidance scale"),
-    "is_vs_scale.png": ("s", "is", "IS vs guidance scale"),
-    "accuracy_vs_scale.png": ("s", "accuracy", "evaluator accuracy vs guidance scale"),
+    "fid_vs_scale.png": ("scale", "fid", "FID vs guidance scale"),
+    "is_vs_scale.png": ("scale", "is", "IS vs guidance scale"),
+    "accuracy_vs_scale.png": ("scale", "accuracy", "evaluator accuracy vs guidance scale"),
     "fid_vs_is.png": ("is", "fid", "FID-IS trade-off (Ho & Salimans 2022, Fig. 4)"),
     "fid_vs_accuracy.png": ("accuracy", "fid", "FID-accuracy trade-off"),
     "precision_vs_recall.png": ("recall", "precision", "precision vs recall (Dhariwal & Nichol 2021, Table 4)"),
@@ -76,9 +120,13 @@ def collect(sweep_dirs: list[Path]) -> list[dict]:
     for sweep_dir in sweep_dirs:
         for npz in sorted(sweep_dir.glob("*/samples.npz")):
             metrics_path = npz.parent / "metrics.json"
-            m = json.loads(metrics_path.read_text()) if metrics_path.exists() else _from_overrides(npz.parent)
-            run = npz.parent.name if len(sweep_dirs) == 1 else f"{sweep_dir.name}/{npz.parent.name}"
-            rows.append({**{c: None for c in COLUMNS}, **m, "s": m["scale"], "run": run, "dir": npz.parent})
+            if metrics_path.exists():
+                m = json.loads(metrics_path.read_text())
+                row = dict.fromkeys(COLUMNS) | {k: v for k, v in m.items() if k in COLUMNS}
+            else:
+                row = _from_overrides(npz.parent)
+            row["run"] = npz.parent.name if len(sweep_dirs) == 1 else f"{sweep_dir.name}/{npz.parent.name}"
+            rows.append({**row, "dir": npz.parent})
     if not rows:
         raise GuidelabError(
             f"no */samples.npz under {', '.join(map(str, sweep_dirs))}; pass the hydra.sweep.dir "
@@ -91,19 +139,23 @@ def collect(sweep_dirs: list[Path]) -> list[dict]:
             str(r["base"]),
             str(r["p_uncond"]),
             r["steps"] or 1e9,
-            r["s"],
+            r["scale"],
         ),
     )
 
 
 def _from_overrides(job_dir: Path) -> dict:
-    """Without an evaluator there is no metrics.json: recover guidance and scale from the job's Hydra config."""
+    """Without an evaluator there is no metrics.json: the row's guidance and sampler columns from the job's config."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    cfg_scale = cfg.guidance.name in MODES and MODES[cfg.guidance.name].traits["w"]
-    return {"guidance": cfg.guidance.name, "scale": float(cfg.scale), "w": float(cfg.scale) - 1 if cfg_scale else None,
-            "sampler": cfg.sampler.name, "steps": cfg.sampler.steps, "base": cfg.guidance.get("base")}  # fmt: skip
+    return make_row(
+        **resolve_config(cfg).row(),
+        sampler=cfg.sampler.name,
+        spacing=cfg.sampler.spacing,
+        steps=cfg.sampler.steps,
+        seed=cfg.seed,
+    )
 
 
 def _fmt(v) -> str:
@@ -112,34 +164,11 @@ def _fmt(v) -> str:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([COLUMNS] + [[_fmt(r[c]) for c in COLUMNS] for r in rows])
+        csv.writer(f).writerows([HEADER] + [[_fmt(r[c]) for c in TABLE] for r in rows])
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = [
-        "guidance",
-        "base",
-        "options",
-        "p_uncond",
-        "classifier",
-        "s",
-        "w",
-        "classifier_scale",
-        "sampler",
-        "spacing",
-        "steps",
-        "nfe",
-        "classifier_nfe",
-        "fid",
-        "is",
-        "precision",
-        "recall",
-        "accuracy",
-        "fid_2",
-        "accuracy_2",
-        "disagreement",
-        "seconds_per_sample",
-    ]
+    cols = [c.name for c in ROW if c.md]
     cols = [c for c in cols if any(r[c] is not None for r in rows)]
     features = sorted({r["features"] for r in rows if r["features"]})
     note = (
@@ -176,7 +205,7 @@ def markdown(rows: list[dict]) -> str:
             else f"; the two evaluators agree within {DISAGREE:.0%} on every row"
         )
     table = lambda rs: (
-        ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        ["| " + " | ".join(COLUMNS[c].header or c for c in cols) + " |", "|" + "---|" * len(cols)]
         + [
             "| "
             + " | ".join(_fmt(r[c]) + (" **!**" if c == "disagreement" and r in flagged else "") for c in cols)
@@ -241,8 +270,8 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8.5, 4.2) if many else (5, 3.6))
         for i, (label, series) in enumerate(_series(rows).items()):
             _trace(ax, series, x, y, label, style=dict(color=plt.cm.tab20(i % 20), marker="os^vD<>"[i % 7]))
-        ax.set(xlabel="s (w = s - 1)" if x == "s" else x, ylabel=y)
-        ax.set_title(title + ("" if x == "s" else "; points labelled with s"), fontsize=9)
+        ax.set(xlabel="s (w = s - 1)" if x == "scale" else x, ylabel=y)
+        ax.set_title(title + ("" if x == "scale" else "; points labelled with s"), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, **(dict(loc="upper left", bbox_to_anchor=(1.01, 1)) if many else {}))
         fig.tight_layout()
@@ -255,13 +284,13 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
 def _trace(ax, series: list[dict], x: str, y: str, label: str, style: dict) -> None:
     """One line; trade-off curves (x not the scale) follow the scale and label each point with it."""
     pts = sorted(
-        ((r[x], r[y], r["s"]) for r in series if r[x] is not None and r[y] is not None),
-        key=lambda p: p[2] if x != "s" else p[0],
+        ((r[x], r[y], r["scale"]) for r in series if r[x] is not None and r[y] is not None),
+        key=lambda p: p[2] if x != "scale" else p[0],
     )
     if not pts:
         return
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=label, **style)
-    if x != "s":
+    if x != "scale":
         for px, py, s in pts:
             ax.annotate(f"{s:g}", (px, py), fontsize=6, textcoords="offset points", xytext=(3, 3))
 
@@ -333,7 +362,7 @@ def scale_grids(rows: list[dict], out_dir: Path, per_class: int = 1) -> list[Pat
     written = []
     for label, series in _series(rows).items():
         lines = []
-        for r in sorted(series, key=lambda r: r["s"]):
+        for r in sorted(series, key=lambda r: r["scale"]):
             images, labels = _samples(r)
             lines.append(np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_class)))
         path = out_dir / f"grid_{_file_name(label)}.png"
@@ -351,7 +380,7 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
         images, labels = _samples(r)
         strips.append(grid([np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_row=1))], pad=1))
     h, w = strips[0].shape[:2]
-    longest = max(len(f"{label[id(r)]}  s={r['s']:g}") for r in rows)
+    longest = max(len(f"{label[id(r)]}  s={r['scale']:g}") for r in rows)
     fig_w, label_w = (
         8.0,
         max(1.6, 0.075 * longest),
@@ -363,7 +392,7 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
         ax.set(xticks=[], yticks=[])
         acc = "" if r["accuracy"] is None else f"\naccuracy {r['accuracy']:.2f}"
-        ax.set_ylabel(f"{label[id(r)]}  s={r['s']:g}{acc}", rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_ylabel(f"{label[id(r)]}  s={r['scale']:g}{acc}", rotation=0, ha="right", va="center", fontsize=9)
     axes[0, 0].set_title("requested class: one sample each, in class order", fontsize=9)
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -382,7 +411,7 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, wandb_run=None) -> str:
 
         wandb_run.log(
             {
-                "sweep/results": wandb.Table(columns=COLUMNS, data=[[_fmt(r[c]) for c in COLUMNS] for r in rows]),
+                "sweep/results": wandb.Table(columns=HEADER, data=[[_fmt(r[c]) for c in TABLE] for r in rows]),
                 **{f"sweep/{p.stem}": wandb.Image(str(p)) for p in figures},
             }
         )
@@ -421,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         md = write_report(args.sweep_dirs, out_dir)
     except GuidelabError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     print(md)
     print(f"\nwrote {out_dir}/results.csv, results.md, comparison.png and plots")
 

@@ -1,9 +1,12 @@
-"""Samplers: pure functions over any eps-function (see guidance.py); they know nothing about guidance modes.
+"""Samplers: pure functions over any eps-function (guided.py); they know nothing about guidance modes.
 
 A sampler is one function registered in SAMPLERS with the shared signature
 `(eps_fn, noise, process, *, clip_x0, generator, progress, **its own keys)`: `process` is the diffusion respaced to the
-timestep grid of `timesteps` (every sampler's grid, ending with a step to sigma = 0), its own keys are its config
-keys (configs/sampler/<name>.yaml holds them plus the shared steps, spacing and clip_x0).
+timestep grid of `timesteps` (every sampler's grid, ending with a step to sigma = 0); its own keys, with their
+defaults, are its config keys. Every sampler's config (the option `sampler=<name>`, generated from the function) also
+holds the shared keys: `steps` (timesteps of the grid out of T, the network evaluations of a pass; null = all T),
+`spacing` (linspace | leading | trailing | logsnr, see `timesteps`) and `clip_x0` (clip the predicted x_0 to the data
+range [-1, 1] at every evaluation), each sampler declaring its own defaults of steps and spacing.
 
 Each applies what the eps-function returns in its own form: the classifier score term `Guided.score`
 (s * grad log p(y | x_t)) as Dhariwal & Nichol 2021 prescribe (DDPM shifts the mean, Alg. 1; the others correct eps,
@@ -20,15 +23,21 @@ import torch
 from tqdm.auto import tqdm
 
 from guidelab.diffusion import Diffusion, _gather
-from guidelab.guidance import EpsFn, Guided
-from guidelab.registry import MISSING, OneOf, Range, Registry
+from guidelab.guided import EpsFn, Guided
+from guidelab.registry import MISSING, OneOf, Range, Registry, Shared
 
+SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 SAMPLERS = Registry(
     "sampler",
     fixed=("eps_fn", "noise", "process", "clip_x0", "generator", "progress"),
-    shared=(("steps", Optional[int], MISSING), ("spacing", str, MISSING), ("clip_x0", bool, True)),
+    shared={
+        "steps": Shared(
+            Optional[int], MISSING, Range(1, math.inf, "the number of network evaluations of the grid; null = all")
+        ),
+        "spacing": Shared(str, MISSING, OneOf(SPACINGS)),
+        "clip_x0": Shared(bool, True),
+    },
 )
-SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 SIGMA_MAX = 80.0  # Karras et al. 2022, Sec. 5: beyond sigma = 80 data in [-1, 1] are lost in the noise
 
 
@@ -98,7 +107,7 @@ def _steps(d: Diffusion, x: torch.Tensor, progress: bool, desc: str):
         yield i, t, model_t[t]
 
 
-@SAMPLERS.register()
+@SAMPLERS.register(steps=None, spacing="linspace")  # all T steps; an integer respaces the process
 @torch.no_grad()
 def ddpm(
     eps_fn: EpsFn,
@@ -126,7 +135,7 @@ def ddpm(
     return x
 
 
-@SAMPLERS.register(eta=Range(0, 1, "0 = deterministic DDIM, 1 = DDPM-like noise"))
+@SAMPLERS.register(steps=50, spacing="linspace", eta=Range(0, 1, "0 = deterministic DDIM, 1 = DDPM-like noise"))
 @torch.no_grad()
 def ddim(
     eps_fn: EpsFn,
@@ -136,7 +145,7 @@ def ddim(
     clip_x0: bool,
     generator: torch.Generator | None,
     progress: bool,
-    eta: float = 0.0,
+    eta: float = 0.0,  # 0 = deterministic DDIM, 1 = DDPM-like noise (Song et al. 2021, Eq. 16)
 ) -> torch.Tensor:
     """DDIM, Song et al. 2021 Eq. 12 with sigma from Eq. 16 (eta = 0 deterministic, eta = 1 DDPM-like);
     classifier term as eps - sqrt(1 - abar_t) * score (Dhariwal & Nichol 2021, Alg. 2)."""
@@ -151,7 +160,7 @@ def ddim(
     return x
 
 
-@SAMPLERS.register()
+@SAMPLERS.register(steps=20, spacing="logsnr")  # evenly spaced log(alpha/sigma): their choice for small images
 @torch.no_grad()
 def dpmpp_2m(
     eps_fn: EpsFn,
@@ -189,7 +198,7 @@ def dpmpp_2m(
     return x
 
 
-@SAMPLERS.register()
+@SAMPLERS.register(steps=10, spacing="logsnr")  # 10 timesteps: 2 * 10 - 1 = 19 network evaluations per pass
 @torch.no_grad()
 def heun(
     eps_fn: EpsFn,

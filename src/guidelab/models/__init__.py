@@ -43,8 +43,8 @@ def build_unet(model_cfg: Mapping, in_channels: int, image_size: int, num_classe
 
 
 def build_classifier(cls_cfg: Mapping, in_channels: int, image_size: int, num_classes: int):
-    """The classifier of family `arch` from a `classifier` config group (its keys mirror the network's keyword arguments,
-    plus RUN_KEYS)."""
+    """The classifier of family `arch` from a `classifier` config group (its keys mirror the network's keyword
+    arguments, plus RUN_KEYS)."""
     arch = cls_cfg.get("arch", "unet_encoder")
     if arch not in CLASSIFIERS:
         raise GuidelabError(f"unknown classifier.arch '{arch}'; valid: {', '.join(CLASSIFIERS)}")

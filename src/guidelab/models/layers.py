@@ -49,8 +49,10 @@ class TimestepEmbedder(nn.Module):
         self.dim = dim
         self.mlp = nn.Sequential(nn.Linear(dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.dim).to(self.mlp[0].weight.dtype))
+    def forward(self, t: torch.Tensor, perturb=None) -> torch.Tensor:
+        """`perturb(features) -> features`, if given, acts on the sinusoidal features before the MLP (TSG's seam)."""
+        features = timestep_embedding(t, self.dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(features if perturb is None else perturb(features))
 
 
 class ResBlock(nn.Module):

@@ -5,10 +5,15 @@ CIFAR-10 network); class conditioning and label dropout of classifier-free guida
 "Classifier-Free Diffusion Guidance", Alg. 1). The `Encoder` trunk is shared with `NoisyClassifier`.
 """
 
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guidelab.errors import GuidelabError
 from guidelab.models.layers import (
     AttentionBlock,
     Downsample,
@@ -89,6 +94,13 @@ class Encoder(nn.Module):
         return self.mid(h, emb), skips
 
 
+class Perturbation(NamedTuple):
+    """What `UNet.perturbed` changes besides attention: functions applied inside the forward pass (None = nothing)."""
+
+    time_features: Callable | None = None  # sinusoidal time-step features -> features
+    class_embedding: Callable | None = None  # (labels, class embeddings) -> class embeddings
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t, y): predicts the noise in x_t given timestep t and class y (y = null_class: none).
 
@@ -146,6 +158,7 @@ class UNet(nn.Module):
                 self.upsample.append(Upsample(ch))
         self.norm_out = group_norm(ch)
         self.conv_out = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self._perturb = Perturbation()  # none outside `perturbed()`: costs nothing
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """In training mode, replace each label by null_class with probability p_uncond (Ho & Salimans 2022)."""
@@ -154,9 +167,49 @@ class UNet(nn.Module):
         drop = torch.rand(y.shape[0], device=y.device) < self.p_uncond
         return torch.where(drop, torch.full_like(y, self.null_class), y)
 
+    def attention_blocks(self, names=None) -> dict[str, AttentionBlock]:
+        """The self-attention blocks by module path (e.g. encoder.mid.1), what `perturbed(attention=...)` can reach:
+        all of them, or those in `names` (an unknown name is refused, listing the valid ones)."""
+        blocks = {name: m for name, m in self.named_modules() if isinstance(m, AttentionBlock)}
+        if names is None:
+            return blocks
+        unknown = [n for n in names if n not in blocks]
+        if unknown:
+            raise GuidelabError(
+                f"guidance.layers {unknown} are not attention blocks of this UNet; its attention blocks: "
+                f"{', '.join(blocks) or 'none'}"
+            )
+        return {n: blocks[n] for n in names}
+
+    @contextmanager
+    def perturbed(
+        self,
+        attention: dict[str, Callable] | None = None,
+        time_features: Callable | None = None,
+        class_embedding: Callable | None = None,
+    ):
+        """Within the block the network runs perturbed, the one seam of the perturbation-guidance modes:
+        `attention` {block path: fn(q, k, v, (H, W)) -> values} replaces softmax attention in those blocks (PAG, SEG);
+        `time_features` fn(features) -> features acts on the sinusoidal time-step features before their MLP (TSG);
+        `class_embedding` fn(labels, emb) -> emb acts on the class embeddings (CADS). Restored on exit."""
+        blocks = self.attention_blocks(list(attention or {}))
+        for name, fn in (attention or {}).items():
+            blocks[name].attention = fn
+        self._perturb = Perturbation(time_features, class_embedding)
+        try:
+            yield
+        finally:
+            for name in attention or {}:
+                blocks[name].attention = None
+            self._perturb = Perturbation()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,) timesteps (int or float), y (B,) int64 in [0, num_classes] -> eps (B, C, H, W)."""
-        emb = self.time_embed(t) + self.class_embed(self.drop_labels(y))
+        labels = self.drop_labels(y)
+        class_emb = self.class_embed(labels)
+        if self._perturb.class_embedding is not None:
+            class_emb = self._perturb.class_embedding(labels, class_emb)
+        emb = self.time_embed(t, self._perturb.time_features) + class_emb
         h, skips = self.encoder(x, emb)
         for level, blocks in enumerate(self.up):
             for block in blocks:

@@ -1,0 +1,214 @@
+"""The guidance registry, a run's resolved guidance (`GuidanceSpec`), the context every mode builds on, and the
+eps-function factory. The modes themselves live by family in the sibling modules.
+
+A mode is one builder `_mode(ctx, **params) -> eps_fn` registered in MODES: its keyword parameters, with their types and
+defaults, are exactly its config keys (the Hydra option `guidance=<mode>` is generated from them), and the decorator
+declares the networks it needs besides the UNet, what `scale` means for it (its range; `w`: whether it is a CFG
+strength, Ho & Salimans' w = s - 1) and the checks of its values. `resolve` turns a choice into one frozen spec per
+run; it is the only place that looks a mode up by name, checks `scale` or reads a mode's traits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from guidelab.diffusion import Diffusion, _gather
+from guidelab.errors import GuidelabError
+from guidelab.guided import EpsFn, noise_level
+from guidelab.registry import Entry, OneOf, Range, Registry
+
+CFG_SCALE = Range(0, math.inf, "0 = unconditional, 1 = conditional, > 1 guided (w = s - 1)")
+MODES = Registry("guidance", fixed=("ctx",), needs=(), scale=CFG_SCALE, w=True)
+# needs: classifier (noisy), clean_classifier (clean, called at t = 0; same slot), guide, diffusion
+SCHEDULE = OneOf(("constant", "linear", "cosine"), "how the CFG weight w = s - 1 varies over t (Wang et al. 2024)")
+NEEDS = {
+    "classifier": "a noisy classifier: pass classifier_ckpt=PATH (train one with `python train_classifier.py`)",
+    "clean_classifier": "a clean-image classifier: pass classifier_ckpt=PATH (train one with "
+    "`python train_classifier.py classifier=clean`)",
+    "guide": "a guide network: pass guide_ckpt=PATH (a smaller network or an earlier checkpoint of the same "
+    "model, e.g. RUN_DIR/checkpoints/0000500.pt)",
+    "diffusion": "the noise schedule: pass diffusion=Diffusion(...)",
+}
+
+
+# ---------------------------------------------------------------- algebra shared by the families
+def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with w = s - 1); torch.lerp is exactly this and
+    returns eps_u at s = 0 and eps_c at s = 1 bit for bit."""
+    return torch.lerp(eps_uncond, eps_cond, scale)
+
+
+def in_interval(abar_t: torch.Tensor, sigma_lo: float, sigma_hi: float) -> torch.Tensor:
+    """Guidance interval, Kynkaanniemi et al. 2024 ("Applying Guidance in a Limited Interval Improves Sample and
+    Distribution Quality in Diffusion Models"): the guidance weight is w for sigma in (sigma_lo, sigma_hi] and 1 (the
+    conditional prediction) outside. A boolean per sample."""
+    sigma = noise_level(abar_t)
+    return (sigma > sigma_lo) & (sigma <= sigma_hi)
+
+
+def scheduled_weight(w: float, t_frac: float, schedule: str) -> float:
+    """Guidance-weight schedulers, Wang et al. 2024 ("Analysis of Classifier-Free Guidance Weight Schedulers", TMLR),
+    Sec. 4, the heuristic increasing ones, each scaled to the constant weight's mean over t in [0, 1] (1 = pure
+    noise), so that the weight rises as the noise falls at the same total guidance: linear w_t = 2 w (1 - t),
+    cosine w_t = w (1 + cos(pi t)); constant w_t = w. Applied to the CFG weight w = s - 1, so every schedule starts
+    from the conditional model at t = 1."""
+    if schedule == "linear":
+        return 2 * w * (1 - t_frac)
+    if schedule == "cosine":
+        return w * (1 + math.cos(math.pi * t_frac))
+    return w
+
+
+# ---------------------------------------------------------------- one run's guidance, resolved once
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """A guidance choice resolved and checked once per run: the registered mode, all its parameters (defaults filled
+    in), the scale and the weight schedule. The networks loader, the eps-function factory and the results row take
+    it; nothing else looks the mode up or reads its traits."""
+
+    entry: Entry
+    params: Mapping[str, Any]  # every config key of the mode (read-only)
+    scale: float
+    schedule: str = "constant"
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The networks besides the UNet: classifier, clean_classifier, guide; diffusion (the noise schedule)."""
+        scheduled = (
+            ("diffusion",) if self.schedule != "constant" and "diffusion" not in self.entry.traits["needs"] else ()
+        )
+        return tuple(self.entry.traits["needs"]) + scheduled
+
+    @property
+    def w(self) -> float | None:
+        """Ho & Salimans' w = s - 1 where `scale` is a CFG strength; None where it means something else (CG's s)."""
+        return self.scale - 1 if self.entry.traits["w"] else None
+
+    def row(self, guide_ckpt: str | None = None) -> dict:
+        """This guidance's part of the results row; `options` holds the mode's keys, the schedule where it is not
+        constant, and which guide network (its run dir and checkpoint file) where the mode has one."""
+        options = dict(self.params)
+        if self.schedule != "constant":
+            options["schedule"] = self.schedule
+        if "guide" in self.needs and guide_ckpt:
+            options["guide"] = "/".join(Path(guide_ckpt).parts[-3:])
+        return {"guidance": self.name, "scale": self.scale, "w": self.w, "options": options}
+
+
+def resolve(name: str, scale: float = 1.0, schedule: str = "constant", **params) -> GuidanceSpec:
+    """The spec of guidance `name` at `scale` with its keys `params` (the rest at their defaults), every value checked:
+    the mode's range of `scale`, the schedule (CFG-style modes only) and the mode's own checks."""
+    entry = MODES.get_entry(name)
+    unknown = sorted(set(params) - set(entry.params))
+    if unknown:
+        raise GuidelabError(
+            f"guidance={name} got unknown options {unknown}; its keys: {', '.join(entry.params) or 'none'}"
+        )
+    if entry.traits["scale"] is not None:
+        entry.traits["scale"].check("scale", scale, {})
+    SCHEDULE.check("schedule", schedule, {})
+    if schedule != "constant" and not entry.traits["w"]:
+        raise GuidelabError(
+            f"schedule={schedule} varies the CFG weight w = s - 1, but guidance={name}'s scale is not a CFG weight; "
+            "use schedule=constant, or a CFG-style mode"
+        )
+    MODES.check_values(entry, params)
+    values = {k: p.default for k, p in entry.params.items()} | params
+    return GuidanceSpec(entry, MappingProxyType(values), float(scale), schedule)
+
+
+def resolve_config(cfg) -> GuidanceSpec:
+    """The spec of a sampling config: `guidance` (name and keys), `scale` and `schedule`."""
+    from omegaconf import OmegaConf
+
+    keys = OmegaConf.to_container(cfg.guidance) if OmegaConf.is_config(cfg.guidance) else dict(cfg.guidance)
+    name = keys.pop("name")
+    return resolve(name, cfg.scale, cfg.schedule, **keys)
+
+
+# ---------------------------------------------------------------- what every builder may use
+@dataclass
+class Context:
+    """What every builder may use: the networks, the labels and the model's own noise schedule."""
+
+    unet: torch.nn.Module
+    y: torch.Tensor
+    scale: float
+    classifier: torch.nn.Module | None = None
+    diffusion: Diffusion | None = None  # the model's T-step process (x0-space and interval modes need it)
+    guide: torch.nn.Module | None = None  # the weaker model of autoguidance
+
+    @property
+    def null(self) -> torch.Tensor:
+        return torch.full_like(self.y, self.unet.null_class)
+
+    def abar_t(self, x, t) -> torch.Tensor:
+        return _gather(self.diffusion.abar, t, x)
+
+    def to_x0(self, x, t, eps) -> torch.Tensor:
+        return self.diffusion.predict_x0(x, t, eps)
+
+    def to_eps(self, x, t, x0) -> torch.Tensor:
+        return self.diffusion.eps_from_x0(x, t, x0)
+
+    def pair(self, x, t, other: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps(x_t, other), eps_c) from one doubled batch (cond first); `other` defaults to the null class (eps_u)."""
+        other = self.null if other is None else other
+        eps_cond, eps_other = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, other])).chunk(2)
+        return eps_other, eps_cond
+
+    def away_from(self, x, t, perturbed) -> torch.Tensor:
+        """eps_pert + s (eps_c - eps_pert): CFG's form with the conditional model run again inside `perturbed()` (a
+        context manager that perturbs the network) as the guiding prediction; perturbed = None or s = 1: eps_c alone."""
+        eps_c = self.unet(x, t, self.y)
+        if self.scale == 1 or perturbed is None:
+            return eps_c
+        with perturbed():
+            eps_pert = self.unet(x, t, self.y)
+        return cfg_combine(eps_pert, eps_c, self.scale)
+
+    def cfg(self, x, t, scale: float) -> torch.Tensor:
+        if scale == 0:  # exactly the unconditional model: one pass instead of two
+            return self.unet(x, t, self.null)
+        if scale == 1:  # exactly the conditional model
+            return self.unet(x, t, self.y)
+        return cfg_combine(*self.pair(x, t), scale)
+
+    def base_labels(self, base: str) -> torch.Tensor:
+        return self.y if base == "cond" else self.null
+
+
+def make_eps_fn(
+    spec: GuidanceSpec, unet, y: torch.Tensor, classifier=None, diffusion: Diffusion | None = None, guide=None
+) -> EpsFn:
+    """The eps-function of the resolved guidance `spec` for labels y: `diffusion` is the model's own T-step process
+    (eps-functions get the model's timesteps), `classifier` the noisy or clean one, `guide` autoguidance's. A
+    non-constant schedule sets the mode's s = 1 + `scheduled_weight`(s - 1, t / T) before every call (the samplers
+    step all samples of a batch together, so t[0] is the batch's t)."""
+    given = {"classifier": classifier, "clean_classifier": classifier, "guide": guide, "diffusion": diffusion}
+    for need in spec.needs:
+        if given[need] is None:
+            raise GuidelabError(f"guidance={spec.name} needs {NEEDS[need]}")
+    if classifier is not None and {"classifier", "clean_classifier"} & set(spec.needs):
+        classifier.requires_grad_(False)
+    ctx = Context(unet, y, spec.scale, classifier, diffusion, guide)
+    eps_fn = spec.entry.fn(ctx, **spec.params)
+    if spec.schedule == "constant":
+        return eps_fn
+
+    def scheduled(x, t):
+        ctx.scale = 1 + scheduled_weight(spec.scale - 1, float(t[0]) / len(diffusion.abar), spec.schedule)
+        return eps_fn(x, t)
+
+    return scheduled

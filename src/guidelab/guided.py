@@ -1,0 +1,47 @@
+"""The eps-function protocol between guidance and sampling, below both: a guidance mode builds an `EpsFn`, a sampler
+calls it and applies the `Guided` it returns (the k-diffusion pattern: samplers are pure functions of the model).
+
+Also the helpers both sides share: the noise level of a timestep, and `Counted`, the wrapper that counts a network's
+evaluations so that the cost of a run is measured, never predicted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+
+
+class Guided(NamedTuple):
+    """What an eps-function returns for x_t at the model's timestep t."""
+
+    eps: torch.Tensor  # the (guided) noise prediction; with x0 given, the direction the sampler re-noises along
+    score: torch.Tensor | None = None  # s * grad_x log p(y | x_t) (cg_x0: of log p(y | x0_hat(x_t))), applied by the
+    # sampler in its own form (DDPM: mean shift, Dhariwal & Nichol 2021 Alg. 1; others: eps correction, Alg. 2)
+    x0: torch.Tensor | None = None  # data prediction replacing the one implied by eps (CFG++); None = from eps
+
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], Guided]
+
+
+def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
+    """sigma = sqrt((1 - abar_t) / abar_t): the noise-to-signal ratio, the EDM sigma of x_t / sqrt(abar_t)
+    (Karras et al. 2022, Sec. 2), in which Kynkaanniemi et al. 2024 state their guidance interval."""
+    return ((1 - abar_t) / abar_t).sqrt()
+
+
+class Counted:
+    """A network that counts the rows (samples) it is evaluated on; attributes pass through to the network."""
+
+    def __init__(self, net):
+        self.net, self.rows = net, 0
+
+    def __call__(self, x: torch.Tensor, *args):
+        self.rows += len(x)
+        return self.net(x, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)

@@ -150,6 +150,7 @@ def results_row(
     accuracy, the reference set used): what metrics.json holds."""
     n = len(y_np)
     per_sample = {k: sum(c[k] for c in counts) / n for k in ("nfe", "classifier_nfe")}
+    classifier_seconds = None if nets.classifier is None else sum(c["classifier_seconds"] for c in counts)
     values = {
         **spec.row(nets.paths.get("guide_ckpt")),
         "sampler": cfg.sampler.name,
@@ -160,6 +161,7 @@ def results_row(
         "seconds": seconds,
         "seconds_per_sample": seconds / n,
         "seed": cfg.seed,
+        "classifier_share": None if classifier_seconds is None else classifier_seconds / (seconds * len(counts)),
         "p_uncond": nets.train_config["model"].get("p_uncond"),
         "ckpt": nets.paths["ckpt"],
         "classifier": Path(nets.paths["classifier_ckpt"]).parts[-3] if "classifier_ckpt" in nets.paths else None,

@@ -135,6 +135,8 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
         ("cg", "0", "", "5", "0"),
         ("cg", "3", "", "5", "5"),
     ]
+    # the classifier's share of the seconds: none without a classifier, zero at s = 0, a measured part at s = 3
+    assert [r["classifier_share"] for r in rows[:3]] == ["", "", "0"] and 0 < float(rows[3]["classifier_share"]) < 1
     for r in rows:
         assert r["features"] == "evaluator" and r["num_samples"] == "40"
         for c in ("fid", "is", "precision", "recall", "accuracy", "seconds"):

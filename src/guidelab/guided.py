@@ -2,7 +2,7 @@
 calls it and applies the `Guided` it returns (the k-diffusion pattern: samplers are pure functions of the model).
 
 Also the helpers both sides share: the noise level of a timestep, and `Counted`, the wrapper that counts a network's
-evaluations so that the cost of a run is measured, never predicted.
+evaluations (and times the guidance gradients) so that the cost of a run is measured, never predicted.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
 
 
 class Counted:
-    """A network that counts the rows (samples) it is evaluated on; attributes pass through to the network."""
+    """A network that counts the rows (samples) it is evaluated on, and the wall seconds spent inside `timed()` blocks
+    (the guidance gradients); attributes pass through to the network."""
 
     def __init__(self, net):
-        self.net, self.rows = net, 0
+        self.net, self.rows, self.seconds = net, 0, 0.0
 
     def __call__(self, x: torch.Tensor, *args):
         self.rows += len(x)
@@ -45,3 +46,21 @@ class Counted:
 
     def __getattr__(self, name):
         return getattr(self.net, name)
+
+
+@contextmanager
+def timed(net, device: torch.device):
+    """Add the block's wall time to `net.seconds` when the network is `Counted` (others: nothing is timed). On CUDA the
+    block is bracketed by synchronisations, so that the time is the block's own and not the queue's."""
+    if not isinstance(net, Counted):
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        net.seconds += time.perf_counter() - start

@@ -136,10 +136,12 @@ class Networks:
     paths: dict = field(default_factory=dict)  # config key -> the checkpoint path used (`latest` resolved)
 
     def evaluations(self) -> dict:
-        """Rows evaluated so far: UNet passes (the guide's included) and classifier passes (forward + input grad)."""
+        """Rows evaluated so far: UNet passes (the guide's included) and classifier passes (forward + input grad), and
+        the seconds spent in the classifier's terms."""
         return {
             "nfe": self.unet.rows + (self.guide.rows if self.guide is not None else 0),
             "classifier_nfe": self.classifier.rows if self.classifier is not None else 0,
+            "classifier_seconds": self.classifier.seconds if self.classifier is not None else None,
         }
 
 

@@ -74,6 +74,12 @@ ROW = (
     Column("num_samples", "samples in the set"),
     Column("seconds", "wall seconds of the sampling loop (all ranks)"),
     Column("seconds_per_sample", "seconds / num_samples", md=True),
+    Column(
+        "classifier_share",
+        "share of the sampling seconds spent in the classifier's terms (forward and input "
+        "gradient; cg_x0: through the UNet)",
+        md=True,
+    ),
     Column("run", "the job dir in the sweep", json=False),
     Column("seed", "the sampling seed", header=None),
     Column("ckpt", "the diffusion checkpoint", header=None),

@@ -1,7 +1,7 @@
 """Classifier guidance: modes that add the gradient of a classifier's log-probability of the requested class, a
 noisy classifier on x_t (Dhariwal & Nichol 2021) or a clean one on the denoised estimate (Bansal et al. 2023), as the
 `score` term that each sampler applies in its own form. The gradients are taken with respect to x_t only, the
-classifier frozen, no graph kept between steps."""
+classifier frozen, no graph kept between steps; their wall time is the classifier's share of a run."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def classifier_term(ctx: Context, x: torch.Tensor, t: torch.Tensor, scale: float
     """s * grad_x log p_phi(y | x_t) of the noisy classifier (None at s = 0: no classifier pass)."""
     if scale == 0:
         return None
-    return scale * classifier_score(ctx.classifier, x, t, ctx.y)
+    with ctx.timed():
+        return scale * classifier_score(ctx.classifier, x, t, ctx.y)
 
 
 # ---------------------------------------------------------------- the modes
@@ -78,7 +79,8 @@ def _cg_x0(ctx: Context, base: str = "uncond") -> EpsFn:
     def eps_fn(x, t):
         if ctx.scale == 0:  # exactly the base model: no gradient
             return Guided(ctx.unet(x, t, labels))
-        eps, grad = x0_classifier_score(ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y)
+        with ctx.timed():
+            eps, grad = x0_classifier_score(ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y)
         return Guided(eps, ctx.scale * grad)
 
     return eps_fn

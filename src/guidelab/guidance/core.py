@@ -21,7 +21,7 @@ import torch
 
 from guidelab.diffusion import Diffusion, _gather
 from guidelab.errors import GuidelabError
-from guidelab.guided import EpsFn, noise_level
+from guidelab.guided import EpsFn, noise_level, timed
 from guidelab.registry import Entry, OneOf, Range, Registry
 
 CFG_SCALE = Range(0, math.inf, "0 = unconditional, 1 = conditional, > 1 guided (w = s - 1)")
@@ -187,6 +187,10 @@ class Context:
 
     def base_labels(self, base: str) -> torch.Tensor:
         return self.y if base == "cond" else self.null
+
+    def timed(self):
+        """A block whose wall time counts as the classifier's (`Counted.seconds`): the guidance gradients."""
+        return timed(self.classifier, self.y.device)
 
 
 def make_eps_fn(

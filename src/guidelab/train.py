@@ -13,9 +13,10 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -130,6 +131,106 @@ def validate(cfg) -> None:
     OneOf(("constant", "cosine")).check("train.lr_schedule", tc.lr_schedule, tc)
 
 
+@dataclass
+class _Run:
+    """One training run's state from step to step (the networks, the optimizer and the data order) and what it does
+    besides stepping: checkpoints and evaluations."""
+
+    kind: str  # "diffusion" or "classifier", as the checkpoint records
+    cfg: Any
+    run_dir: Path
+    task: Task
+    config: dict  # the resolved config the checkpoints embed
+    device: torch.device
+    model: torch.nn.Module  # the network itself (what checkpoints, EMA and the optimizer see)
+    net: torch.nn.Module  # what the step calls: the model, DDP-wrapped and/or compiled
+    ema: EMA
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    data_gen: torch.Generator  # the data order, on the CPU whatever the device
+    perm: torch.Tensor
+    cursor: int = 0
+    step: int = 0
+    logger: Logger | None = None
+
+    @property
+    def modules(self) -> dict:
+        """Checkpointed under these names."""
+        return {"model": self.model, "ema": self.ema.model, "optimizer": self.opt, "scheduler": self.sched}
+
+    def save(self, final_metrics: dict | None = None) -> None:
+        rngs = dist.gather(checkpoint.rng_state(self.device))  # every rank's own RNG state, on rank 0
+        if dist.is_main():
+            if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+                raise GuidelabError(
+                    f"the weights hold inf/nan at step {self.step}; nothing was saved for it. Lower "
+                    "train.lr or raise train.warmup_steps, then resume from the last good checkpoint "
+                    "(resume=true)"
+                )
+            order = {"perm": self.perm, "cursor": self.cursor}
+            state = checkpoint.state(
+                self.kind, self.modules, self.step, order, rngs, self.data_gen, self.config, final_metrics
+            )
+            checkpoint.save(state, self.run_dir / "checkpoints", self.cfg.train.keep_checkpoints)
+        dist.barrier()
+
+    def evaluate(self) -> dict:
+        metrics = self.task.evaluate(self.ema.model, self.step, self.run_dir) if dist.is_main() else {}
+        if (image := metrics.pop("_image", None)) is not None:
+            self.logger.log_image("samples", image, self.step)
+        if metrics:
+            self.logger.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        dist.barrier()
+        return metrics
+
+    def next_indices(self, num_labels: int) -> torch.Tensor:
+        """This rank's share of the next global batch; a new epoch draws a fresh permutation."""
+        batch = self.cfg.train.batch_size
+        if self.cursor + batch > len(self.perm):
+            self.perm, self.cursor = torch.randperm(num_labels, generator=self.data_gen).to(self.device), 0
+        idx = self.perm[self.cursor : self.cursor + batch][dist.rank() :: dist.world_size()]
+        self.cursor += batch
+        return idx
+
+
+def _start(cfg, run_dir: Path, kind: str):
+    """The checkpoint to resume from (None: a fresh run), after refusing to overwrite another run's checkpoints."""
+    if not cfg.resume:
+        checkpoint.refuse_overwrite(run_dir)
+        return None
+    found = checkpoint.newest_intact(run_dir / "checkpoints", kind)
+    if found is None:
+        print(f"resume=true but {run_dir / 'checkpoints'} holds no checkpoint: starting from step 0")
+    return found
+
+
+def _build(cfg, kind: str, run_dir: Path, task: Task, config: dict, device: torch.device, num_labels: int) -> _Run:
+    """The run's networks (DDP, compile), EMA, AdamW and its learning-rate schedule, and the first data order."""
+    tc, world = cfg.train, dist.world_size()
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = task.model.to(device, memory_format=memory_format)
+    ddp_ids = [device] if device.type == "cuda" else None
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
+    if tc.compile:  # the wrapper shares model's parameters: checkpoints, EMA and the optimizer see `model` as before
+        net = torch.compile(net, backend=tc.compile_backend)
+    ema = EMA(model, tc.ema_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda"
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(num_labels, generator=data_gen).to(device)
+    return _Run(kind, cfg, run_dir, task, config, device, model, net, ema, opt, sched, data_gen, perm)
+
+
+def _log_step(run: _Run, bar, loss: torch.Tensor, stats: dict, grad_norm: torch.Tensor, rate: float) -> None:
+    loss_val = finite(dist.mean(loss), run.step)  # host syncs only at log intervals and checkpoints
+    bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}")
+    scalars = {"train/loss": loss_val, "train/grad_norm": grad_norm.item(), "train/lr": run.sched.get_last_lr()[0]}
+    run.logger.log({**scalars, "train/img_per_s": rate, **{f"train/{k}": v.item() for k, v in stats.items()}}, run.step)
+
+
 def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., Task]) -> dict:
     """Train what `make_task(cfg, data, device)` describes (kind "diffusion" or "classifier", as the checkpoint records)
     as `cfg` says."""
@@ -143,135 +244,68 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
             f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over the "
             f"{world} ranks; pick a multiple of {world}"
         )
-    if cfg.resume:
-        found = checkpoint.newest_intact(run_dir / "checkpoints", kind)
-        if found is None:
-            print(f"resume=true but {run_dir / 'checkpoints'} holds no checkpoint: starting from step 0")
-    else:
-        checkpoint.refuse_overwrite(run_dir)
-        found = None
+    found = _start(cfg, run_dir, kind)
     require_logger(cfg.logger)
     check_output_dir(run_dir, tc.min_free_gb)
     torch.manual_seed(cfg.seed + rank)  # ranks draw different noise; DDP broadcasts rank 0's initial weights
     data = load_data(cfg, "train")
     task = make_task(cfg, data, device)
     config = {**OmegaConf.to_container(cfg, resolve=True), "data_info": data.info}
-
-    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    model = task.model.to(device, memory_format=memory_format)
-    net = (
-        model
-        if world == 1
-        else torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    )
-    if tc.compile:  # the wrapper shares model's parameters: checkpoints, EMA and the optimizer see `model` as before
-        net = torch.compile(net, backend=tc.compile_backend)
-    ema = EMA(model, tc.ema_decay)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda"
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
-    modules = {"model": model, "ema": ema.model, "optimizer": opt, "scheduler": sched}  # checkpointed under these names
     images, labels = data.images.to(device), data.labels.to(device)  # small data sets live on the device
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # the data order, on the CPU whatever the device
-    perm, cursor, step = torch.randperm(len(labels), generator=data_gen).to(device), 0, 0
+    run = _build(cfg, kind, run_dir, task, config, device, len(labels))
     if found is not None:
-        step, order = checkpoint.restore(*found, config, modules, data_gen, device, cfg.seed)
-        perm, cursor = order["perm"].to(device), order["cursor"]
-    logger = Logger(run_dir, cfg.logger, config, enabled=main)  # rank 0 alone logs and writes
-
-    def save(final_metrics: dict | None = None) -> None:
-        rngs = dist.gather(checkpoint.rng_state(device))  # every rank's own RNG state, on rank 0
-        if main:
-            if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-                raise GuidelabError(
-                    f"the weights hold inf/nan at step {step}; nothing was saved for it. Lower "
-                    "train.lr or raise train.warmup_steps, then resume from the last good checkpoint "
-                    "(resume=true)"
-                )
-            checkpoint.save(
-                checkpoint.state(
-                    kind, modules, step, {"perm": perm, "cursor": cursor}, rngs, data_gen, config, final_metrics
-                ),
-                run_dir / "checkpoints",
-                tc.keep_checkpoints,
-            )
-        dist.barrier()
-
-    def run_eval() -> dict:
-        metrics = task.evaluate(ema.model, step, run_dir) if main else {}
-        if (image := metrics.pop("_image", None)) is not None:
-            logger.log_image("samples", image, step)
-        if metrics:
-            logger.log({f"eval/{k}": v for k, v in metrics.items()}, step)
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        dist.barrier()
-        return metrics
-
+        run.step, order = checkpoint.restore(*found, config, run.modules, run.data_gen, device, cfg.seed)
+        run.perm, run.cursor = order["perm"].to(device), order["cursor"]
+    run.logger = Logger(run_dir, cfg.logger, config, enabled=main)  # rank 0 alone logs and writes
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
     stop = StopRequest()
     try:
-        model.train()
-        bar = tqdm(
-            total=tc.steps, initial=step, desc=f"train {kind}", dynamic_ncols=True, disable=not (tc.progress and main)
-        )
+        run.model.train()
+        bar = tqdm(total=tc.steps, initial=run.step, desc=f"train {kind}", dynamic_ncols=True,
+                   disable=not (tc.progress and main))  # fmt: skip
         t_log, seen = time.perf_counter(), 0
-        while step < tc.steps:
-            if cursor + tc.batch_size > len(perm):  # a new epoch: a fresh permutation
-                perm, cursor = torch.randperm(len(labels), generator=data_gen).to(device), 0
-            idx = perm[cursor : cursor + tc.batch_size][rank::world]  # this rank's share of the global batch
-            cursor += tc.batch_size
+        while run.step < tc.steps:
+            idx = run.next_indices(len(labels))
             x0, y = images[idx].contiguous(memory_format=memory_format), labels[idx]
             if data.hflip:
                 flip = torch.rand(len(y), device=device) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
             with autocast:
-                loss, stats = task.loss(net, x0, y)
-            opt.zero_grad(set_to_none=True)
+                loss, stats = task.loss(run.net, x0, y)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            ema.update(model, step)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
+            run.opt.step()
+            run.sched.step()
+            run.step += 1
+            run.ema.update(run.model, run.step)
             seen += len(y) * world
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
-                loss_val = finite(dist.mean(loss), step)  # host syncs only at log intervals and checkpoints
-                rate = seen / (time.perf_counter() - t_log)
+            if run.step % tc.log_every == 0 or run.step == tc.steps:
+                _log_step(run, bar, loss, stats, grad_norm, seen / (time.perf_counter() - t_log))
                 t_log, seen = time.perf_counter(), 0
-                bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}")
-                logger.log(
-                    {
-                        "train/loss": loss_val,
-                        "train/grad_norm": grad_norm.item(),
-                        "train/lr": sched.get_last_lr()[0],
-                        "train/img_per_s": rate,
-                        **{f"train/{k}": v.item() for k, v in stats.items()},
-                    },
-                    step,
-                )
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                run_eval()
-            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
-                finite(dist.mean(loss), step)  # never write a poisoned checkpoint
-                save()
+            if tc.eval_every and run.step % tc.eval_every == 0 and run.step < tc.steps:
+                run.evaluate()
+            if tc.ckpt_every and run.step % tc.ckpt_every == 0 and run.step < tc.steps:
+                finite(dist.mean(loss), run.step)  # never write a poisoned checkpoint
+                run.save()
             # one process checks its flag every step; DDP ranks agree at log intervals (a collective, not every step)
-            if (world == 1 or step % tc.log_every == 0) and dist.any_rank(stop.name is not None, device):
-                finite(dist.mean(loss), step)
-                save()
+            if (world == 1 or run.step % tc.log_every == 0) and dist.any_rank(stop.name is not None, device):
+                finite(dist.mean(loss), run.step)
+                run.save()
                 raise GuidelabError(
-                    f"stopped by {stop.name or 'a signal on another rank'} at step {step}; saved "
+                    f"stopped by {stop.name or 'a signal on another rank'} at step {run.step}; saved "
                     f"{run_dir / 'checkpoints' / 'last.pt'}; continue with the same command plus "
                     f"resume=true hydra.run.dir={run_dir}"
                 )
     finally:
         stop.restore()
     bar.close()
-    final = run_eval()
-    save(final)
-    logger.close()
+    final = run.evaluate()
+    run.save(final)
+    run.logger.close()
     dist.cleanup()
     if main:
-        print(f"done: {run_dir / 'checkpoints' / 'last.pt'} (step {step})")
+        print(f"done: {run_dir / 'checkpoints' / 'last.pt'} (step {run.step})")
     return final

@@ -1,11 +1,13 @@
 # make demo: set up .venv (if needed) and run the CPU quickstart on the bundled MNIST digits.
-# make test: set up .venv (if needed) and run the whole test suite.
+# make test: set up .venv (if needed) and run the whole test suite (what CI runs).
+# make test-fast: everything but the tests marked slow (learning, DDP, levers, kill-and-resume, benchmark).
+# make lint: ruff check and ruff format --check (configured in pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.guidelab-installed
 
-.PHONY: demo test venv
+.PHONY: demo test test-fast lint venv
 
 venv: $(STAMP)
 
@@ -24,3 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves this module out
+
 OURS = [
     "params_M",
     "gflops_fwd_per_img",

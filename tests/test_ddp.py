@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, run_script
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves this module out
+
 
 def torchrun(*args: str, cwd, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -297,6 +297,7 @@ def test_run_dir_with_checkpoints_of_another_run_is_refused(guarded, tmp_path, s
     assert tree_digest(run_dir) == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_architecture_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -8,6 +8,8 @@ import torch
 
 from conftest import run_script
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves this module out
+
 TINY = [
     "experiment=smoke",
     "train.batch_size=64",

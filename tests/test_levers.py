@@ -11,6 +11,8 @@ import torch
 
 from conftest import run_script
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves this module out
+
 
 def _losses(run_dir):
     return [

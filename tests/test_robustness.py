@@ -45,6 +45,7 @@ def _same_state(a_path, b_path):
     assert torch.equal(a["data"]["perm"], b["data"]["perm"]) and a["data"]["cursor"] == b["data"]["cursor"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     common = ["train.steps=160", "train.ckpt_every=20", "train.eval_every=0", "model.p_uncond=0.3"]
     straight = run_script(
@@ -87,6 +88,7 @@ def _interrupt(tmp_path, sig):
     return run_dir, step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_the_run_resumes(tmp_path):
     run_dir, step = _interrupt(tmp_path, signal.SIGTERM)
     proc = run_script(
@@ -103,6 +105,7 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == step + 10
 
 
+@pytest.mark.slow
 def test_sigint_is_handled_like_sigterm(tmp_path):
     _interrupt(tmp_path, signal.SIGINT)
 
@@ -168,6 +171,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["0000001.pt", "last.pt"]
 
 
+@pytest.mark.slow
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     run_dir = tmp_path / "R"
     proc = run_script(
@@ -185,6 +189,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == (run_dir / "checkpoints" / "0000050.pt").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_damaged_last_pt_resumes_from_the_newest_intact_checkpoint(tmp_path):
     """last.pt and the newest numbered checkpoint (one file, two names) truncated: resume=true says so, continues from
     the one before, and ends bit-identical to the undamaged run."""

@@ -379,6 +379,7 @@ def test_wandb_offline_run_is_written_by_the_real_client(tmp_path):
     assert (run / "metrics.jsonl").read_text().count("train/loss") == 1
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_exactly(tmp_path):
     """A run resumed from its step-30 checkpoint ends with the same weights, EMA and optimizer as the straight run."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

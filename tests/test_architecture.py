@@ -54,3 +54,18 @@ def test_every_module_imports_only_modules_below_it():
             for name in names:
                 if name.startswith("guidelab.") and _unit(name) != me:
                     assert ORDER.index(_unit(name)) < ORDER.index(me), f"{path.name} imports {name}"
+
+
+def test_no_module_over_500_lines_and_no_function_over_80():
+    """The package stays readable in one sitting per file: modules under 500 lines, functions under 80 (the entry
+    scripts too)."""
+    files = [
+        *PACKAGE.rglob("*.py"),
+        *(PACKAGE.parents[1] / name for name in ("sample.py", "train_diffusion.py", "train_classifier.py")),
+    ]
+    for path in files:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 500, path.name
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 80, f"{path.name}: {node.name}"

@@ -49,15 +49,11 @@ def test_groups_of_each_script():
     assert list(groups_of("sample")) == ["guidance", "sampler", "logger", "experiment"]
 
 
-def _yaml(group: str, name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml"))
-
-
 def test_each_registered_function_is_its_group_option_and_each_default_is_written_once():
-    """guidance=<mode> and sampler=<name> are generated from the registered functions (no yaml holds a second copy):
-    the option's keys are exactly the function's keyword parameters (plus name, and a sampler's shared grid keys) at
-    the function's defaults; configs/dataset/ holds the registered datasets at their native size."""
-    assert not (CONFIGS / "guidance").exists() and not (CONFIGS / "sampler").exists()
+    """guidance=<mode>, sampler=<name> and dataset=<name> are generated from the registered code (no yaml holds a
+    second copy): the option's keys are exactly the function's keyword parameters (plus name, and a sampler's shared
+    grid keys) at the function's defaults; a dataset's are its root, its native size and its download default."""
+    assert not any((CONFIGS / group).exists() for group in ("guidance", "sampler", "dataset"))
     for group, registry in (("guidance", MODES), ("sampler", SAMPLERS)):
         assert options("sample", group) == sorted(registry), group
         for name, entry in registry.items():
@@ -72,8 +68,10 @@ def test_each_registered_function_is_its_group_option_and_each_default_is_writte
     assert SAMPLERS["heun"].shared == {"steps": 10, "spacing": "logsnr"}  # a sampler's own grid defaults
     assert options("train_diffusion", "dataset") == sorted(DATASETS)
     for name, spec in DATASETS.items():
-        assert _yaml("dataset", name)["name"] == name and _yaml("dataset", name)["image_size"] == spec.image_size
+        values = OmegaConf.to_container(_compose("train_diffusion", [f"dataset={name}"]).dataset)
+        assert values == {"name": name, "root": None, "image_size": spec.image_size, "download": spec.download}
         assert (CONFIGS / "model" / f"{spec.default_model}.yaml").is_file(), name
+    assert not DATASETS["procedural"].download and DATASETS["cifar10"].download
 
 
 def test_help_lists_the_scripts_own_groups_only():

@@ -136,7 +136,7 @@ def _missing_option(e, config_name: str) -> str:
         return one_line(e)
     where = (
         ""
-        if group in config.REGISTRIES
+        if group in config.GENERATED
         else f" (files in {config.group_dir(config_name, group).relative_to(config.CONFIG_DIR.parent)}/)"
     )
     return f"unknown {group} {value!r}; valid: {', '.join(e.options or [])}{where}"

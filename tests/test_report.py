@@ -1,5 +1,6 @@
 """Report pieces that need no sweep on disk: the per-variant trade-off panels and file names of series grids."""
 
+import pytest
 from PIL import Image
 
 from guidelab.report import _file_name, _series, best_rows, make_row, markdown, variant_panels
@@ -61,3 +62,13 @@ def test_best_rows_and_the_flag_where_the_two_evaluators_disagree():
     assert md.count("**!**") == 2 and "| 0.1 **!** |" in md  # the note, and the cg s = 3 row only
     assert "Each series at its best scale" in md and md.count("\n| cfg |") == 4
     assert md.startswith("accuracy only; FID / IS / precision / recall need eval=true")
+
+
+def test_a_modes_keys_fill_only_their_own_columns():
+    """cg's base and cfg_cg's classifier_scale have columns; every other key of a mode stays in `options`, also one
+    named like another column (icg's, tsg's and cads' own `seed` is not the sampling seed)."""
+    row = make_row(options={"base": "cond", "seed": 5, "tau1": 0.6}, seed=0, guidance="cads")
+    assert (row["base"], row["seed"], row["options"]) == ("cond", 0, "seed=5 tau1=0.6")
+    assert make_row(options={})["options"] is None
+    with pytest.raises(KeyError, match="not columns of the results row"):
+        make_row(accuracy_3=1.0)

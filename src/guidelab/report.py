@@ -39,20 +39,24 @@ class Column(NamedTuple):
     header: str | None = ""  # its results.csv / results.md header: "" = the name, None = not in the tables
     md: bool = False  # also in results.md (where some row has a value)
     json: bool = True  # written to metrics.json by sample.py (False: filled in by the report)
+    option: bool = False  # a guidance mode's key of this name fills the column instead of `options`
 
 
 # The results row, defined once: adding a column is one line here (plus the code that measures it).
 ROW = (
     Column("guidance", "the guidance mode (guidance=)", md=True),
     Column(
-        "base", "the guided prediction of the modes that have one: cond = eps(x_t, y), uncond = eps(x_t, null)", md=True
+        "base",
+        "the guided prediction of the modes that have one: cond = eps(x_t, y), uncond = eps(x_t, null)",
+        md=True,
+        option=True,
     ),
     Column("options", "the mode's other keys, its weight schedule and its guide, as key=value", md=True),
     Column("p_uncond", "the guided UNet's label-dropout rate in training", md=True),
     Column("classifier", "the run dir of the guidance classifier", md=True),
     Column("scale", "s (guidance scale)", header="s", md=True),
     Column("w", "Ho & Salimans' w = s - 1 where s is a CFG strength", md=True),
-    Column("classifier_scale", "cfg_cg's weight of the classifier term", md=True),
+    Column("classifier_scale", "cfg_cg's weight of the classifier term", md=True, option=True),
     Column("sampler", "the sampler (sampler=)", md=True),
     Column("spacing", "its timestep grid", md=True),
     Column("steps", "timesteps of the grid", md=True),
@@ -93,15 +97,16 @@ HEADER = [c.header or c.name for c in ROW if c.header is not None]
 
 
 def make_row(options: dict | None = None, **values) -> dict:
-    """A results row: every column (None where not given), `options` folded in (a key that is a column fills it, the
-    others become the key=value string of `options`). Refuses a key that is not a column."""
+    """A results row: every column (None where not given), `options` folded in (a key of an `option` column fills it,
+    the others, `seed` of a mode included, become the key=value string of `options`). Refuses a key that is not a
+    column."""
     unknown = sorted(set(values) - set(COLUMNS))
     if unknown:
         raise KeyError(f"{unknown} are not columns of the results row (guidelab.report.ROW)")
     row = dict.fromkeys(COLUMNS) | values
     rest = {}
     for key, value in (options or {}).items():
-        if key in COLUMNS:
+        if key in COLUMNS and COLUMNS[key].option:
             row[key] = value
         else:
             rest[key] = value

@@ -802,3 +802,19 @@ def test_a_schedule_needs_a_cfg_style_mode_and_a_known_name():
         eps_function("cfg", unet, y, 3.0, diffusion=PROCESS, schedule="step")
     with pytest.raises(GuidelabError, match="needs the noise schedule"):
         eps_function("cfg", unet, y, 3.0, schedule="cosine")
+
+
+def test_the_classifier_terms_are_timed_on_a_counted_classifier_and_nothing_else():
+    """classifier_share's measurement: the noisy classifier's term (cg) and cg_x0's classifier-and-backward part add
+    to Counted.seconds; at s = 0 there is no classifier pass and no time; a bare network is not timed at all."""
+    from guidelab.guided import Counted
+
+    unet, (x, t, y) = ToyUNet(), _inputs()
+    for mode in ("cg", "cg_x0"):
+        clf = Counted(ToyClassifier())
+        eps_function(mode, unet, y, 0.0, classifier=clf, diffusion=PROCESS)(x, t)
+        assert clf.seconds == 0 and clf.rows == 0, mode
+        eps_function(mode, unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
+        assert clf.seconds > 0 and clf.rows == len(x), mode
+    out = eps_function("cg", unet, y, 2.0, classifier=ToyClassifier())(x, t)  # not Counted: guides, times nothing
+    assert out.score is not None

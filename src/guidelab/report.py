@@ -81,7 +81,7 @@ ROW = (
     Column(
         "classifier_share",
         "share of the sampling seconds spent in the classifier's terms (forward and input "
-        "gradient; cg_x0: through the UNet)",
+        "gradient; cg_x0: the classifier on x0_hat and the backward pass through it and the UNet)",
         md=True,
     ),
     Column("run", "the job dir in the sweep", json=False),

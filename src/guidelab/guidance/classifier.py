@@ -6,6 +6,8 @@ classifier frozen, no graph kept between steps; their wall time is the classifie
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,14 @@ def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Te
 
 
 def x0_classifier_score(
-    unet, classifier, diffusion: Diffusion, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, y: torch.Tensor
+    unet,
+    classifier,
+    diffusion: Diffusion,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    y: torch.Tensor,
+    timed: Callable = nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps, grad_{x_t} log p_phi(y | x0_hat(x_t))) for a clean classifier p_phi (trained on clean images, called at
     t = 0) on the denoised estimate x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps(x_t, labels)) / sqrt(abar_t), the gradient
@@ -43,12 +52,14 @@ def x0_classifier_score(
     guidance eps_hat = eps + s sqrt(1 - abar_t) grad_{x_t} l(y, phi(x0_hat)) with the cross-entropy l = -log p_phi, i.e.
     Dhariwal & Nichol's eps correction with grad_{x_t} log p_phi(y | x0_hat(x_t)) in place of the noisy classifier's.
     One UNet pass gives both; the gradient is taken with respect to x_t only (no parameter gradients accumulate) and
-    no graph outlives the call."""
+    no graph outlives the call. `timed()` brackets what the gradient adds to the UNet pass: the classifier on x0_hat and
+    the backward pass through it and the UNet."""
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
         eps = unet(x, t, labels)
-        x0_hat = diffusion.predict_x0(x, t, eps)
-        (grad,) = torch.autograd.grad(log_p(classifier(x0_hat, torch.zeros_like(t)), y).sum(), x)
+        with timed():
+            x0_hat = diffusion.predict_x0(x, t, eps)
+            (grad,) = torch.autograd.grad(log_p(classifier(x0_hat, torch.zeros_like(t)), y).sum(), x)
     return eps.detach(), grad
 
 
@@ -79,8 +90,7 @@ def _cg_x0(ctx: Context, base: str = "uncond") -> EpsFn:
     def eps_fn(x, t):
         if ctx.scale == 0:  # exactly the base model: no gradient
             return Guided(ctx.unet(x, t, labels))
-        with ctx.timed():
-            eps, grad = x0_classifier_score(ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y)
+        eps, grad = x0_classifier_score(ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y, ctx.timed)
         return Guided(eps, ctx.scale * grad)
 
     return eps_fn

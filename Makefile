@@ -1,6 +1,6 @@
 # make demo: set up .venv (if needed) and run the CPU quickstart on the bundled MNIST digits.
 # make test: set up .venv (if needed) and run the whole test suite (what CI runs).
-# make test-fast: everything but the tests marked slow (learning, DDP, levers, kill-and-resume, benchmark).
+# make test-fast: everything but the tests marked slow (training and end-to-end script runs; see docs/testing.md).
 # make lint: ruff check and ruff format --check (configured in pyproject.toml).
 PYTHON ?= python3
 VENV := .venv

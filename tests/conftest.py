@@ -124,3 +124,11 @@ def smoke_runs(tmp_path_factory):
         proc = run_script(script, "experiment=smoke", f"hydra.run.dir={run_dir}", *extra, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"root": root, **{k: v / "checkpoints" / "last.pt" for k, v in runs.items()}}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the trained smoke networks runs the real scripts end to end: it is slow (`make test-fast`
+    leaves it out; `make test` runs it)."""
+    for item in items:
+        if "smoke_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -66,6 +66,7 @@ def test_unknown_group_option_lists_the_valid_ones(script, override, fragments):
     assert all(f in line for f in fragments), line
 
 
+@pytest.mark.slow
 def test_a_bad_command_line_through_the_real_script_writes_nothing(tmp_path):
     for override, fragment in (
         ("guidance=pagx", "unknown guidance 'pagx'"),
@@ -165,6 +166,7 @@ def test_nothing_to_sample_from(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_missing_corrupt_truncated_and_foreign_checkpoints(guarded, tmp_path):
     assert_one_line_error(
         run_script("sample.py", f"ckpt={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path),
@@ -200,6 +202,7 @@ def test_evaluator_is_refused_as_a_guidance_classifier(guarded, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_judge_must_be_of_another_family_and_a_network_of_its_own(guarded, tmp_path):
     """The clean classifier of the guidance family (cg_x0's) is no judge; the second opinion is neither the primary
     evaluator itself nor another network of the primary's family."""
@@ -242,6 +245,7 @@ def test_a_judge_must_be_of_another_family_and_a_network_of_its_own(guarded, tmp
     )
 
 
+@pytest.mark.slow
 def test_classifier_of_another_dataset_names_both(guarded, tmp_path):
     other = tmp_path / "other"
     proc = run_script(
@@ -259,6 +263,7 @@ def test_classifier_of_another_dataset_names_both(guarded, tmp_path):
     assert_one_line_error(proc, "dataset procedural vs mnist5k")
 
 
+@pytest.mark.slow
 def test_classifier_of_another_image_size_or_schedule(guarded, tmp_path):
     for name, override, fragment in [
         ("size", "dataset.image_size=12", "image_size 16 vs 12"),
@@ -273,6 +278,7 @@ def test_classifier_of_another_image_size_or_schedule(guarded, tmp_path):
         assert_one_line_error(proc, fragment)
 
 
+@pytest.mark.slow
 def test_missing_data_offline_says_where_it_looked(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -347,6 +353,7 @@ def test_bad_training_values_are_refused_before_hydra_starts(script, override, f
     assert fragment in check_command_line(script, "experiment=smoke", override)
 
 
+@pytest.mark.slow
 def test_a_bad_training_value_through_the_real_script_writes_nothing(tmp_path):
     proc = run_script(
         "train_diffusion.py",
@@ -379,6 +386,7 @@ def test_unknown_keys_and_malformed_overrides_are_one_line(script, override, fra
     assert all(f in line for f in fragments), line
 
 
+@pytest.mark.slow
 def test_wandb_logger_without_wandb_names_the_extra(tmp_path):
     """`logger=wandb` where wandb cannot be imported (a stub package that raises ImportError stands in for a missing
     install): one line naming the extra, before anything is written."""

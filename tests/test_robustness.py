@@ -116,6 +116,7 @@ def _evil_checkpoint(path, marker, source):
     torch.save(ckpt, path)
 
 
+@pytest.mark.slow
 def test_payload_checkpoints_are_refused_by_sample_and_resume_and_never_run(smoke_runs, tmp_path):
     marker = tmp_path / "payload-ran"
     _evil_checkpoint(tmp_path / "evil.pt", marker, smoke_runs["diffusion"])
@@ -131,6 +132,7 @@ def test_payload_checkpoints_are_refused_by_sample_and_resume_and_never_run(smok
     assert tree_digest(run_dir / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_refused_before_training(tmp_path):
     proc = run_script(
         "train_diffusion.py",
@@ -143,6 +145,7 @@ def test_a_full_disk_is_refused_before_training(tmp_path):
     assert not list((tmp_path / "R").rglob("*.pt"))
 
 
+@pytest.mark.slow
 def test_an_unwritable_run_dir_is_refused_before_hydra_writes(tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     for script in ("train_diffusion.py", "sample.py"):
@@ -151,6 +154,7 @@ def test_an_unwritable_run_dir_is_refused_before_hydra_writes(tmp_path):
     assert (tmp_path / "a_file").read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "R"
     proc = run_script(

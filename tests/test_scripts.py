@@ -58,6 +58,7 @@ def test_training_outputs_and_embedded_config(smoke_runs):
     assert ev["config"]["classifier"]["noisy"] is False and "test_acc" in ev["metrics"]
 
 
+@pytest.mark.slow
 def test_every_guidance_and_sampler_with_evaluator(smoke_runs, tmp_path):
     for guidance, sampler in [("none", "ddpm"), ("cfg", "ddim"), ("cfg_cg", "ddpm"), ("cg", "ddim")]:
         out = tmp_path / f"{guidance}-{sampler}"
@@ -84,6 +85,7 @@ def test_every_guidance_and_sampler_with_evaluator(smoke_runs, tmp_path):
         assert np.load(out / "samples.npz")["labels"].tolist() == [2, 5, 2, 5, 2, 5]
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_for_a_seed(smoke_runs, tmp_path):
     outs = []
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
@@ -101,6 +103,7 @@ def test_sampling_is_reproducible_for_a_seed(smoke_runs, tmp_path):
     assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
 
 
+@pytest.mark.slow
 def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp_path):
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"
     proc = run_script(
@@ -193,6 +196,7 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
     assert np.array_equal(np.load(job1 / "samples.npz")["images"], np.load(job0 / "samples.npz")["images"])
 
 
+@pytest.mark.slow
 def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smoke_runs, tmp_path):
     """`python sample.py guidance=MODE sampler=dpmpp_2m` for every mode: one sweep, one row each, with its NFE."""
     sweep = tmp_path / "sweep"
@@ -226,6 +230,7 @@ def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smok
     assert all(not np.array_equal(images["none"], images[m]) for m in modes if m != "none")
 
 
+@pytest.mark.slow
 def test_the_2023_2026_modes_run_with_every_sampler_and_a_schedule(smoke_runs, tmp_path):
     """Issue 12's methods through `sample.py -m` with each sampler: two network passes per step (a doubled batch, or
     the conditional and the perturbed pass), and a weight schedule on CFG."""
@@ -294,6 +299,7 @@ def test_cg_x0_guides_by_a_clean_classifier_through_the_unet(smoke_runs, tmp_pat
     assert (metrics["guidance"], metrics["nfe"], metrics["classifier_nfe"]) == ("cg_x0", 4, 4)
 
 
+@pytest.mark.slow
 def test_autoguidance_with_itself_as_guide_is_the_conditional_model_and_cfgpp_runs(smoke_runs, tmp_path):
     """Autoguidance guided by the very same network is eps_c + s (eps_c - eps_c) = eps_c: the conditional model's
     samples, bit for bit, whatever the scale."""
@@ -310,6 +316,7 @@ def test_autoguidance_with_itself_as_guide_is_the_conditional_model_and_cfgpp_ru
     assert not np.array_equal(np.load(tmp_path / "cfgpp" / "samples.npz")["images"], cond)
 
 
+@pytest.mark.slow
 def test_the_design_card_commands_as_typed(tmp_path):
     """In a fresh directory, after smoke trainings, `python sample.py guidance=cfg scale=3.0` samples from the newest
     train_diffusion run (ckpt=latest), prints the path and records it in the run's config; classifier_ckpt=latest picks
@@ -362,6 +369,7 @@ def test_sweep_without_evaluator_still_reports_scales(smoke_runs, tmp_path):
     assert [(r["guidance"], r["s"], r["fid"]) for r in rows] == [("cfg", "1", ""), ("cfg", "2", "")]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written_by_the_real_client(tmp_path):
     run = tmp_path / "W"
     proc = run_script(

@@ -1,0 +1,62 @@
+"""The docs are true where they show commands and tables: every `python <script>.py ...` line of README.md and docs/
+passes the script's own command-line checks as typed (group options, keys, types, value checks of every sweep job),
+and the results row documented in docs/outputs.md is the report's."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, check_command_line
+from guidelab.report import ROW
+
+SCRIPTS = ("train_diffusion.py", "train_classifier.py", "sample.py")
+# Commands whose check needs something this machine lacks on purpose: the documented error is the expected outcome.
+NEEDS_FILES = {"metrics.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth": "Inception weights"}
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, script, arguments) of every command line in the code blocks of README.md and docs/*.md."""
+    found = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        blocks = re.findall(r"```\n(.*?)```", page.read_text(), re.S)
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                if not line.startswith(("python ", "torchrun ")):
+                    continue
+                words = shlex.split(line.split(" #")[0], posix=True)
+                script = next((w for w in words if w in SCRIPTS), None)
+                if script and words[0] in ("python", "torchrun"):
+                    found.append((page.name, script, words[words.index(script) + 1 :]))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_commands_of_every_script():
+    assert {script for _, script, _ in COMMANDS} == set(SCRIPTS) and len(COMMANDS) > 40
+
+
+@pytest.mark.parametrize("page,script,args", COMMANDS, ids=[f"{p}:{s} {' '.join(a)}"[:90] for p, s, a in COMMANDS])
+def test_every_documented_command_passes_the_scripts_checks(page, script, args, tmp_path, monkeypatch):
+    """As typed, in a directory whose outputs/ holds a diffusion run (for `ckpt=latest`); `...` and PATH stand for
+    the reader's checkpoint paths, which are only opened once the run starts."""
+    run = tmp_path / "outputs" / "train_diffusion" / "RUN"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    (run / ".hydra" / "config.yaml").write_text("model: {name: unet16}\ndataset: {name: mnist5k, image_size: 16}\n")
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in args if a not in ("--help", "--cfg", "job")]
+    line = check_command_line(script, *args)
+    expected = [why for arg, why in NEEDS_FILES.items() if arg in args]
+    assert (expected and expected[0] in line) or line == "", f"{page}: {script} {' '.join(args)}\n{line}"
+
+
+def test_outputs_md_documents_every_column_of_the_results_row():
+    text = (REPO / "docs" / "outputs.md").read_text()
+    documented = re.findall(r"^\| `(\w+)`", text, re.M)
+    assert documented == [c.name for c in ROW]
+    assert Path(REPO / "README.md").read_text().count("\n") <= 200  # the front door stays short

@@ -31,6 +31,7 @@ from guidelab.metrics import (
     extract,
     find_inception_weights,
 )
+from guidelab.pretrained import is_reference
 from guidelab.registry import OneOf, Range
 from guidelab.report import COLUMNS, make_row
 
@@ -44,6 +45,9 @@ def check(cfg) -> GuidanceSpec:
         Range(1).check(key, cfg[key], cfg)
     if cfg.ckpt == "latest":  # nothing to find: say so before Hydra makes a run dir
         networks.find_latest(cfg.runs_root, "diffusion")
+    for key in ("ckpt", "guide_ckpt"):
+        if is_reference(cfg[key]):  # a diffusers model: found, its schedule read, the guidance's predictions checked
+            networks.check_pretrained(spec, cfg[key])
     if cfg.second_evaluator_ckpt and not cfg.evaluator_ckpt:
         raise GuidelabError(
             "second_evaluator_ckpt is set but evaluator_ckpt is not; give the primary evaluator too "
@@ -61,13 +65,26 @@ def check(cfg) -> GuidanceSpec:
     return spec
 
 
-def requested_labels(labels, num_samples: int, num_classes: int) -> torch.Tensor:
-    """`labels=null`: all classes, evenly (sample i gets class i % K); otherwise the listed classes in turn."""
-    classes = list(range(num_classes)) if labels is None else [labels] if isinstance(labels, int) else list(labels)
-    for c in classes:
-        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < num_classes:
+def requested_labels(
+    labels, num_samples: int, num_classes: int, class_names: list[str] | None = None, where: str = "the checkpoint"
+) -> torch.Tensor:
+    """`labels=null`: all classes, evenly (sample i gets class i % K); otherwise the listed classes in turn, each a
+    class index or a class name of the checkpoint's data (`class_names`, e.g. the folder names of dataset=folder:
+    labels=[cat,dog]); an unknown name is refused with the valid ones, naming `where` they come from."""
+    names, one = list(class_names or []), isinstance(labels, (int, str))
+    classes = list(range(num_classes)) if labels is None else [labels] if one else list(labels)
+    for i, c in enumerate(classes):
+        if isinstance(c, str) and c in names:
+            classes[i] = names.index(c)
+        elif isinstance(c, str):
+            shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
             raise GuidelabError(
-                f"labels must be class indices in [0, {num_classes}); got {c!r}; "
+                f"labels: no class named {c!r} in {where}; its classes: {shown or 'unnamed'}; "
+                f"use those names or class indices in [0, {num_classes})"
+            )
+        elif not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < num_classes:
+            raise GuidelabError(
+                f"labels must be class indices in [0, {num_classes}) or class names; got {c!r}; "
                 f"e.g. labels=[0,3] or labels=null for all classes"
             )
     return torch.tensor(classes, dtype=torch.long).repeat(num_samples // len(classes) + 1)[:num_samples]
@@ -83,9 +100,11 @@ def sample(cfg, run_dir: Path) -> dict:
     if cfg.compile:  # CUDA graphs on CUDA: every step of a batch has the same shapes
         mode = "reduce-overhead" if device.type == "cuda" and cfg.compile_backend == "inductor" else None
         nets.unet.net = torch.compile(nets.unet.net, backend=cfg.compile_backend, dynamic=False, mode=mode)
-    unet, num_classes = nets.unet, nets.train_config["data_info"]["num_classes"]
+    unet, num_classes = nets.unet, nets.num_classes
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
-    y_all = requested_labels(labels, cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples, num_classes)
+    class_names = nets.train_config["data_info"].get("class_names")  # labels=[cat,dog] by name; grid row labels
+    wanted = cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples
+    y_all = requested_labels(labels, wanted, num_classes, class_names, nets.paths["ckpt"])
     sampler = sampling.SAMPLERS.own(cfg.sampler)  # the sampler's own keys (eta); steps, spacing, clip_x0 are shared
     starts = list(range(0, len(y_all), cfg.batch_size))
     mine, t0 = [], time.perf_counter()
@@ -122,7 +141,7 @@ def sample(cfg, run_dir: Path) -> dict:
     tmp = run_dir / ".samples.tmp.npz"
     np.savez(tmp, images=images, labels=y_np)
     os.replace(tmp, run_dir / "samples.npz")
-    save_class_grid(images, y_np, num_classes, run_dir / "grid.png")
+    save_class_grid(images, y_np, num_classes, run_dir / "grid.png", class_names=class_names)
     result, details = results_row(cfg, spec, nets, [n for _, n in gathered], seconds, images, y_np, device)
     if nets.evaluators:
         (run_dir / "metrics.json").write_text(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from guidelab.cli import main
-from guidelab.data import ImageData, dataset_info, random_affine
+from guidelab.data import ImageData, dataset_shape, random_affine
 from guidelab.diffusion import Diffusion
 from guidelab.models import build_classifier
 from guidelab.registry import Range
@@ -94,9 +94,9 @@ def check(cfg) -> None:
     Range(1 if c.pgd_eps > 0 else 0, 100, "PGD steps (at least 1 with pgd_eps > 0)").check(
         "classifier.pgd_steps", c.pgd_steps, c
     )
-    spec = dataset_info(cfg.dataset.name)
+    channels, class_names = dataset_shape(cfg.dataset)  # dataset=folder: its root and class folders, read now
     with torch.device("meta"):
-        network(cfg, spec.channels, spec.num_classes)
+        network(cfg, channels, len(class_names))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from guidelab.cli import main
-from guidelab.data import ImageData, dataset_info
+from guidelab.data import ImageData, dataset_shape
 from guidelab.diffusion import Diffusion
 from guidelab.guidance import make_eps_fn, resolve
 from guidelab.images import save_class_grid, to_uint8
@@ -42,7 +42,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
         x = sample("ddim", make_eps_fn(preview, ema_model, y), diffusion, noise, cfg.train.eval_steps, "linspace")
         path = run_dir / "samples" / f"{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_class_grid(to_uint8(x), y.cpu().numpy(), num_classes, path, per_row=8)
+        save_class_grid(to_uint8(x), y.cpu().numpy(), num_classes, path, per_row=8, class_names=data.class_names)
         return {"_image": path}
 
     return Task(network(cfg, channels, num_classes), lambda net, x0, y: (diffusion.eps_loss(net, x0, y), {}), evaluate)
@@ -52,9 +52,9 @@ def check(cfg) -> None:
     """The training options, and the UNet's own arguments (built on the meta device: no memory, no time)."""
     validate(cfg)
     resolve("cfg", cfg.train.eval_scale)  # the preview grids' CFG scale
-    spec = dataset_info(cfg.dataset.name)
+    channels, class_names = dataset_shape(cfg.dataset)  # dataset=folder: its root and class folders, read now
     with torch.device("meta"):
-        network(cfg, spec.channels, spec.num_classes)
+        network(cfg, channels, len(class_names))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ PACKAGE = Path(guidelab.__file__).parent
 ORDER = [
     "errors",
     "registry",
+    "pretrained",
     "diffusion",
     "dist",
     "images",
     "log",
     "checkpoint",
+    "folder",
     "data",
     "models",
     "guided",

@@ -218,6 +218,7 @@ def test_registry_and_bad_arguments():
         "cifar10": 32,
         "mnist5k": 28,
         "procedural": 16,
+        "folder": 32,  # the user's image folder: a default, any size works (tests/test_folder_data.py)
     }
     assert dataset_info("procedural").channels == 1
     with pytest.raises(GuidelabError) as err:

@@ -35,7 +35,7 @@ def _sample(runs, tmp_path, *overrides):
         (
             "train_diffusion.py",
             "dataset=imagenet",
-            ["unknown dataset 'imagenet'", "cifar10, fashion_mnist, mnist, mnist5k"],
+            ["unknown dataset 'imagenet'", "cifar10, fashion_mnist, folder, mnist, mnist5k"],
         ),
         ("train_classifier.py", "dataset=svhn", ["unknown dataset 'svhn'", "procedural"]),
         ("sample.py", "guidance=pagx", ["unknown guidance 'pagx'", ", ".join(sorted(MODES))]),
@@ -159,6 +159,7 @@ def test_bad_sampling_options_that_need_the_networks(guarded, tmp_path, override
     assert not (tmp_path / "out" / "samples.npz").exists()
 
 
+@pytest.mark.slow
 def test_nothing_to_sample_from(tmp_path):
     """ckpt=latest (the default) with no training run under outputs/: one line, before Hydra makes a run dir."""
     proc = run_script("sample.py", "guidance=cfg", "scale=3.0", cwd=tmp_path)

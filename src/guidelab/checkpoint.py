@@ -164,13 +164,15 @@ def newest_intact(ckpt_dir: Path, kind: str) -> tuple[dict, Path] | None:
 def restore(
     ckpt: dict, path: Path, config: dict, modules: dict, data_gen: torch.Generator, device: torch.device, seed: int
 ) -> tuple[int, dict]:
-    """Continue a run: refuse another model, classifier, diffusion or dataset config than the checkpoint's (the data
-    root may move), load every module's state, and give each DDP rank its own saved RNG state back (a rank the
-    checkpoint has none for, when the run now has more ranks, is seeded from seed, rank and step). Returns (step,
-    data)."""
+    """Continue a run: refuse another model, classifier, diffusion or dataset config (or class names) than the
+    checkpoint's (the data root may move), load every module's state, and give each DDP rank its own saved RNG state
+    back (a rank the checkpoint has none for, when the run now has more ranks, is seeded from seed, rank and step).
+    Returns (step, data)."""
     before, rank = ckpt["config"], dist.rank()
     mismatch = [sec for sec in ("model", "classifier", "diffusion") if sec in config and before.get(sec) != config[sec]]
-    mismatch += ["dataset"] if any(before["dataset"][k] != config["dataset"][k] for k in ("name", "image_size")) else []
+    names = [c.get("data_info", {}).get("class_names") for c in (before, config)]  # an image folder's may change
+    if any(before["dataset"][k] != config["dataset"][k] for k in ("name", "image_size")) or names[0] != names[1]:
+        mismatch.append("dataset")
     if mismatch:
         raise GuidelabError(
             f"resume=true but the {', '.join(mismatch)} config differs from the checkpoint in {path}; "

@@ -56,11 +56,11 @@ def network_schema(cls: type, name: str, head: list) -> type:
 
 
 def group_schema(group: str):
-    """A group's node type: UNet's keyword arguments for `model`; for registries and `classifier`, typed per option
-    elsewhere, Any; else the keys of all its option files (configs/<group>/*.yaml), typed by their values."""
+    """A group's node type: UNet's keyword arguments for `model`; for registries, `classifier` and `diffusion`, typed
+    per option elsewhere, Any; else the keys of all its option files (configs/<group>/*.yaml), typed by their values."""
     if group == "model":
         return network_schema(UNet, "model", [("name", str, MISSING)])
-    if group in GENERATED or group == "classifier":
+    if group in GENERATED or group in ("classifier", "diffusion"):
         return Any
     values = {}
     for option in sorted((CONFIG_DIR / group).glob("*.yaml")):
@@ -101,10 +101,14 @@ def help_groups(script: str) -> str:
 
 
 def dataset_schema(spec: DatasetSpec) -> type:
-    """The option dataset=<name>: the directory of its files, the training resolution (native by default) and
-    whether torchvision may download them (see guidelab.data)."""
+    """The option dataset=<name>: the directory of its files, the training resolution (native by default), whether
+    torchvision may download them (a set that is never downloaded, download=None in its spec, has no such key), and
+    the set's own keys typed by their defaults (`dataset=folder`: channels, skip_bad, holdout, split_seed; see
+    guidelab.data)."""
     head = [("name", str, spec.name), ("root", Optional[str], None), ("image_size", int, spec.image_size)]
-    return make_dataclass(f"dataset_{spec.name}", [*head, ("download", bool, spec.download)])
+    download = [] if spec.download is None else [("download", bool, spec.download)]
+    own = [(key, type(default), default) for key, default in spec.options.items()]
+    return make_dataclass(f"dataset_{spec.name}", [*head, *download, *own])
 
 
 def script_schema(script: str) -> type:
@@ -133,6 +137,9 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
         ]  # typed by defaults
         node = network_schema(CLASSIFIERS[arch], f"classifier_{arch}", head) if arch in CLASSIFIERS else Any
         store.store(group="schema/classifier", name=option.stem, node=node)
+    for option in (CONFIG_DIR / "diffusion").glob("*.yaml"):  # each its own keys (pretrained: the model, no T)
+        values = OmegaConf.to_container(OmegaConf.load(option))
+        store.store(group="schema/diffusion", name=option.stem, node=typed(values, f"diffusion_{option.stem}"))
     OmegaConf.register_new_resolver("default_model", lambda name: dataset_info(name).default_model, replace=True)
     OmegaConf.register_new_resolver("guidelab_configs", lambda: str(CONFIG_DIR), replace=True)
     OmegaConf.register_new_resolver("guidelab_groups", help_groups, replace=True)

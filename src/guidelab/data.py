@@ -8,14 +8,20 @@ native size and channels, whether horizontal flips are valid, and the diffusion 
 spec (config.py): `root` (the directory holding the files; null = ~/.cache/guidelab/data or $GUIDELAB_DATA),
 `image_size` (the training resolution, default the native size; other sizes are resized once at load time) and
 `download` (torchvision's download when online; default true for the torchvision sets, false for the others).
+
+``folder`` is the user's own image folder (guidelab.folder: ImageFolder layout, class names from the subfolders, a
+decoded cache, a seeded per-class held-out split as its test split). Its spec has no static classes. Its keys:
+`root` (required: a missing one is a one-line error), `image_size` (default 32: shorter side resized, centre square
+cropped), and its own (`DatasetSpec.options`): `channels` (3 = RGB, 1 = grayscale), `skip_bad` (false: a bad file is
+an error), `holdout` (0.1 of each class held out) and `split_seed` (0); it has no `download`.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from pathlib import Path
 from urllib.error import URLError
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from guidelab import folder
 from guidelab.errors import GuidelabError, one_line
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts the IDX files
@@ -41,10 +48,15 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     hflip: bool  # whether random horizontal flips are a valid augmentation
     default_model: str  # the configs/model/ option train_diffusion.py uses unless model= is given
-    download: bool  # the default of dataset.download: whether the loader can fetch its files
+    download: bool | None  # the default of dataset.download: whether the loader can fetch its files; None: no such key
     load: (
         Callable  # (train, root: Path | None, download, seed) -> uint8 (N, C, H, W) pixels or floats in [-1, 1], labels
     )
+    # A set whose classes come from its files (empty class_names) has its own config keys: `options` (key -> default),
+    # passed to `load` as keywords with `image_size` (it sizes its own images; it returns the class names third), and
+    # `describe` ((root, image_size, **options) -> channels, class names, a digest of its files), read without decoding.
+    options: dict = field(default_factory=dict, hash=False)
+    describe: Callable | None = None
 
     @property
     def num_classes(self) -> int:
@@ -61,12 +73,15 @@ def dataset(
     class_names: tuple[str, ...],
     default_model: str,
     hflip: bool = False,
-    download: bool = True,
+    download: bool | None = True,
+    options: dict | None = None,
+    describe: Callable | None = None,
 ) -> Callable:
-    """Register the decorated loader as dataset `name`."""
+    """Register the decorated loader as dataset `name` (see DatasetSpec for `options` and `describe`)."""
 
     def add(load: Callable) -> Callable:
         spec = DatasetSpec(name, channels, image_size, tuple(class_names), hflip, default_model, download, load)
+        spec = replace(spec, options=dict(options or {}), describe=describe)
         DATASETS[name] = spec
         return load
 
@@ -157,26 +172,77 @@ def load_dataset(
     image_size: int | None = None,
     download: bool = True,
     seed: int = 0,
+    **options,
 ) -> ImageData:
     """Load one split of dataset ``name`` fully into memory.
 
     ``root`` is the directory holding the files (None: :func:`default_root`); ``image_size`` resizes
     once to image_size x image_size (None: native size); ``download`` lets torchvision fetch missing
-    files; ``seed`` only affects ``procedural``. Raises GuidelabError naming the problem and the fix.
+    files; ``seed`` only affects ``procedural``; ``options`` are the set's own keys (``folder``'s channels,
+    skip_bad, holdout, split_seed). Raises GuidelabError naming the problem and the fix.
     """
     spec = dataset_info(name)
     if split not in SPLITS:
         raise GuidelabError(f"unknown split {split!r} for dataset {name!r}; use 'train' or 'test'")
     if image_size is not None and image_size < 1:
         raise GuidelabError(f"image_size must be a positive integer, got {image_size}; use e.g. {spec.image_size}")
-    images, labels = spec.load(split == "train", Path(root).expanduser() if root else None, download, seed)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise GuidelabError(f"dataset {name!r} has no option {', '.join(unknown)}; its options: {list(spec.options)}")
+    root_path = Path(root).expanduser() if root else None
+    if spec.options:  # the set sizes its own images and names its classes
+        own = {**spec.options, **options, "image_size": image_size or spec.image_size}
+        images, labels, class_names = spec.load(split == "train", root_path, download, seed, **own)
+    else:
+        (images, labels), class_names = spec.load(split == "train", root_path, download, seed), spec.class_names
     if images.dtype == torch.uint8:
         images = images.float().div_(127.5).sub_(1.0)  # 0 -> -1, 255 -> 1 exactly
     if image_size is not None and image_size != images.shape[-1]:
         images = F.interpolate(
             images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
         ).clamp_(-1.0, 1.0)
-    return ImageData(images.contiguous(), labels.long(), spec.num_classes, list(spec.class_names), spec.hflip)
+    return ImageData(images.contiguous(), labels.long(), len(class_names), list(class_names), spec.hflip)
+
+
+def _split_config(dataset: Mapping) -> tuple[DatasetSpec, dict]:
+    """A dataset config (the `dataset` node, or a checkpoint's copy of it) as its spec and load_dataset's keywords."""
+    d = dict(dataset)
+    spec = dataset_info(d.pop("name"))
+    return spec, {"root": d.pop("root", None), "image_size": d.pop("image_size", None), **d}
+
+
+def _own(spec: DatasetSpec, kwargs: dict) -> dict:
+    """describe's keywords: root, image_size (the spec's if null) and the set's own options at their defaults."""
+    size = spec.image_size if kwargs.get("image_size") is None else kwargs["image_size"]
+    return {**spec.options, **{k: v for k, v in kwargs.items() if k != "download"}, "image_size": size}
+
+
+def load_from_config(dataset: Mapping, split: str, seed: int = 0) -> ImageData:
+    """load_dataset with every key of a dataset config (`download` false where the set has none)."""
+    spec, kwargs = _split_config(dataset)
+    return load_dataset(spec.name, split, download=kwargs.pop("download", False), seed=seed, **kwargs)
+
+
+def dataset_shape(dataset: Mapping) -> tuple[int, list[str]]:
+    """(channels, class names) of a dataset config without loading its images: the spec's, or for a set whose classes
+    come from its files, read from them (a one-line error if they cannot be: the scripts check it before running)."""
+    spec, kwargs = _split_config(dataset)
+    if spec.describe is None:
+        return spec.channels, list(spec.class_names)
+    channels, names, _ = spec.describe(**_own(spec, kwargs))
+    return channels, names
+
+
+def data_key(dataset: Mapping) -> dict:
+    """What identifies a dataset config's images beyond its name and size, for caches of what is computed from them
+    (metrics' reference features): {} for the registered sets; for a set read from the user's files, their root, the
+    set's own options and a digest of the files (so an edited folder is never compared with stale statistics)."""
+    spec, kwargs = _split_config(dataset)
+    if spec.describe is None:
+        return {}
+    own = _own(spec, kwargs)
+    _, _, digest = spec.describe(**own)
+    return {"root": str(Path(own.pop("root")).expanduser().resolve()), "options": own, "files": digest}
 
 
 @dataset("mnist", 1, 28, _DIGITS, default_model="unet_small")
@@ -289,3 +355,19 @@ def _procedural(train: bool, root: Path | None, download: bool, seed: int):
     noise = 0.1 * torch.randn(n, 16, 16, generator=g)
     images = (2.0 * intensity * shifted[shift, labels] - 1.0 + noise).clamp_(-1.0, 1.0)
     return images.unsqueeze(1), labels
+
+
+def _describe_folder(root, image_size: int, channels: int, skip_bad: bool, holdout: float, split_seed: int):
+    """folder's channels, class names and file digest (stat calls only): the scripts' early check, metrics' key."""
+    path = folder.check_options(root, image_size, channels, holdout)
+    return channels, folder.class_names(path), folder.fingerprint(path, image_size, channels)
+
+
+FOLDER_OPTIONS = {"channels": 3, "skip_bad": False, "holdout": 0.1, "split_seed": 0}  # folder's keys and defaults
+
+
+@dataset("folder", 3, 32, (), "unet_cifar", download=None, options=FOLDER_OPTIONS, describe=_describe_folder)
+def _folder(train: bool, root: Path | None, download: bool, seed: int, image_size: int, **options):
+    """The user's image folder (guidelab.folder); the test split is the seeded per-class held-out part."""
+    path = folder.check_options(root, image_size, options["channels"], options["holdout"])
+    return folder.load_split(path, train, image_size, **options, cache=default_root() / "folders")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from guidelab.errors import GuidelabError
+from guidelab.pretrained import model_reference, read_schedule
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -36,6 +37,38 @@ def make_betas(schedule: str, num_steps: int) -> torch.Tensor:
     if schedule not in ("linear", "cosine"):
         raise GuidelabError(f"unknown noise schedule {schedule!r}; use diffusion=linear or diffusion=cosine")
     return (linear_betas if schedule == "linear" else cosine_betas)(num_steps)
+
+
+def scheduler_betas(schedule: dict) -> torch.Tensor:
+    """The betas of a diffusers scheduler config's schedule (float64), by DDPMScheduler's definitions: linear
+    `linspace(beta_start, beta_end, T)` (in float32 as diffusers computes it, then widened; unlike guidelab's linear
+    it is not rescaled with T), scaled_linear `linspace(sqrt(beta_start), sqrt(beta_end), T)^2` (latent diffusion's),
+    squaredcos_cap_v2 the cosine schedule of Nichol & Dhariwal 2021, Eq. 17, beta capped at 0.999."""
+    T, kind = schedule["num_steps"], schedule["beta_schedule"]
+    if kind == "squaredcos_cap_v2":
+        return cosine_betas(T)
+    if kind == "linear":
+        return torch.linspace(schedule["beta_start"], schedule["beta_end"], T, dtype=torch.float32).double()
+    start, end = math.sqrt(schedule["beta_start"]), math.sqrt(schedule["beta_end"])
+    return (torch.linspace(start, end, T, dtype=torch.float32) ** 2).double()
+
+
+def schedule_signature(cfg) -> dict:
+    """A `diffusion` config's schedule in diffusers' terms {beta_schedule, num_steps, beta_start, beta_end}, so that
+    networks of the same schedule match however it was named: guidelab's linear at T steps is diffusers' linear from
+    1e-4 * 1000 / T to 0.02 * 1000 / T, its cosine is squaredcos_cap_v2; `schedule: pretrained` reads the model's."""
+    if cfg["schedule"] == "pretrained":
+        return {k: v for k, v in read_schedule(model_reference(cfg)).items() if k != "prediction_type"}
+    T = int(cfg["num_steps"])
+    if cfg["schedule"] == "cosine":
+        return {"beta_schedule": "squaredcos_cap_v2", "num_steps": T, "beta_start": None, "beta_end": None}
+    return {"beta_schedule": "linear", "num_steps": T, "beta_start": 1000 / T * 1e-4, "beta_end": 1000 / T * 0.02}
+
+
+def same_schedule(a: dict, b: dict) -> bool:
+    """Whether two schedule signatures describe the same betas (beta bounds to 1e-9 relative)."""
+    close = lambda u, v: u == v or (u is not None and v is not None and math.isclose(u, v, rel_tol=1e-9))
+    return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
 
 
 def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +103,10 @@ class Diffusion:
 
     @classmethod
     def from_config(cls, cfg) -> Diffusion:
-        """Build from a `diffusion` config group: {schedule, num_steps}."""
+        """Build from a `diffusion` config group: {schedule: linear | cosine, num_steps}, or {schedule: pretrained,
+        model: diffusers:PATH | hub:ORG/NAME} (the schedule of that model's scheduler config)."""
+        if cfg["schedule"] == "pretrained":
+            return cls(scheduler_betas(read_schedule(model_reference(cfg))))
         if int(cfg["num_steps"]) < 2:
             raise GuidelabError(f"diffusion.num_steps must be at least 2, got {cfg['num_steps']}")
         return cls(make_betas(cfg["schedule"], int(cfg["num_steps"])))

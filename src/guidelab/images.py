@@ -1,4 +1,4 @@
-"""Image helpers: [-1, 1] floats to uint8 NHWC, and class-row grids saved as PNG."""
+"""Image helpers: [-1, 1] floats to uint8 NHWC, and class-row grids (optionally labelled) saved as PNG."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -37,8 +37,36 @@ def save_png(img: np.ndarray, path: str | os.PathLike) -> None:
     Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
 
 
+def label_rows(img: np.ndarray, names: list[str], pad: int) -> np.ndarray:
+    """The grid `img` (HWC, len(names) rows of equal height, `pad` pixels around each) with each row's name written
+    left of it, in white, in PIL's default font."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [probe.textbbox((0, 0), name, font=font) for name in names]
+    width = max(b[2] for b in boxes) + 2 * pad + 2
+    row_h = (img.shape[0] - pad) / len(names)
+    canvas = Image.new("L", (width, img.shape[0]))
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, box) in enumerate(zip(names, boxes)):
+        top = pad + i * row_h + (row_h - pad - (box[3] - box[1])) / 2 - box[1]
+        draw.text((width - pad - 2 - box[2], top), name, fill=255, font=font)
+    text = np.asarray(canvas)[..., None].repeat(img.shape[2], axis=2)
+    return np.concatenate([text, img], axis=1)
+
+
 def save_class_grid(
-    images: np.ndarray, labels: np.ndarray, num_classes: int, path: str | os.PathLike, per_row: int = 10
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    path: str | os.PathLike,
+    per_row: int = 10,
+    class_names: list[str] | None = None,
 ) -> None:
-    """grid.png: one row per class, the first `per_row` samples of that class."""
-    save_png(grid(class_rows(images, labels, num_classes, per_row), scale=2), path)
+    """grid.png: one row per class, the first `per_row` samples of that class; with `class_names`, each row's class
+    name is written left of it (the folder names of dataset=folder, say which row is which)."""
+    rows, pad, scale = class_rows(images, labels, num_classes, per_row), 2, 2
+    img = grid(rows, pad=pad, scale=scale)
+    if class_names:
+        present = [class_names[c] for c in range(num_classes) if (labels == c).any()]
+        img = label_rows(img, present, pad * scale)
+    save_png(img, path)

@@ -162,7 +162,10 @@ def file_digest(path: str | Path) -> str:
 
 
 def reference_key(dataset: dict, split: str, backend: str, weights_file: str | Path, num: int | None) -> dict:
-    """What the cached real features depend on; any change means a new cache entry."""
+    """What the cached real features depend on; any change means a new cache entry (a user's image folder adds its
+    root, options and a digest of its files: guidelab.data.data_key)."""
+    from guidelab.data import data_key
+
     return {
         "dataset": dataset["name"],
         "image_size": int(dataset["image_size"]),
@@ -170,6 +173,7 @@ def reference_key(dataset: dict, split: str, backend: str, weights_file: str | P
         "backend": backend,
         "weights_sha256": file_digest(weights_file),
         "num": num,
+        **data_key(dataset),
     }
 
 
@@ -178,7 +182,7 @@ def reference_features(
 ) -> tuple[Features, Path, bool]:
     """Real-data features for `key`, from the cache when present (returns features, cache file, whether reused)."""
     from guidelab import checkpoint
-    from guidelab.data import load_dataset
+    from guidelab.data import load_from_config
     from guidelab.images import to_uint8
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -190,13 +194,7 @@ def reference_features(
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("key") == key:
             return Features(cached["features"], cached["logits"]), path, True
-    data = load_dataset(
-        dataset["name"],
-        split=key["split"],
-        root=dataset.get("root"),
-        image_size=dataset["image_size"],
-        download=dataset.get("download", False),
-    )
+    data = load_from_config(dataset, key["split"])  # a folder's own keys (channels, holdout, ...) included
     images = to_uint8(data.images)  # quantised exactly like the samples
     if key["num"] is not None and key["num"] < len(images):
         images = images[

@@ -1,20 +1,25 @@
 """The networks a sampling run uses: found (`latest`), rebuilt from their checkpoints (EMA weights, the layout from the
-embedded config), checked to fit together, and wrapped to count their evaluations."""
+embedded config) or loaded from a diffusers model (`diffusers:PATH`, `hub:ORG/NAME`), checked to fit together (data,
+size, noise schedule, the predictions the guidance asks for), and wrapped to count their evaluations."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
 
 from guidelab import checkpoint
-from guidelab.diffusion import Diffusion
+from guidelab.diffusion import Diffusion, same_schedule, schedule_signature, scheduler_betas
 from guidelab.errors import GuidelabError
-from guidelab.guidance import GuidanceSpec
+from guidelab.guidance import GuidanceSpec, check_model
 from guidelab.guided import Counted
 from guidelab.models import build_classifier, build_unet
+from guidelab.models.diffusers_unet import DiffusersUNet, load_model
+from guidelab.pretrained import is_reference, locate, read_schedule, read_sidecar
 
 TRAIN_HINT = {
     "diffusion": "python train_diffusion.py",
@@ -31,7 +36,10 @@ ROLE_NAMES = {
 
 
 def load(path: str | Path, kind: str, device: torch.device):
-    """Rebuild a network from the config embedded in its checkpoint and load its EMA weights (eval mode)."""
+    """Rebuild a network from the config embedded in its checkpoint and load its EMA weights (eval mode); a diffusion
+    model may be a diffusers reference instead (`load_pretrained`)."""
+    if kind == "diffusion" and is_reference(path):
+        return load_pretrained(str(path), device)
     ckpt = checkpoint.load(path, kind=kind)
     cfg, info = ckpt["config"], ckpt["config"]["data_info"]
     build = build_unet if kind == "diffusion" else build_classifier
@@ -49,6 +57,41 @@ def load(path: str | Path, kind: str, device: torch.device):
             "was written by another version of guidelab or edited; retrain it"
         ) from None
     return net.to(device).eval().requires_grad_(False), ckpt  # inference only: guidance takes input gradients
+
+
+def load_pretrained(reference: str, device: torch.device):
+    """A diffusers UNet2DModel as guidelab's eps_theta(x_t, t, y), and the checkpoint-like record of what it is (the
+    schedule from its scheduler config; data set, classes and null class where guidelab exported it, else unknown)."""
+    model, schedule, facts = load_model(reference)
+    net = DiffusersUNet(
+        model, torch.cumprod(1 - scheduler_betas(schedule), 0), schedule["prediction_type"], facts.get("null_class")
+    )
+    num_classes = facts.get("num_classes", net.num_embeddings if net.conditional else None)
+    config = {
+        "dataset": {"name": facts.get("dataset"), "image_size": net.image_size},
+        "data_info": {"num_classes": num_classes, "channels": net.in_channels, "class_names": facts.get("class_names")},
+        "model": {"name": f"diffusers ({reference})", "p_uncond": facts.get("p_uncond")},
+        "diffusion": {"schedule": "pretrained", "model": reference},
+        "schedule": {k: v for k, v in schedule.items() if k != "prediction_type"},
+        "prediction_type": schedule["prediction_type"],
+    }
+    return net.to(device).eval().requires_grad_(False), {"kind": "diffusion", "config": config, "metrics": {}}
+
+
+def check_pretrained(spec: GuidanceSpec, reference: str) -> None:
+    """What can be checked of a diffusers model before Hydra starts, without its weights: it exists, its schedule and
+    prediction type are supported, and it makes the predictions the guidance asks for (`check_model`)."""
+    unet_dir, _ = locate(reference)
+    read_schedule(reference)
+    config = json.loads((unet_dir / "config.json").read_text())
+    conditional = config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None
+    check_model(spec, SimpleNamespace(conditional=conditional, null_class=read_sidecar(unet_dir).get("null_class")))
+
+
+def schedule_of(config: dict) -> dict:
+    """A run's noise schedule in diffusers' terms: as recorded (runs since the record, diffusers models), else from its
+    `diffusion` config."""
+    return config.get("schedule") or schedule_signature(config["diffusion"])
 
 
 def role_of(config: dict) -> str | None:
@@ -79,14 +122,15 @@ def find_latest(
         cfg_file = last.parents[1] / ".hydra" / "config.yaml"
         run = OmegaConf.to_container(OmegaConf.load(cfg_file)) if cfg_file.is_file() else {}
         same = like is None or (
-            all(run["dataset"][k] == like["dataset"][k] for k in ("name", "image_size"))
-            and (role != "classifier" or run["diffusion"] == like["diffusion"])
+            all(like["dataset"][k] in (None, run["dataset"][k]) for k in ("name", "image_size"))
+            and (role != "classifier" or same_schedule(schedule_of(run), schedule_of(like)))
         )
         other = unlike is None or run.get("classifier", {}).get("arch") != unlike
         if role_of(run) == role and same and other:
             runs.append((last.stat().st_mtime, str(last)))
     if not runs:
-        match = "" if like is None else f" on {like['dataset']['name']} at {like['dataset']['image_size']}px"
+        on = "" if like is None or like["dataset"]["name"] is None else f" on {like['dataset']['name']}"
+        match = "" if like is None else f"{on} at {like['dataset']['image_size']}px"
         match += "" if unlike is None else f" of another arch than {unlike}"
         raise GuidelabError(
             f"{key}=latest found no {role} run{match} under {Path(root).resolve()} (RUN/checkpoints/"
@@ -96,31 +140,36 @@ def find_latest(
 
 
 def data_signature(ckpt: dict) -> dict:
-    """What a network was trained on: dataset, class count, channels and image size (for compatibility checks)."""
+    """What a network was trained on: dataset, class count, channels and image size (for compatibility checks; None
+    where a diffusers model does not say)."""
     cfg = ckpt["config"]
+    info = cfg["data_info"]
     return {
         "dataset": cfg["dataset"]["name"],
-        "num_classes": int(cfg["data_info"]["num_classes"]),
-        "channels": int(cfg["data_info"]["channels"]),
+        "num_classes": None if info["num_classes"] is None else int(info["num_classes"]),
+        "channels": int(info["channels"]),
         "image_size": int(cfg["dataset"]["image_size"]),
+        "class_names": None if info.get("class_names") is None else list(info["class_names"]),  # dataset=folder
     }
 
 
 def check_compatible(a: dict, a_name: str, b: dict, b_name: str, schedule: bool = False) -> None:
-    """Refuse to combine two checkpoints trained on different data (dataset, classes, channels or image size) or,
-    with `schedule`, on different noise schedules."""
+    """Refuse to combine two checkpoints trained on different data (dataset, classes, channels or image size; what a
+    diffusers model does not say is not compared) or, with `schedule`, on different noise schedules."""
     sig_a, sig_b = data_signature(a), data_signature(b)
-    if sig_a != sig_b:
-        diff = ", ".join(f"{k} {sig_a[k]} vs {sig_b[k]}" for k in sig_a if sig_a[k] != sig_b[k])
+    differ = [k for k in sig_a if None not in (sig_a[k], sig_b[k]) and sig_a[k] != sig_b[k]]
+    if differ:
+        diff = ", ".join(f"{k} {sig_a[k]} vs {sig_b[k]}" for k in differ)
         raise GuidelabError(
             f"{a_name} and {b_name} were trained on different data ({diff}); "
             f"train the {b_name} with the same dataset= and dataset.image_size= as the {a_name}"
         )
-    if schedule and a["config"]["diffusion"] != b["config"]["diffusion"]:
+    if schedule and not same_schedule(schedule_of(a["config"]), schedule_of(b["config"])):
+        pretrained = a["config"]["diffusion"].get("model")
+        how = f"diffusion=pretrained diffusion.model={pretrained}" if pretrained else "the same diffusion= settings"
         raise GuidelabError(
             f"the {b_name} was trained on another noise schedule than the {a_name} "
-            f"({b['config']['diffusion']} vs {a['config']['diffusion']}); train it with the same "
-            "diffusion= settings"
+            f"({b['config']['diffusion']} vs {a['config']['diffusion']}); train it with {how}"
         )
 
 
@@ -134,6 +183,13 @@ class Networks:
     guide: Counted | None = None
     evaluators: list = field(default_factory=list)  # (network, its checkpoint's config and metrics): primary first
     paths: dict = field(default_factory=dict)  # config key -> the checkpoint path used (`latest` resolved)
+    data_info: dict = field(default_factory=dict)  # the classes sampled: the UNet's, or its partners' if it has none
+
+    @property
+    def num_classes(self) -> int:
+        """The classes to sample: the UNet's; for an unconditional diffusers model the guiding classifier's, else the
+        first judge's (`data_info`), else one (unguided samples have no class)."""
+        return int(self.data_info.get("num_classes") or 1)
 
     def evaluations(self) -> dict:
         """Rows evaluated so far: UNet passes (the guide's included) and classifier passes (forward + input grad), and
@@ -150,6 +206,7 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
     needs = spec.needs
     paths = {"ckpt": resolve("ckpt", cfg.ckpt, cfg.runs_root, "diffusion")}
     unet, unet_ckpt = load(paths["ckpt"], "diffusion", device)
+    check_model(spec, unet)
     nets = Networks(
         Counted(unet),
         Diffusion.from_config(unet_ckpt["config"]["diffusion"]).to(device),
@@ -190,6 +247,8 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
             )
         nets.evaluators.append((net, ev_ckpt["config"], ev_ckpt["metrics"]))
         unlike = ev_ckpt["config"]["classifier"].get("arch")
+    info = unet_ckpt["config"]["data_info"]
+    nets.data_info = dict(unet_ckpt["config"].get("partner_data_info", info) if info["num_classes"] is None else info)
     return nets
 
 
@@ -197,6 +256,9 @@ def _partner(path: str, role: str, unet_ckpt: dict, device: torch.device):
     """A network that works with the UNet (guide, noisy or clean classifier, evaluator), checked: the same data, the
     same noise schedule (guide, noisy classifier), and the right kind of classifier."""
     net, ckpt = load(path, "diffusion" if role == "guide" else "classifier", device)
+    if unet_ckpt["config"]["data_info"]["num_classes"] is None and ckpt["config"]["data_info"]["num_classes"]:
+        unet_ckpt["config"].setdefault("partner_data_info", ckpt["config"]["data_info"])  # the first partner that
+        # knows the classes names them for an unconditional diffusers model
     check_compatible(unet_ckpt, "diffusion checkpoint", ckpt, role, schedule=role in ("guide", "classifier"))
     if role != "guide" and (found := role_of(ckpt["config"])) != role:
         raise GuidelabError(

@@ -137,7 +137,7 @@ def collect(sweep_dirs: list[Path]) -> list[dict]:
             else:
                 row = _from_overrides(npz.parent)
             row["run"] = npz.parent.name if len(sweep_dirs) == 1 else f"{sweep_dir.name}/{npz.parent.name}"
-            rows.append({**row, "dir": npz.parent})
+            rows.append({**row, "dir": npz.parent, "class_names": _class_names(npz.parent)})
     if not rows:
         raise GuidelabError(
             f"no */samples.npz under {', '.join(map(str, sweep_dirs))}; pass the hydra.sweep.dir "
@@ -153,6 +153,21 @@ def collect(sweep_dirs: list[Path]) -> list[dict]:
             r["scale"],
         ),
     )
+
+
+def _class_names(job_dir: Path) -> list[str] | None:
+    """The class names the job's diffusion checkpoint recorded (its data_info: e.g. the folder names of
+    dataset=folder), read memory-mapped, for results.md; None where unknown."""
+    import torch
+    from omegaconf import OmegaConf
+
+    try:
+        ckpt = OmegaConf.load(job_dir / ".hydra" / "config.yaml").get("ckpt")
+        loaded = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        names = loaded["config"]["data_info"]["class_names"]
+    except Exception:  # no checkpoint file (a diffusers model, a moved run): the table goes without names
+        return None
+    return [str(n) for n in names] if names else None
 
 
 def _from_overrides(job_dir: Path) -> dict:
@@ -208,6 +223,11 @@ def markdown(rows: list[dict]) -> str:
         note += "; guidance classifier held-out accuracy " + ", ".join(
             f"{a:.2f}" + ("" if t == "clean" else f" at t = {t[1:]}") for t, a in accs.items()
         )
+    names = {json.dumps(r["class_names"]) for r in rows if r.get("class_names")}
+    for listed in map(json.loads, sorted(names)):  # what the class indices (grids, accuracy_per_class) stand for
+        if listed == [str(i) for i in range(len(listed))]:
+            continue  # digits: the names are the indices
+        note += "; classes " + ", ".join(f"{i} {name}" for i, name in enumerate(listed))
     flagged = [r for r in rows if r["disagreement"] is not None and abs(r["disagreement"]) > DISAGREE + 1e-9]
     if any(r["disagreement"] is not None for r in rows):
         note += (

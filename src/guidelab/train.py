@@ -23,9 +23,11 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from guidelab import checkpoint, dist
-from guidelab.data import ImageData, load_dataset
+from guidelab.data import ImageData, load_from_config
+from guidelab.diffusion import schedule_signature
 from guidelab.errors import GuidelabError
 from guidelab.log import Logger, require_logger
+from guidelab.pretrained import model_reference, sample_size
 from guidelab.registry import OneOf, Range
 
 
@@ -55,8 +57,8 @@ class EMA:
 
 
 def load_data(cfg, split: str) -> ImageData:
-    d = cfg.dataset
-    return load_dataset(d.name, split=split, root=d.root, image_size=d.image_size, download=d.download, seed=cfg.seed)
+    """One split of the configured dataset, every key of its config passed on (a set's own keys included)."""
+    return load_from_config(OmegaConf.to_container(cfg.dataset), split, seed=cfg.seed)
 
 
 # ---------------------------------------------------------------- the loop
@@ -129,6 +131,14 @@ def validate(cfg) -> None:
     Range(0, open_lo=True).check("train.grad_clip", tc.grad_clip, tc)
     Range(0, 1 - 1e-12, "e.g. train.ema_decay=0.9999").check("train.ema_decay", tc.ema_decay, tc)
     OneOf(("constant", "cosine")).check("train.lr_schedule", tc.lr_schedule, tc)
+    if "diffusion" in cfg and cfg.diffusion.schedule == "pretrained":  # found and read now, its image size matched
+        reference = model_reference(cfg.diffusion)
+        schedule_signature(cfg.diffusion)
+        if (size := sample_size(reference)) != cfg.dataset.image_size:
+            raise GuidelabError(
+                f"{reference} samples {size}x{size} images but dataset.image_size is {cfg.dataset.image_size}; train "
+                f"on the model's size: dataset.image_size={size}"
+            )
 
 
 @dataclass
@@ -251,6 +261,8 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
     data = load_data(cfg, "train")
     task = make_task(cfg, data, device)
     config = {**OmegaConf.to_container(cfg, resolve=True), "data_info": data.info}
+    if "diffusion" in cfg:  # the schedule in diffusers' terms: a pretrained model's is read once, here
+        config["schedule"] = schedule_signature(cfg.diffusion)
     images, labels = data.images.to(device), data.labels.to(device)  # small data sets live on the device
     run = _build(cfg, kind, run_dir, task, config, device, len(labels))
     if found is not None:

@@ -136,7 +136,7 @@ def frequency_combine(
 
 
 # ---------------------------------------------------------------- the modes: builders of eps-functions
-@MODES.register(scale=None, w=False, base=BASE)
+@MODES.register(scale=None, w=False, base=BASE, uses="base")
 def _none(ctx: Context, base: str = "cond") -> EpsFn:
     """eps(x_t, y) (base=cond, the conditional model) or eps(x_t, null) (base=uncond): no guidance."""
     labels = ctx.base_labels(base)
@@ -333,7 +333,10 @@ def _dynamic_threshold(ctx: Context, percentile: float = 0.995) -> EpsFn:
 
 
 @MODES.register(
-    needs=("guide",), scale=Range(0, math.inf, "the main model's weight over the guide; 1 = the main model"), w=False
+    needs=("guide",),
+    scale=Range(0, math.inf, "the main model's weight over the guide; 1 = the main model"),
+    w=False,
+    uses=(),
 )
 def _autoguidance(ctx: Context) -> EpsFn:
     """Autoguidance, Karras et al. 2024 ("Guiding a Diffusion Model with a Bad Version of Itself"): the CFG form

@@ -72,7 +72,7 @@ def classifier_term(ctx: Context, x: torch.Tensor, t: torch.Tensor, scale: float
 
 
 # ---------------------------------------------------------------- the modes
-@MODES.register(needs=("classifier",), scale=CLASSIFIER_SCALE, w=False, base=BASE)
+@MODES.register(needs=("classifier",), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base")
 def _cg(ctx: Context, base: str = "uncond") -> EpsFn:
     """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x_t)
     (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2)."""
@@ -80,7 +80,7 @@ def _cg(ctx: Context, base: str = "uncond") -> EpsFn:
     return lambda x, t: Guided(ctx.unet(x, t, labels), classifier_term(ctx, x, t, ctx.scale))
 
 
-@MODES.register(needs=("clean_classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE)
+@MODES.register(needs=("clean_classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base")
 def _cg_x0(ctx: Context, base: str = "uncond") -> EpsFn:
     """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x0_hat)
     of a clean classifier on the denoised estimate, through the UNet (`x0_classifier_score`, Bansal et al. 2023's
@@ -103,7 +103,13 @@ def _cfg_cg(ctx: Context, classifier_scale: float = 1.0) -> EpsFn:
 
 
 @MODES.register(
-    needs=("classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, sigma_lo=SIGMA, sigma_hi=INTERVAL_TOP
+    needs=("classifier", "diffusion"),
+    scale=CLASSIFIER_SCALE,
+    w=False,
+    base=BASE,
+    sigma_lo=SIGMA,
+    sigma_hi=INTERVAL_TOP,
+    uses="base",
 )
 def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
     """Classifier guidance only where sigma in (sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024's interval applied to

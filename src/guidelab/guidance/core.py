@@ -25,8 +25,10 @@ from guidelab.guided import EpsFn, noise_level, timed
 from guidelab.registry import Entry, OneOf, Range, Registry
 
 CFG_SCALE = Range(0, math.inf, "0 = unconditional, 1 = conditional, > 1 guided (w = s - 1)")
-MODES = Registry("guidance", fixed=("ctx",), needs=(), scale=CFG_SCALE, w=True)
+MODES = Registry("guidance", fixed=("ctx",), needs=(), scale=CFG_SCALE, w=True, uses=("uncond", "cond"))
 # needs: classifier (noisy), clean_classifier (clean, called at t = 0; same slot), guide, diffusion
+# uses: the diffusion model's predictions the mode asks for: "uncond" (the null class: a model trained with label
+# dropout; an unconditional model is one), "cond" (a class input); "base": the one its `base` key names; (): either
 SCHEDULE = OneOf(("constant", "linear", "cosine"), "how the CFG weight w = s - 1 varies over t (Wang et al. 2024)")
 NEEDS = {
     "classifier": "a noisy classifier: pass classifier_ckpt=PATH (train one with `python train_classifier.py`)",
@@ -91,6 +93,13 @@ class GuidanceSpec:
         return tuple(self.entry.traits["needs"]) + scheduled
 
     @property
+    def uses(self) -> tuple[str, ...]:
+        """The diffusion model's predictions the mode combines: "uncond" (eps(x_t, null): needs a model trained with
+        label dropout, or an unconditional one), "cond" (eps(x_t, y): needs a class input); () works with any model."""
+        uses = self.entry.traits["uses"]
+        return (self.params["base"],) if uses == "base" else tuple(uses)
+
+    @property
     def w(self) -> float | None:
         """Ho & Salimans' w = s - 1 where `scale` is a CFG strength; None where it means something else (CG's s)."""
         return self.scale - 1 if self.entry.traits["w"] else None
@@ -137,6 +146,34 @@ def resolve_config(cfg) -> GuidanceSpec:
     return resolve(name, cfg.scale, cfg.schedule, **keys)
 
 
+def check_model(spec: GuidanceSpec, unet) -> None:
+    """Refuse a mode that asks the diffusion model for a prediction it cannot make (`GuidanceSpec.uses`): the
+    unconditional one of a class-conditional model without a null class, or the conditional one of an unconditional
+    model (guidelab's UNets have both; a diffusers model may have either or neither). The error lists the modes that
+    work with the model."""
+    conditional = getattr(unet, "conditional", True)
+    can = {"uncond": not conditional or getattr(unet, "null_class", None) is not None, "cond": conditional}
+    if all(can[u] for u in spec.uses):
+        return
+    works = []
+    for name, entry in MODES.items():
+        uses = entry.traits["uses"]
+        if uses == "base":
+            default = entry.params["base"].default
+            works += [name] if can[default] else [f"{name} (guidance.base={'cond' if can['cond'] else 'uncond'})"]
+        elif all(can[u] for u in uses):
+            works.append(name)
+    if not can["cond"]:
+        why = "the conditional prediction eps(x_t, y), but this diffusion model is unconditional (no class input)"
+        why += "; CFG needs a class-conditional model trained with label dropout" if "uncond" in spec.uses else ""
+    else:
+        why = (
+            "the unconditional prediction eps(x_t, null), but this diffusion model has no null class (CFG needs a "
+            "model trained with label dropout)"
+        )
+    raise GuidelabError(f"guidance={spec.name} needs {why}; modes that work with it: {', '.join(works)}")
+
+
 # ---------------------------------------------------------------- what every builder may use
 @dataclass
 class Context:
@@ -151,6 +188,9 @@ class Context:
 
     @property
     def null(self) -> torch.Tensor:
+        """The null labels; an unconditional model (no null class, no class input) ignores labels, so y serves."""
+        if self.unet.null_class is None:
+            return self.y
         return torch.full_like(self.y, self.unet.null_class)
 
     def abar_t(self, x, t) -> torch.Tensor:
@@ -200,6 +240,7 @@ def make_eps_fn(
     (eps-functions get the model's timesteps), `classifier` the noisy or clean one, `guide` autoguidance's. A
     non-constant schedule sets the mode's s = 1 + `scheduled_weight`(s - 1, t / T) before every call (the samplers
     step all samples of a batch together, so t[0] is the batch's t)."""
+    check_model(spec, unet)
     given = {"classifier": classifier, "clean_classifier": classifier, "guide": guide, "diffusion": diffusion}
     for need in spec.needs:
         if given[need] is None:

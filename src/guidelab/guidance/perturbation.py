@@ -85,7 +85,7 @@ def attention_perturbed(unet, layers, attention):
 
 
 # ---------------------------------------------------------------- the modes
-@MODES.register()
+@MODES.register(uses=())
 def _pag(ctx: Context, layers: tuple = ("encoder.mid.1",)) -> EpsFn:
     """Perturbed-attention guidance (Ahn et al. 2024, Eq. 9 in this codebase's CFG form): the guiding prediction is the
     conditional model with the self-attention of the blocks named in `layers` replaced by `identity_attention`:
@@ -95,7 +95,7 @@ def _pag(ctx: Context, layers: tuple = ("encoder.mid.1",)) -> EpsFn:
     return lambda x, t: Guided(ctx.away_from(x, t, perturbed))
 
 
-@MODES.register(sigma=Range(0, math.inf, "std of the query blur in pixels; 0 = none (the conditional model)"))
+@MODES.register(sigma=Range(0, math.inf, "std of the query blur in pixels; 0 = none (the conditional model)"), uses=())
 def _seg(ctx: Context, layers: tuple = ("encoder.mid.1",), sigma: float = 10.0) -> EpsFn:
     """Smoothed energy guidance (Hong 2024, in this codebase's CFG form): the guiding prediction is the conditional
     model with the queries of the attention blocks named in `layers` blurred (`blurred_query_attention`):
@@ -108,6 +108,7 @@ def _seg(ctx: Context, layers: tuple = ("encoder.mid.1",), sigma: float = 10.0) 
 @MODES.register(
     noise_scale=Range(0, math.inf, "std of the noise on the sinusoidal time embedding; 0 = none"),
     seed=Range(0, 2**63 - 1, "seeds the embedding noise's own generator"),
+    uses=(),
 )
 def _tsg(ctx: Context, noise_scale: float = 1.0, seed: int = 0) -> EpsFn:
     """Time-step guidance (Sadat et al. 2025, Sec. 5, in this codebase's CFG form): the guiding prediction is the

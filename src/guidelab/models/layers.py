@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from guidelab.errors import GuidelabError
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
     """Sinusoidal embedding of (possibly non-integer) timesteps t (B,) -> (B, dim), float32.
@@ -148,3 +150,18 @@ class EmbedSequential(nn.Sequential):
         for layer in self:
             x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
+
+
+def select_blocks(root: nn.Module, kind: type, names, owner: str) -> dict:
+    """The submodules of type `kind` by module path, all of them or those in `names` (the seam of the perturbation
+    modes: `guidance.layers`); an unknown name is refused, listing the valid ones."""
+    blocks = {name: m for name, m in root.named_modules() if isinstance(m, kind)}
+    if names is None:
+        return blocks
+    unknown = [n for n in names if n not in blocks]
+    if unknown:
+        raise GuidelabError(
+            f"guidance.layers {unknown} are not attention blocks of this {owner}; its attention blocks: "
+            f"{', '.join(blocks) or 'none'}"
+        )
+    return {n: blocks[n] for n in names}

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guidelab.errors import GuidelabError
 from guidelab.models.layers import (
     AttentionBlock,
     Downsample,
@@ -22,6 +21,7 @@ from guidelab.models.layers import (
     TimestepEmbedder,
     Upsample,
     group_norm,
+    select_blocks,
     zero_module,
 )
 from guidelab.registry import Range
@@ -170,16 +170,7 @@ class UNet(nn.Module):
     def attention_blocks(self, names=None) -> dict[str, AttentionBlock]:
         """The self-attention blocks by module path (e.g. encoder.mid.1), what `perturbed(attention=...)` can reach:
         all of them, or those in `names` (an unknown name is refused, listing the valid ones)."""
-        blocks = {name: m for name, m in self.named_modules() if isinstance(m, AttentionBlock)}
-        if names is None:
-            return blocks
-        unknown = [n for n in names if n not in blocks]
-        if unknown:
-            raise GuidelabError(
-                f"guidance.layers {unknown} are not attention blocks of this UNet; its attention blocks: "
-                f"{', '.join(blocks) or 'none'}"
-            )
-        return {n: blocks[n] for n in names}
+        return select_blocks(self, AttentionBlock, names, "UNet")
 
     @contextmanager
     def perturbed(

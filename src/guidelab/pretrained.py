@@ -1,0 +1,147 @@
+"""Diffusion models that guidelab did not train: how they are named, found and read (the network wrapper is
+guidelab.models.diffusers_unet; the schedule's betas are guidelab.diffusion's).
+
+A model is named by a reference: `diffusers:PATH` (a directory written by `save_pretrained`: a pipeline directory
+with `unet/` and `scheduler/`, or a bare model directory with `scheduler_config.json` beside its `config.json` or in a
+sibling `scheduler/`), or `hub:ORG/NAME` (fetched through huggingface_hub where the network allows). The schedule is
+read from the scheduler config, never assumed: `num_train_timesteps`, `beta_schedule` (linear, scaled_linear,
+squaredcos_cap_v2), `beta_start`, `beta_end`, `prediction_type` (epsilon, v_prediction, sample). The scheduler's
+sampling settings (timestep_spacing, clip_sample, steps_offset, ...) are not read: guidelab's own samplers and their
+keys decide how to sample.
+
+A directory that guidelab exported (`export_diffusers.py`) also holds `guidelab.json`: the data set, class names and
+the null class of a model trained with label dropout (the last class-embedding row), which diffusers' config cannot
+say. Without it a class-conditional model (`num_class_embeds`) has no null class, and an unconditional one none at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from guidelab.errors import GuidelabError
+
+PREFIXES = ("diffusers:", "hub:")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+SIDECAR = "guidelab.json"  # what guidelab adds to an exported model: dataset, class names, null class
+
+
+def is_reference(value) -> bool:
+    """Whether a checkpoint value names a diffusers model (`diffusers:PATH` or `hub:ORG/NAME`)."""
+    return isinstance(value, str) and value.startswith(PREFIXES)
+
+
+def import_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise GuidelabError(
+            "a diffusers model needs the diffusers library: pip install -e '.[diffusers]' (or pip install diffusers)"
+        ) from None
+    return diffusers
+
+
+def locate(reference: str) -> tuple[Path, Path]:
+    """(the UNet's directory, its scheduler config file) of a `diffusers:` or `hub:` reference."""
+    if reference.startswith("hub:"):
+        root = _fetch(reference[len("hub:") :])
+    else:
+        root = Path(reference[len("diffusers:") :]).expanduser()
+        if not root.is_dir():
+            raise GuidelabError(
+                f"{reference}: {root} is not a directory; pass a directory written by save_pretrained (a pipeline "
+                "directory with unet/ and scheduler/, or a model directory with scheduler_config.json)"
+            )
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    if not (unet_dir / "config.json").is_file():
+        raise GuidelabError(
+            f"{reference}: no UNet config.json in {root} or {root / 'unet'}; pass the directory that "
+            "UNet2DModel.save_pretrained or a pipeline's save_pretrained wrote"
+        )
+    for candidate in (
+        root / "scheduler" / "scheduler_config.json",
+        unet_dir / "scheduler_config.json",
+        unet_dir.parent / "scheduler" / "scheduler_config.json",
+    ):
+        if candidate.is_file():
+            return unet_dir, candidate
+    raise GuidelabError(
+        f"{reference}: no scheduler config beside the model in {root} (scheduler/scheduler_config.json or "
+        "scheduler_config.json); save the model's scheduler there (scheduler.save_pretrained(DIR)) so that its noise "
+        "schedule is known"
+    )
+
+
+def _fetch(repo_id: str) -> Path:
+    """A hub model's files through huggingface_hub (the local cache first); offline, a one-line error."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise GuidelabError("hub: references need huggingface_hub: pip install -e '.[diffusers]'") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*/*"]))
+    except Exception as e:  # offline, unknown repository, gated: every failure of the fetch ends here
+        raise GuidelabError(
+            f"hub:{repo_id} could not be fetched ({type(e).__name__}; offline or HF_HUB_OFFLINE=1, or no such "
+            f"repository); download it where there is a network (huggingface-cli download {repo_id} --local-dir DIR) "
+            "and pass ckpt=diffusers:DIR"
+        ) from None
+
+
+def read_schedule(reference: str) -> dict:
+    """The noise schedule of a referenced model, from its scheduler config: {beta_schedule, num_steps, beta_start,
+    beta_end, prediction_type} (what is not read is listed in the module docstring)."""
+    _, path = locate(reference)
+    cfg = json.loads(path.read_text())
+    if cfg.get("trained_betas") is not None:
+        raise GuidelabError(
+            f"{path}: trained_betas (an explicit beta list) is not supported; use a named beta_schedule"
+        )
+    schedule = {
+        "beta_schedule": cfg.get("beta_schedule", "linear"),
+        "num_steps": int(cfg.get("num_train_timesteps", 1000)),
+        "beta_start": float(cfg.get("beta_start", 0.0001)),
+        "beta_end": float(cfg.get("beta_end", 0.02)),
+        "prediction_type": cfg.get("prediction_type", "epsilon"),
+    }
+    if schedule["beta_schedule"] not in BETA_SCHEDULES:
+        raise GuidelabError(
+            f"{path}: beta_schedule {schedule['beta_schedule']!r} is not supported; supported: "
+            f"{', '.join(BETA_SCHEDULES)}"
+        )
+    if schedule["prediction_type"] not in PREDICTIONS:
+        raise GuidelabError(
+            f"{path}: prediction_type {schedule['prediction_type']!r} is not supported; supported: "
+            f"{', '.join(PREDICTIONS)} (each converted to eps)"
+        )
+    if schedule["num_steps"] < 2:
+        raise GuidelabError(f"{path}: num_train_timesteps must be at least 2, got {schedule['num_steps']}")
+    if schedule["beta_schedule"] == "squaredcos_cap_v2":  # no beta_start / beta_end: the cosine needs none
+        schedule["beta_start"] = schedule["beta_end"] = None
+    return schedule
+
+
+def read_sidecar(unet_dir: Path) -> dict:
+    """guidelab.json of an exported model ({} for any other): dataset, image_size, class_names, null_class."""
+    for path in (unet_dir / SIDECAR, unet_dir.parent / SIDECAR):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+def model_reference(cfg) -> str:
+    """The model of `diffusion=pretrained` (its `model` key), checked to be a reference."""
+    if not is_reference(cfg.get("model")):
+        raise GuidelabError(
+            "diffusion=pretrained needs diffusion.model=diffusers:PATH or hub:ORG/NAME (the model whose noise "
+            f"schedule to use), got {cfg.get('model')!r}"
+        )
+    return cfg["model"]
+
+
+def sample_size(reference: str) -> int:
+    """The image size a referenced model samples (its config's sample_size; square)."""
+    unet_dir, _ = locate(reference)
+    size = json.loads((unet_dir / "config.json").read_text()).get("sample_size")
+    return int(size[0] if isinstance(size, (list, tuple)) else size)

@@ -24,6 +24,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from guidelab import sampling
+from guidelab.diffusion import Diffusion, scheduler_betas
 from guidelab.dist import select_device
 from guidelab.guidance import make_eps_fn, resolve
 from guidelab.models import NoisyClassifier, UNet, build_classifier, build_unet
@@ -225,7 +227,37 @@ def peer_figures(case: Case, device: torch.device, iters: int) -> dict | None:
         xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)])
         seconds = _timed(lambda: net(xx, tt, yy), device, iters, warmup=max(2, iters // 5))
     figures["cfg_img_steps_s"] = case.batch / seconds
+    figures.update(wrapper_figures(net, x, y, device, iters))
     return figures
+
+
+def wrapper_figures(net, x: torch.Tensor, y: torch.Tensor, device: torch.device, iters: int, steps: int = 10) -> dict:
+    """A UNet2DModel sampled inside guidelab (DiffusersUNet, guidance=none, DDIM on the leading grid) against the bare
+    diffusers loop (DDIMScheduler.step over the same model) at the same batch: images x steps per second each, so that
+    their ratio is what the wrapper, the eps-function and guidelab's sampler cost."""
+    from diffusers import DDIMScheduler
+
+    from guidelab.models.diffusers_unet import DiffusersUNet
+
+    linear = {"beta_schedule": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    diffusion = Diffusion(scheduler_betas(linear)).to(device)
+    eps_fn = make_eps_fn(resolve("none"), DiffusersUNet(net, diffusion.abar, null_class=10).to(device), y)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(steps)
+
+    def bare():
+        sample = x
+        for t in scheduler.timesteps:
+            sample = scheduler.step(net(sample, t.to(device), y).sample, t, sample).prev_sample
+
+    def ours():
+        sampling.sample("ddim", eps_fn, diffusion, x, steps, "leading", False)
+
+    out = {}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for key, fn in (("bare_loop_img_steps_s", bare), ("wrapped_img_steps_s", ours)):
+            out[key] = x.shape[0] * steps / _timed(fn, device, iters, warmup=max(1, iters // 5))
+    return out
 
 
 def run(
@@ -254,6 +286,7 @@ def run(
             row["ratios"] = {
                 "train_img_s": ours["train_img_s"] / row["peer"]["train_img_s"],
                 "cfg_img_steps_s": ours["cfg_img_steps_s"] / row["peer"]["cfg_img_steps_s"],
+                "wrapper_over_bare": row["peer"]["wrapped_img_steps_s"] / row["peer"]["bare_loop_img_steps_s"],
             }
         rows.append(row)
     return rows

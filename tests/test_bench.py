@@ -56,7 +56,8 @@ def test_tiny_benchmark_prints_every_figure(tmp_path):
     assert {"train_img_s", "gflops_fwd_per_img", "peak_mem_MB"} <= set(row["classifier"])
     assert row["peer"] is not None, "diffusers is missing: pip install -e '.[bench]' (make test installs it)"
     assert row["peer"]["train_img_s"] > 0 and row["peer"]["cfg_img_steps_s"] > 0
-    assert set(row["ratios"]) == {"train_img_s", "cfg_img_steps_s"}
+    assert row["peer"]["wrapped_img_steps_s"] > 0 and row["peer"]["bare_loop_img_steps_s"] > 0
+    assert set(row["ratios"]) == {"train_img_s", "cfg_img_steps_s", "wrapper_over_bare"}
     levers = [
         f"train_img_s[{v}]"
         for v in (

@@ -21,8 +21,16 @@ from guidelab.train import Task, train, validate
 
 
 def network(cfg, channels: int, num_classes: int):
-    """The UNet the `model` config describes (guidelab.models.UNet; it checks its own arguments)."""
+    """The network the `model` config describes (guidelab's UNet, or a diffusers layout; each checks its arguments)."""
     return build_unet(cfg.model, channels, cfg.dataset.image_size, num_classes)
+
+
+def preview_guidance(cfg):
+    """The preview grids' guidance: CFG at train.eval_scale, or the model itself where it is unconditional (a diffusers
+    layout with model.conditional=false)."""
+    if not cfg.model.get("conditional", True):
+        return resolve("none", base="uncond")
+    return resolve("cfg", cfg.train.eval_scale)
 
 
 def task(cfg, data: ImageData, device: torch.device) -> Task:
@@ -30,7 +38,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
     the periodic evaluation is a CFG preview grid (DDIM, one row of 8 per class, the same noise every time)."""
     channels, num_classes, size = data.info["channels"], data.num_classes, cfg.dataset.image_size
     diffusion = Diffusion.from_config(cfg.diffusion).to(device)
-    preview = resolve("cfg", cfg.train.eval_scale)
+    preview = preview_guidance(cfg)
 
     def evaluate(ema_model, step: int, run_dir: Path) -> dict:
         y = torch.arange(num_classes, device=device).repeat_interleave(8)
@@ -51,7 +59,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
 def check(cfg) -> None:
     """The training options, and the UNet's own arguments (built on the meta device: no memory, no time)."""
     validate(cfg)
-    resolve("cfg", cfg.train.eval_scale)  # the preview grids' CFG scale
+    preview_guidance(cfg)  # the preview grids' CFG scale
     channels, class_names = dataset_shape(cfg.dataset)  # dataset=folder: its root and class folders, read now
     with torch.device("meta"):
         network(cfg, channels, len(class_names))

@@ -127,6 +127,7 @@ def test_guidelab_schedules_match_their_diffusers_names():
     assert same_schedule(schedule_signature({"schedule": "linear", "num_steps": 1000}), linear)
     assert not same_schedule(schedule_signature({"schedule": "linear", "num_steps": 500}), linear | {"num_steps": 500})
     cosine = schedule_signature({"schedule": "cosine", "num_steps": 1000})
+    assert not same_schedule(cosine, linear) and not same_schedule(linear, cosine)  # names differ: no float compare
     assert torch.allclose(
         scheduler_betas(cosine), Diffusion.from_config({"schedule": "cosine", "num_steps": 1000}).betas
     )
@@ -236,3 +237,54 @@ def test_classifier_guidance_of_a_diffusers_model_through_the_scripts(tmp_path, 
     other = tmp_path / "OTHER" / "checkpoints" / "last.pt"
     proc = run_script("sample.py", *args[:3], f"classifier_ckpt={other}", "hydra.run.dir=S2", cwd=tmp_path)
     assert_one_line_error(proc, "another noise schedule", f"diffusion=pretrained diffusion.model={reference}")
+
+
+def test_a_diffusers_layout_is_a_model_option_typed_by_its_builder():
+    """model=diffusers_tiny composes, builds a class-conditional UNet2DModel with the null row, drops labels in
+    training mode; a guidelab UNet key on it is refused, as is a layout whose levels disagree."""
+    from guidelab.models import build_unet
+
+    assert check_command_line("train_diffusion.py", "model=diffusers_tiny") == ""
+    assert "unknown key 'model.channels'" in check_command_line(
+        "train_diffusion.py", "model=diffusers_tiny", "model.channels=8"
+    )
+    line = check_command_line("train_diffusion.py", "model=diffusers_tiny", "model.block_out_channels=[8,16,16]")
+    assert "one entry per level" in line
+    assert "set model.p_uncond=0" in check_command_line(
+        "train_diffusion.py", "model=diffusers_tiny", "model.conditional=false"
+    )
+    layout = {"arch": "diffusers", "block_out_channels": [16, 32], "norm_num_groups": 8, "p_uncond": 1.0}
+    net = build_unet(layout, 1, 8, 3)
+    assert net.model.class_embedding.num_embeddings == 4 and net.null_class == 3 and net.conditional
+    y = torch.tensor([0, 1, 2])
+    assert torch.equal(net.train().drop_labels(y), torch.full_like(y, 3)) and torch.equal(net.eval().drop_labels(y), y)
+    unconditional = build_unet(layout | {"conditional": False, "p_uncond": 0.0}, 1, 8, 3)
+    assert unconditional.model.class_embedding is None and unconditional.null_class is None
+
+
+@pytest.mark.slow
+def test_train_export_and_load_back_a_diffusers_layout(tmp_path):
+    """Both directions: guidelab trains a UNet2DModel (model=diffusers_tiny), export_diffusers.py writes a pipeline
+    directory that diffusers' DDPMPipeline loads, and sampling the export (ckpt=diffusers:DIR, CFG through the null
+    class that guidelab.json carries) gives the same samples.npz bit for bit as sampling the run's checkpoint; an
+    existing directory and a guidelab-UNet run are refused."""
+    proc = run_script("train_diffusion.py", "experiment=smoke", "model=diffusers_tiny", "hydra.run.dir=D", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "D" / "checkpoints" / "last.pt"
+    proc = run_script("export_diffusers.py", str(ckpt), "E", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "E")
+    assert pipe.unet.config.num_class_embeds == 11 and pipe.scheduler.config.num_train_timesteps == 1000
+    assert json.loads((tmp_path / "E" / "guidelab.json").read_text())["null_class"] == 10
+    common = ["guidance=cfg", "scale=3", "num_samples=8", "batch_size=4"]
+    for ref, run in ((str(ckpt), "S1"), ("diffusers:E", "S2")):
+        proc = run_script("sample.py", f"ckpt={ref}", *common, f"hydra.run.dir={run}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "S1" / "samples.npz").read_bytes() == (tmp_path / "S2" / "samples.npz").read_bytes()
+    before = (tmp_path / "E" / "guidelab.json").read_text()
+    assert_one_line_error(run_script("export_diffusers.py", str(ckpt), "E", cwd=tmp_path), "not an empty directory")
+    assert (tmp_path / "E" / "guidelab.json").read_text() == before
+    proc = run_script("train_diffusion.py", "experiment=smoke", "train.steps=2", "hydra.run.dir=U", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("export_diffusers.py", str(tmp_path / "U" / "checkpoints" / "last.pt"), "F", cwd=tmp_path)
+    assert_one_line_error(proc, "only runs of a diffusers layout")

@@ -28,6 +28,7 @@ from guidelab.data import DATASETS, DatasetSpec, dataset_info
 from guidelab.errors import GuidelabError
 from guidelab.guidance import MODES
 from guidelab.models import CLASSIFIERS, RUN_KEYS, UNet
+from guidelab.models.diffusers_unet import diffusers_layout
 from guidelab.registry import schema_of
 from guidelab.sampling import SAMPLERS
 
@@ -50,17 +51,21 @@ def typed(values: dict, name: str, head: tuple = ()) -> type:
     return make_dataclass(name, fields)
 
 
+def _args(fn) -> dict:
+    """A network builder's keyword arguments: its parameters after (in_channels, image_size, num_classes)."""
+    return dict(list(inspect.signature(fn).parameters.items())[3:])
+
+
 def network_schema(cls: type, name: str, head: list) -> type:
     """A network group's schema: `head` fields, then the network's keyword arguments typed by their annotations."""
     return schema_of(cls.__init__, name, head, dict(list(inspect.signature(cls).parameters.items())[3:]))
 
 
 def group_schema(group: str):
-    """A group's node type: UNet's keyword arguments for `model`; for registries, `classifier` and `diffusion`, typed
-    per option elsewhere, Any; else the keys of all its option files (configs/<group>/*.yaml), typed by their values."""
-    if group == "model":
-        return network_schema(UNet, "model", [("name", str, MISSING)])
-    if group in GENERATED or group in ("classifier", "diffusion"):
+    """A group's node type: for registries, `model`, `classifier` and `diffusion`, typed per option elsewhere (a model
+    option names its schema, schema/model/unet or schema/model/diffusers, in its own defaults list), Any; else the keys
+    of all its option files (configs/<group>/*.yaml), typed by their values."""
+    if group in GENERATED or group in ("model", "classifier", "diffusion"):
         return Any
     values = {}
     for option in sorted((CONFIG_DIR / group).glob("*.yaml")):
@@ -137,6 +142,13 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
         ]  # typed by defaults
         node = network_schema(CLASSIFIERS[arch], f"classifier_{arch}", head) if arch in CLASSIFIERS else Any
         store.store(group="schema/classifier", name=option.stem, node=node)
+    store.store(group="schema/model", name="unet", node=network_schema(UNet, "model", [("name", str, MISSING)]))
+    head = [("name", str, MISSING), ("arch", str, "diffusers")]  # model options name their schema in their defaults
+    store.store(
+        group="schema/model",
+        name="diffusers",
+        node=schema_of(diffusers_layout, "model_diffusers", head, _args(diffusers_layout)),
+    )
     for option in (CONFIG_DIR / "diffusion").glob("*.yaml"):  # each its own keys (pretrained: the model, no T)
         values = OmegaConf.to_container(OmegaConf.load(option))
         store.store(group="schema/diffusion", name=option.stem, node=typed(values, f"diffusion_{option.stem}"))

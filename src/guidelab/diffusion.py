@@ -67,7 +67,7 @@ def schedule_signature(cfg) -> dict:
 
 def same_schedule(a: dict, b: dict) -> bool:
     """Whether two schedule signatures describe the same betas (beta bounds to 1e-9 relative)."""
-    close = lambda u, v: u == v or (u is not None and v is not None and math.isclose(u, v, rel_tol=1e-9))
+    close = lambda u, v: u == v or (isinstance(u, float) and isinstance(v, float) and math.isclose(u, v, rel_tol=1e-9))
     return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
 
 

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from guidelab.errors import GuidelabError
 from guidelab.models.classifier import NoisyClassifier
+from guidelab.models.diffusers_unet import diffusers_layout
 from guidelab.models.evaluator import VGG, ResNet
 from guidelab.models.unet import UNet
 
@@ -37,8 +38,11 @@ def _kwargs(cls: type, cfg: Mapping, group: str) -> dict:
     return kwargs
 
 
-def build_unet(model_cfg: Mapping, in_channels: int, image_size: int, num_classes: int) -> UNet:
-    """UNet from a `model` config group (keys mirror UNet's keyword arguments, plus `name`)."""
+def build_unet(model_cfg: Mapping, in_channels: int, image_size: int, num_classes: int):
+    """The diffusion network of a `model` config group: guidelab's UNet (keys mirror its keyword arguments, plus
+    `name`), or with `arch: diffusers` a diffusers UNet2DModel layout (`diffusers_layout`'s keyword arguments)."""
+    if model_cfg.get("arch", "unet") == "diffusers":
+        return diffusers_layout(in_channels, image_size, num_classes, **_kwargs(diffusers_layout, model_cfg, "model"))
     return UNet(in_channels, image_size, num_classes, **_kwargs(UNet, model_cfg, "model"))
 
 

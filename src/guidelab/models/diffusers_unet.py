@@ -43,7 +43,7 @@ class DiffusersUNet(nn.Module):
     def __init__(
         self,
         model,
-        abar: torch.Tensor,
+        abar: torch.Tensor | None = None,  # the schedule's alpha-bar; needed only to convert v or x0 predictions
         prediction_type: str = "epsilon",
         null_class: int | None = None,
         p_uncond: float = 0.0,
@@ -74,7 +74,9 @@ class DiffusersUNet(nn.Module):
         self.num_embeddings = int(cfg.num_class_embeds) if self.conditional else 0
         self.null_class = null_class
         self.p_uncond = p_uncond
-        self.register_buffer("abar", abar.to(torch.float64), persistent=False)
+        if abar is None and prediction_type != "epsilon":
+            raise GuidelabError(f"a {prediction_type} model needs its schedule's alpha-bar to give eps")
+        self.register_buffer("abar", None if abar is None else abar.to(torch.float64), persistent=False)
         self._hooks: dict[str, Callable] = {}
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
@@ -170,3 +172,44 @@ class _PerturbedAttention:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def diffusers_layout(
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    p_uncond: float = 0.1,  # label dropout to the null class (Ho & Salimans 2022); 0 with conditional=false
+    conditional: bool = True,  # a class input with num_classes + 1 embeddings (the last: null); false = unconditional
+    block_out_channels: tuple = (64, 128),  # UNet2DModel's keyword arguments from here on, per resolution level
+    layers_per_block: int = 1,
+    down_block_types: tuple = ("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types: tuple = ("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim: int = 8,
+    norm_num_groups: int = 32,
+    dropout: float = 0.0,
+) -> DiffusersUNet:
+    """A diffusers UNet2DModel of this layout that guidelab trains (`model=` an option with `arch: diffusers`): eps
+    prediction, class-conditional with a null class (the last class-embedding row) for CFG, or unconditional."""
+    from guidelab.registry import Range
+
+    Range(0, 1, "the label-dropout rate; 0.1 in Ho & Salimans 2022").check("model.p_uncond", p_uncond, {})
+    if not conditional and p_uncond:
+        raise GuidelabError("model.conditional=false has no labels to drop: set model.p_uncond=0")
+    if len({len(block_out_channels), len(down_block_types), len(up_block_types)}) != 1:
+        raise GuidelabError(
+            "model.block_out_channels, model.down_block_types and model.up_block_types need one entry per level"
+        )
+    model = import_diffusers().UNet2DModel(
+        sample_size=image_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=tuple(down_block_types),
+        up_block_types=tuple(up_block_types),
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+        dropout=dropout,
+        num_class_embeds=num_classes + 1 if conditional else None,
+    )
+    return DiffusersUNet(model, null_class=num_classes if conditional else None, p_uncond=p_uncond)

@@ -32,7 +32,8 @@ RUN_KEYS = {
 def _kwargs(cls: type, cfg: Mapping, group: str) -> dict:
     """Config keys (but RUN_KEYS: they describe the run) -> constructor keyword arguments (lists as tuples)."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in RUN_KEYS}
+    skip = {*RUN_KEYS, "defaults"}  # an option file read as it is carries Hydra's defaults list (its schema)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in skip}
     if unknown := sorted(set(kwargs) - set(list(inspect.signature(cls).parameters)[3:])):
         raise GuidelabError(f"{group} config has unknown keys {unknown} for {cls.__name__}")
     return kwargs

@@ -18,7 +18,7 @@ from guidelab.cli import main
 from guidelab.data import ImageData, dataset_shape, random_affine
 from guidelab.diffusion import Diffusion
 from guidelab.models import build_classifier
-from guidelab.registry import Range
+from guidelab.registry import OneOf, Range
 from guidelab.train import Task, load_data, train, validate
 
 
@@ -27,24 +27,54 @@ def network(cfg, channels: int, num_classes: int):
     return build_classifier(cfg.classifier, channels, cfg.dataset.image_size, num_classes)
 
 
-def pgd(net, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
-    """L_inf projected gradient ascent on the loss (Madry et al. 2018, Sec. 2): a uniform start in the eps-ball, then
-    `steps` signed-gradient steps of 2.5 eps / steps, each projected onto the eps-ball and the data range [-1, 1]."""
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(-1, 1)
+def pgd(
+    net, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: float, steps: int, norm: str = "linf", clamp=True
+) -> torch.Tensor:
+    """Projected gradient ascent on the loss (Madry et al. 2018, Sec. 2): a random start in the eps-ball, then `steps`
+    steps of 2.5 eps / steps, each projected onto the eps-ball (and, with `clamp`, the data range [-1, 1]: clean
+    images; a noisy x_t has no such range). norm=linf: signed-gradient steps, an L_inf ball; norm=l2: steps along the
+    gradient normalised per sample, an L_2 ball (the threat model of the robust-classifier guidance of Kawar et al.
+    2023, who train the time-conditioned classifier adversarially on x_t; their radius and step rule could not be
+    confirmed offline)."""
+    size = 2.5 * eps / steps
+
+    def per_sample_norm(v):
+        return v.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (v.dim() - 1))
+
+    if norm == "linf":
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    else:
+        delta = torch.randn_like(x)
+        delta = delta / per_sample_norm(delta) * eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)
+    x_adv = (x + delta).clamp(-1, 1) if clamp else x + delta
     for _ in range(steps):
         x_adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(F.cross_entropy(net(x_adv, t).float(), y), x_adv)
-        x_adv = torch.minimum(torch.maximum(x_adv.detach() + 2.5 * eps / steps * grad.sign(), x - eps), x + eps)
-        x_adv = x_adv.clamp(-1, 1)
+        if norm == "linf":
+            x_adv = torch.minimum(torch.maximum(x_adv.detach() + size * grad.sign(), x - eps), x + eps)
+        else:
+            delta = x_adv.detach() + size * grad / per_sample_norm(grad) - x
+            x_adv = x + delta * (eps / per_sample_norm(delta)).clamp(max=1)
+        x_adv = x_adv.clamp(-1, 1) if clamp else x_adv
     return x_adv.detach()
+
+
+def entropy_constraint(logits: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of p_phi(. | x_t) to the uniform distribution, -1/C sum_c log p_phi(c | x_t), batch mean:
+    the entropy constraint of Zheng et al. 2022's entropy-constraint training (ECCV, Sec. 3.3), added with weight eta
+    to the classification loss so that the classifier stays unsure where x_t carries little of its class and its
+    gradient does not vanish early in sampling (the paper's exact form of the term could not be confirmed offline:
+    this is KL(U || p) up to the constant log C)."""
+    return -F.log_softmax(logits.float(), dim=-1).mean(-1).mean()
 
 
 def task(cfg, data: ImageData, device: torch.device) -> Task:
     """Noisy classifier p_phi(y | x_t, t) on q_sample(x_0, t) with t uniform (Dhariwal & Nichol 2021, Sec. 4.1), or,
     with classifier.noisy=false, a clean-image classifier (t = 0 always). Each image is first randomly shifted and
     rotated (classifier.shift, classifier.rotate); with classifier.pgd_eps > 0 the loss is the mean over the batch and
-    its PGD examples (Goodfellow et al. 2015, Sec. 5, weight 1/2). Evaluated on the held-out split: accuracy at the
-    middle of each quarter of the noise range, or (clean) on clean images."""
+    its PGD examples (Goodfellow et al. 2015, Sec. 5, weight 1/2; a noisy classifier is attacked on x_t, Kawar et al.
+    2023); classifier.entropy_weight > 0 adds the entropy constraint (Zheng et al. 2022). Evaluated on the held-out
+    split: accuracy at the middle of each quarter of the noise range, or (clean) on clean images."""
     diffusion = Diffusion.from_config(cfg.diffusion).to(device)
     c = cfg.classifier
     noisy, T = bool(c.noisy), diffusion.num_steps
@@ -55,7 +85,8 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
         t = torch.randint(0, T, (len(y),), device=x0.device) if noisy else torch.zeros_like(y)
         x = diffusion.q_sample(x0, t, torch.randn_like(x0)) if noisy else x0
         if c.pgd_eps > 0:
-            x, y, t = torch.cat([x, pgd(net, x, y, t, c.pgd_eps, c.pgd_steps)]), torch.cat([y, y]), torch.cat([t, t])
+            x_adv = pgd(net, x, y, t, c.pgd_eps, c.pgd_steps, c.pgd_norm, clamp=not noisy)
+            x, y, t = torch.cat([x, x_adv]), torch.cat([y, y]), torch.cat([t, t])
         logits = net(x, t)
         correct = (logits.argmax(-1) == y).float()
         stats = {"acc": correct.mean()}
@@ -63,7 +94,11 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
             q = (t * 4) // T
             for i in range(4):  # no branching on tensor values: no host sync in the step (0/0 = nan if empty)
                 stats[f"acc_q{i}"] = (correct * (q == i)).sum() / (q == i).sum()
-        return F.cross_entropy(logits.float(), y), stats
+        loss = F.cross_entropy(logits.float(), y)
+        if c.entropy_weight > 0:
+            stats["entropy_constraint"] = entropy_constraint(logits)
+            loss = loss + c.entropy_weight * stats["entropy_constraint"]
+        return loss, stats
 
     @torch.no_grad()
     def evaluate(ema_model, step: int, run_dir: Path) -> dict:
@@ -88,11 +123,15 @@ def check(cfg) -> None:
     c = cfg.classifier
     Range(0, cfg.dataset.image_size // 2, "pixels of random shift; 0 = none").check("classifier.shift", c.shift, c)
     Range(0, 180, "degrees of random rotation; 0 = none").check("classifier.rotate", c.rotate, c)
-    Range(0, 2, "the L_inf radius of PGD in the [-1, 1] data range; 0 = no adversarial training").check(
+    Range(0, 2, "the PGD radius (pgd_norm) in the [-1, 1] data units; 0 = no adversarial training").check(
         "classifier.pgd_eps", c.pgd_eps, c
     )
     Range(1 if c.pgd_eps > 0 else 0, 100, "PGD steps (at least 1 with pgd_eps > 0)").check(
         "classifier.pgd_steps", c.pgd_steps, c
+    )
+    OneOf(("linf", "l2"), "the PGD threat model").check("classifier.pgd_norm", c.pgd_norm, c)
+    Range(0, 10, "the entropy constraint's weight eta; 0 = plain cross-entropy").check(
+        "classifier.entropy_weight", c.entropy_weight, c
     )
     channels, class_names = dataset_shape(cfg.dataset)  # dataset=folder: its root and class folders, read now
     with torch.device("meta"):

@@ -200,7 +200,8 @@ def test_multirun_sweep_with_evaluation_writes_results_and_plots(smoke_runs, tmp
 def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smoke_runs, tmp_path):
     """`python sample.py guidance=MODE sampler=dpmpp_2m` for every mode: one sweep, one row each, with its NFE."""
     sweep = tmp_path / "sweep"
-    modes = [m for m in MODES if m not in ("cfgpp", "autoguidance", "cg_x0")]  # other scales or networks: below
+    clean = ("cg_x0", "cg_ots", "cg_universal")  # a clean classifier: below
+    modes = [m for m in MODES if m not in ("cfgpp", "autoguidance", *clean)]  # other scales or networks: below
     proc = run_script(
         "sample.py",
         "-m",
@@ -297,6 +298,42 @@ def test_cg_x0_guides_by_a_clean_classifier_through_the_unet(smoke_runs, tmp_pat
     assert f"classifier_ckpt=latest: {smoke_runs['clean'].resolve()}" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["guidance"], metrics["nfe"], metrics["classifier_nfe"]) == ("cg_x0", 4, 4)
+
+
+@pytest.mark.slow
+def test_the_2022_cg_methods_run_from_the_command_line_with_their_costs(smoke_runs, tmp_path):
+    """Issue 21's CG modes on the clean classifier (cg_ots: one UNet pass and one classifier gradient per step, no
+    backward through the UNet; cg_universal with 2 backward steps: 1 + 2 classifier passes per sample and step), with
+    DDIM's self-recurrence (each step done twice: twice the network evaluations), and FBG (a doubled batch)."""
+    sweep = tmp_path / "sweep"
+    proc = run_script(
+        "sample.py",
+        "-m",
+        "experiment=smoke",
+        f"ckpt={smoke_runs['diffusion']}",
+        "guidance=cg_ots,cg_universal",
+        "guidance.backward_steps=2",
+        "scale=3",
+        f"classifier_ckpt={smoke_runs['clean']}",
+        "sampler=ddim",
+        "sampler.steps=4",
+        "sampler.recurrence=0,1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(sweep / "results.csv") as f:
+        nfe = {(r["guidance"], int(r["nfe"]), int(r["classifier_nfe"])) for r in csv.DictReader(f)}
+    assert nfe == {("cg_ots", 4, 4), ("cg_ots", 8, 8), ("cg_universal", 4, 12), ("cg_universal", 8, 24)}
+    out = tmp_path / "fbg"
+    common = ["experiment=smoke", f"ckpt={smoke_runs['diffusion']}", "sampler.steps=4", "num_samples=8"]
+    proc = run_script("sample.py", *common, "guidance=fbg", "scale=5", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 8
+    proc = run_script(
+        "sample.py", *common, "guidance=fbg", "scale=1", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path
+    )
+    assert proc.returncode != 0 and "scale must be > 1" in proc.stderr
 
 
 @pytest.mark.slow

@@ -107,7 +107,20 @@ def _steps(d: Diffusion, x: torch.Tensor, progress: bool, desc: str):
         yield i, t, model_t[t]
 
 
-@SAMPLERS.register(steps=None, spacing="linspace")  # all T steps; an integer respaces the process
+RECURRENCE = Range(0, 100, "self-recurrence: re-noise each step's result back to x_t and redo the step this often")
+
+
+def renoise(d: Diffusion, x_prev: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """x_t = sqrt(alpha_t) x_{t-1} + sqrt(1 - alpha_t) eps', eps' ~ N(0, I), with alpha_t = abar_t / abar_{t-1} of the
+    grid's process: the self-recurrence of Bansal et al. 2023 ("Universal Guidance for Diffusion Models"), Sec. 3.3
+    (Alg. 1), which re-noises a guided step's result to its own noise level and steps again, giving the guidance
+    more steps at the same noise level."""
+    alpha = _gather(d.alphas, t, x_prev)
+    noise = torch.randn(x_prev.shape, device=x_prev.device, dtype=x_prev.dtype, generator=generator)
+    return alpha.sqrt() * x_prev + (1 - alpha).sqrt() * noise
+
+
+@SAMPLERS.register(steps=None, spacing="linspace", recurrence=RECURRENCE)  # all T steps; an integer respaces
 @torch.no_grad()
 def ddpm(
     eps_fn: EpsFn,
@@ -117,25 +130,33 @@ def ddpm(
     clip_x0: bool,
     generator: torch.Generator | None,
     progress: bool,
+    recurrence: int = 0,  # Bansal et al. 2023's self-recurrence: redo each step this many more times (0 = off)
 ) -> torch.Tensor:
     """Ancestral sampling, Ho et al. 2020 Alg. 2 (posterior variance, Eq. 7) on the grid's respaced process (Nichol &
-    Dhariwal 2021, Sec. 4); classifier term as the mean shift mu + Sigma * score (Dhariwal & Nichol 2021, Alg. 1)."""
-    d, x = process, noise
+    Dhariwal 2021, Sec. 4); classifier term as the mean shift mu + Sigma * score (Dhariwal & Nichol 2021, Alg. 1).
+    recurrence = k re-noises each step's result to the step's own level (`renoise`) and redoes it, k times."""
+    d, x, x_prev = process, noise, noise
     for i, t, model_t in _steps(d, x, progress, "ddpm"):
-        out = eps_fn(x, model_t)
-        x0, eps = _x0_and_eps(d, x, t, out, clip_x0, eps_correction=False)
-        # a given x_0 (CFG++) is paired with x_t re-noised along its eps; otherwise that point is x_t itself
-        x_t = x if out.x0 is None else _gather(d.abar.sqrt(), t, x) * x0 + _gather((1 - d.abar).sqrt(), t, x) * eps
-        mean, var = d.posterior(x0, x_t, t)
-        if out.score is not None:
-            mean = mean + var * out.score
-        if i > 0:
-            mean = mean + var.sqrt() * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x = mean
+        for r in range(recurrence + 1):
+            if r > 0:
+                x = renoise(d, x_prev, t, generator)
+            out = eps_fn(x, model_t)
+            x0, eps = _x0_and_eps(d, x, t, out, clip_x0, eps_correction=False)
+            # a given x_0 (CFG++) is paired with x_t re-noised along its eps; otherwise that point is x_t itself
+            x_t = x if out.x0 is None else _gather(d.abar.sqrt(), t, x) * x0 + _gather((1 - d.abar).sqrt(), t, x) * eps
+            mean, var = d.posterior(x0, x_t, t)
+            if out.score is not None:
+                mean = mean + var * out.score
+            if i > 0:
+                mean = mean + var.sqrt() * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            x_prev = mean
+        x = x_prev
     return x
 
 
-@SAMPLERS.register(steps=50, spacing="linspace", eta=Range(0, 1, "0 = deterministic DDIM, 1 = DDPM-like noise"))
+@SAMPLERS.register(
+    steps=50, spacing="linspace", eta=Range(0, 1, "0 = deterministic DDIM, 1 = DDPM-like noise"), recurrence=RECURRENCE
+)
 @torch.no_grad()
 def ddim(
     eps_fn: EpsFn,
@@ -146,17 +167,23 @@ def ddim(
     generator: torch.Generator | None,
     progress: bool,
     eta: float = 0.0,  # 0 = deterministic DDIM, 1 = DDPM-like noise (Song et al. 2021, Eq. 16)
+    recurrence: int = 0,  # Bansal et al. 2023's self-recurrence: redo each step this many more times (0 = off)
 ) -> torch.Tensor:
     """DDIM, Song et al. 2021 Eq. 12 with sigma from Eq. 16 (eta = 0 deterministic, eta = 1 DDPM-like);
-    classifier term as eps - sqrt(1 - abar_t) * score (Dhariwal & Nichol 2021, Alg. 2)."""
-    d, x = process, noise
+    classifier term as eps - sqrt(1 - abar_t) * score (Dhariwal & Nichol 2021, Alg. 2). recurrence = k re-noises
+    each step's result to the step's own level (`renoise`) and redoes it, k times (Bansal et al. 2023, Alg. 1)."""
+    d, x, x_prev = process, noise, noise
     for i, t, model_t in _steps(d, x, progress, "ddim"):
-        x0, eps = _x0_and_eps(d, x, t, eps_fn(x, model_t), clip_x0)
-        abar_prev = _gather(d.abar_prev, t, x)
-        sigma = eta * ((1 - abar_prev) / (1 - _gather(d.abar, t, x)) * (1 - _gather(d.alphas, t, x))).sqrt()
-        x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and i > 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        for r in range(recurrence + 1):
+            if r > 0:
+                x = renoise(d, x_prev, t, generator)
+            x0, eps = _x0_and_eps(d, x, t, eps_fn(x, model_t), clip_x0)
+            abar_prev = _gather(d.abar_prev, t, x)
+            sigma = eta * ((1 - abar_prev) / (1 - _gather(d.abar, t, x)) * (1 - _gather(d.alphas, t, x))).sqrt()
+            x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i > 0:
+                x_prev = x_prev + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x = x_prev
     return x
 
 

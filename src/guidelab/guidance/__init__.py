@@ -2,8 +2,9 @@
 
 Samplers know nothing about guidance: they call eps_fn and apply what it returns, each in its own form. The modes
 live by family: `cfg_like` (two predictions of the diffusion model combined), `classifier` (a classifier's gradient),
-`perturbation` (the model against a perturbed copy of itself); `core` holds the registry, `resolve` (a choice turned
-into one checked `GuidanceSpec` per run) and `make_eps_fn` (the spec and the networks turned into an eps-function).
+`feedback` (CFG with a scale fed back from the trajectory), `perturbation` (the model against a perturbed copy of
+itself); `core` holds the registry, `resolve` (a choice turned into one checked `GuidanceSpec` per run) and
+`make_eps_fn` (the spec and the networks turned into an eps-function).
 The import order below is the registry's order, which orders the rows of a report.
 """
 
@@ -19,7 +20,16 @@ from guidelab.guidance.cfg_like import (
     tangential_uncond,
     zero_star_scale,
 )
-from guidelab.guidance.classifier import classifier_score, log_p, x0_classifier_score
+from guidelab.guidance.classifier import (
+    backward_delta,
+    calibrated_log_p,
+    classifier_score,
+    entropy_factor,
+    log_p,
+    sine_boost,
+    softplus_activations,
+    x0_classifier_score,
+)
 from guidelab.guidance.core import (
     MODES,
     SCHEDULE,
@@ -33,6 +43,7 @@ from guidelab.guidance.core import (
     resolve_config,
     scheduled_weight,
 )
+from guidelab.guidance.feedback import fbg_scale, log_posterior_step
 from guidelab.guidance.perturbation import (
     anneal_condition,
     attention_perturbed,
@@ -64,8 +75,15 @@ __all__ = [
     "rescale_combine",
     "tangential_uncond",
     "zero_star_scale",
+    "fbg_scale",
+    "log_posterior_step",
+    "backward_delta",
+    "calibrated_log_p",
     "classifier_score",
+    "entropy_factor",
     "log_p",
+    "sine_boost",
+    "softplus_activations",
     "x0_classifier_score",
     "anneal_condition",
     "attention_perturbed",

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from guidelab.diffusion import Diffusion
+from guidelab.errors import GuidelabError
 from guidelab.guidance.cfg_like import BASE, INTERVAL_TOP, SIGMA
 from guidelab.guidance.core import MODES, Context, in_interval
 from guidelab.guided import EpsFn, Guided
 from guidelab.registry import Range
 
 CLASSIFIER_SCALE = Range(0, math.inf, "the classifier gradient's weight (Dhariwal & Nichol's s; 0 = off)")
+# the traits of the modes guided by a clean classifier on x0_hat, with a base prediction and Dhariwal & Nichol's s
+ON_X0 = dict(needs=("clean_classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base")
 
 
 def log_p(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -27,13 +30,42 @@ def log_p(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return log_probs[torch.arange(len(y), device=y.device), y]
 
 
+def calibrated_log_p(logits: torch.Tensor, y: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0) -> torch.Tensor:
+    """tau1 f_y - logsumexp(tau2 f) per sample: the temperature-calibrated log-probability of Ma et al. 2023
+    ("Elucidating the Design Space of Classifier-Guided Diffusion Generation"), a joint temperature tau1 on the chosen
+    logit and a marginal one tau2 on the normaliser (their `joint_temperature` and `joint_temperature *
+    margin_temperature_discount`; the paper's equation number could not be confirmed offline). tau1 = tau2 = tau is
+    log softmax(tau f)[y], computed by `log_p` itself (so tau = 1 is `log_p` bit for bit)."""
+    if tau1 == tau2:
+        return log_p(logits * tau1 if tau1 != 1 else logits, y)
+    f = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return tau1 * f[torch.arange(len(y), device=y.device), y] - torch.logsumexp(tau2 * f, dim=-1)
+
+
+def entropy_factor(logits: torch.Tensor) -> torch.Tensor:
+    """log(C) / H(p) per sample, p = softmax(logits), as a (B, 1, ..) tensor for x-shaped terms: the entropy-driven
+    scale of Zheng et al. 2022 ("Entropy-driven Sampling and Training Scheme for Conditional Diffusion Generation",
+    ECCV, Sec. 3.2: s_t = s log(C) / H(p_phi(. | x_t)), as in the authors' released sampler). It is 1 where the
+    classifier knows nothing (uniform p) and grows as p sharpens, so the guidance keeps pushing where the classifier's
+    own gradient fades. H is floored at 1e-8 nats (a one-hot p would give an infinite scale)."""
+    logp = F.log_softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    entropy = (-(logp.exp() * logp).sum(-1)).clamp(min=1e-8)
+    return (math.log(logits.shape[-1]) / entropy).view(-1, 1, 1, 1)
+
+
+def classifier_grad(classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, objective=log_p):
+    """(grad_x objective(classifier(x, t), y), the logits), the gradient with respect to x only, no graph kept."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = classifier(x, t)
+        (grad,) = torch.autograd.grad(objective(logits, y).sum(), x)
+    return grad, logits.detach()
+
+
 def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """grad_{x_t} log p_phi(y | x_t, t) (Dhariwal & Nichol 2021, Sec. 4.1). The gradient is taken with respect to x_t
     only (the classifier's parameters are frozen by `make_eps_fn`) and no graph outlives the call."""
-    with torch.enable_grad():
-        x = x_t.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(log_p(classifier(x, t), y).sum(), x)
-    return grad
+    return classifier_grad(classifier, x_t, t, y)[0]
 
 
 def x0_classifier_score(
@@ -45,6 +77,8 @@ def x0_classifier_score(
     labels: torch.Tensor,
     y: torch.Tensor,
     timed: Callable = nullcontext,
+    objective: Callable = log_p,
+    logits_out: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps, grad_{x_t} log p_phi(y | x0_hat(x_t))) for a clean classifier p_phi (trained on clean images, called at
     t = 0) on the denoised estimate x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps(x_t, labels)) / sqrt(abar_t), the gradient
@@ -53,45 +87,58 @@ def x0_classifier_score(
     Dhariwal & Nichol's eps correction with grad_{x_t} log p_phi(y | x0_hat(x_t)) in place of the noisy classifier's.
     One UNet pass gives both; the gradient is taken with respect to x_t only (no parameter gradients accumulate) and
     no graph outlives the call. `timed()` brackets what the gradient adds to the UNet pass: the classifier on x0_hat and
-    the backward pass through it and the UNet."""
+    the backward pass through it and the UNet. `objective` replaces log p (e.g. `calibrated_log_p`); the classifier's
+    logits are appended to `logits_out` where one is given."""
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
         eps = unet(x, t, labels)
         with timed():
             x0_hat = diffusion.predict_x0(x, t, eps)
-            (grad,) = torch.autograd.grad(log_p(classifier(x0_hat, torch.zeros_like(t)), y).sum(), x)
+            logits = classifier(x0_hat, torch.zeros_like(t))
+            (grad,) = torch.autograd.grad(objective(logits, y).sum(), x)
+    if logits_out is not None:
+        logits_out.append(logits.detach())
     return eps.detach(), grad
 
 
-def classifier_term(ctx: Context, x: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """s * grad_x log p_phi(y | x_t) of the noisy classifier (None at s = 0: no classifier pass)."""
+def classifier_term(
+    ctx: Context, x: torch.Tensor, t: torch.Tensor, scale: float, entropy_scale: bool = False
+) -> torch.Tensor | None:
+    """s * grad_x log p_phi(y | x_t) of the noisy classifier (None at s = 0: no classifier pass); with
+    `entropy_scale`, s per sample times log(C) / H(p_phi(. | x_t)) (`entropy_factor`, Zheng et al. 2022)."""
     if scale == 0:
         return None
     with ctx.timed():
-        return scale * classifier_score(ctx.classifier, x, t, ctx.y)
+        grad, logits = classifier_grad(ctx.classifier, x, t, ctx.y)
+        return scale * grad * entropy_factor(logits) if entropy_scale else scale * grad
 
 
 # ---------------------------------------------------------------- the modes
 @MODES.register(needs=("classifier",), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base")
-def _cg(ctx: Context, base: str = "uncond") -> EpsFn:
+def _cg(ctx: Context, base: str = "uncond", entropy_scale: bool = False) -> EpsFn:
     """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x_t)
-    (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2)."""
+    (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2); entropy_scale=true scales s per sample by log(C) / H(p_phi(. | x_t))
+    (Zheng et al. 2022's entropy-driven sampling)."""
     labels = ctx.base_labels(base)
-    return lambda x, t: Guided(ctx.unet(x, t, labels), classifier_term(ctx, x, t, ctx.scale))
+    return lambda x, t: Guided(ctx.unet(x, t, labels), classifier_term(ctx, x, t, ctx.scale, entropy_scale))
 
 
-@MODES.register(needs=("clean_classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base")
-def _cg_x0(ctx: Context, base: str = "uncond") -> EpsFn:
+@MODES.register(**ON_X0)
+def _cg_x0(ctx: Context, base: str = "uncond", entropy_scale: bool = False) -> EpsFn:
     """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x0_hat)
     of a clean classifier on the denoised estimate, through the UNet (`x0_classifier_score`, Bansal et al. 2023's
-    forward universal guidance). One UNet pass per step, with its input gradient; at s = 0 a plain pass."""
+    forward universal guidance). One UNet pass per step, with its input gradient; at s = 0 a plain pass.
+    entropy_scale=true: s per sample times log(C) / H(p_phi(. | x0_hat)) (Zheng et al. 2022)."""
     labels = ctx.base_labels(base)
 
     def eps_fn(x, t):
         if ctx.scale == 0:  # exactly the base model: no gradient
             return Guided(ctx.unet(x, t, labels))
-        eps, grad = x0_classifier_score(ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y, ctx.timed)
-        return Guided(eps, ctx.scale * grad)
+        logits = []
+        eps, grad = x0_classifier_score(
+            ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y, ctx.timed, logits_out=logits
+        )
+        return Guided(eps, ctx.scale * grad * entropy_factor(logits[0]) if entropy_scale else ctx.scale * grad)
 
     return eps_fn
 
@@ -111,9 +158,11 @@ def _cfg_cg(ctx: Context, classifier_scale: float = 1.0) -> EpsFn:
     sigma_hi=INTERVAL_TOP,
     uses="base",
 )
-def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
+def _cg_interval(
+    ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sigma_hi: float = 5.42, entropy_scale: bool = False
+) -> EpsFn:
     """Classifier guidance only where sigma in (sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024's interval applied to
-    the classifier term); elsewhere the base prediction alone."""
+    the classifier term); elsewhere the base prediction alone. entropy_scale as in cg."""
     labels = ctx.base_labels(base)
 
     def eps_fn(x, t):
@@ -121,7 +170,151 @@ def _cg_interval(ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sig
         eps = ctx.unet(x, t, labels)
         if not inside.any():
             return Guided(eps)
-        score = classifier_term(ctx, x, t, ctx.scale)
+        score = classifier_term(ctx, x, t, ctx.scale, entropy_scale)
         return Guided(eps, score if score is None or inside.all() else score * inside)
+
+    return eps_fn
+
+
+# ---------------------------------------------------------------- CG as the literature since 2022 makes it
+@contextmanager
+def softplus_activations(beta: float, counter: list | None = None):
+    """ReLU computed as softplus(x; beta) = log(1 + exp(beta x)) / beta inside the block (nn.ReLU modules, torch.relu
+    and F.relu alike): Ma et al. 2023's smoothing of an off-the-shelf classifier's activations at guidance time, which
+    gives its input gradient a smooth landscape (the authors' code swaps a ResNet's ReLUs for nn.Softplus(beta)).
+    beta = 0: nothing is changed. `counter` counts the activations replaced (a classifier without ReLUs has none)."""
+    if beta == 0:
+        yield
+        return
+    saved = torch.relu, F.relu, torch.nn.ReLU.forward
+
+    def smooth(x, *args, **kwargs):
+        if counter is not None:
+            counter.append(1)
+        return F.softplus(x, beta=beta)
+
+    torch.relu, F.relu = smooth, smooth
+    torch.nn.ReLU.forward = lambda self, x: smooth(x)
+    try:
+        yield
+    finally:
+        torch.relu, F.relu, torch.nn.ReLU.forward = saved
+
+
+def sine_boost(diffusion: Diffusion, t: torch.Tensor, gamma: float, x: torch.Tensor) -> torch.Tensor:
+    """k_t = 1 + gamma sin(pi t / T) max(Sigma) / Sigma_t per sample (1 at t = 0): the classifier term's weight under
+    Ma et al. 2023's sine schedule, which adds gamma sin(pi t / T) max(Sigma) to the DDPM variance Sigma_t that
+    multiplies the gradient in the mean shift mu + Sigma g (Dhariwal & Nichol 2021, Alg. 1); the schedule is read
+    from the authors' released sampler, where max(Sigma) is the largest variance met so far on the way down (here
+    that of the model's T-step process, Sigma_t = its posterior variance beta~_t, the same on every sampler's grid:
+    on a respaced grid this is a proxy for the grid's own variances). Written as a factor on the score, it applies
+    to every sampler's form of the classifier term. gamma = 0: 1."""
+    if gamma == 0:
+        return torch.ones(len(t), 1, 1, 1, device=x.device, dtype=x.dtype)
+    var = diffusion.posterior_var.to(x.device)
+    T = len(var)
+    var_t = var[t].clamp(min=torch.finfo(var.dtype).tiny)
+    k = 1 + gamma * torch.sin(math.pi * t.to(var.dtype) / T) * var.max() / var_t
+    return torch.where(t == 0, torch.ones_like(k), k).view(-1, 1, 1, 1).to(x.dtype)
+
+
+@MODES.register(
+    **ON_X0,
+    tau1=Range(0, math.inf, "the joint temperature on the chosen logit (1 = uncalibrated)", open_lo=True),
+    tau2=Range(0, math.inf, "the marginal temperature on the normaliser (Ma et al.: 0.5 tau1)", open_lo=True),
+    softplus_beta=Range(0, math.inf, "0 = the classifier's ReLUs as they are; Ma et al. use 3"),
+    gamma=Range(0, math.inf, "the sine schedule's weight; 0 = none (Ma et al. use 0.3)"),
+)
+def _cg_ots(
+    ctx: Context,
+    base: str = "uncond",
+    tau1: float = 1.0,
+    tau2: float = 0.5,
+    softplus_beta: float = 0.0,
+    gamma: float = 0.3,
+    entropy_scale: bool = False,
+) -> EpsFn:
+    """Off-the-shelf classifier guidance, Ma et al. 2023 ("Elucidating the Design Space of Classifier-Guided Diffusion
+    Generation"): a clean classifier read on x0_hat = clip((x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), -1, 1) with
+    the calibrated log-probability tau1 f_y - logsumexp(tau2 f) (`calibrated_log_p`), its ReLUs smoothed to
+    softplus(beta) (`softplus_activations`; refused for a classifier without ReLUs), and the score
+    s k_t grad_{x0_hat} [tau1 f_y - logsumexp(tau2 f)] with the sine schedule k_t (`sine_boost`). As in the authors'
+    released sampler the gradient is taken at x0_hat and applied as the x_t score: no backward pass through the UNet
+    (cg_x0 takes that one), so a step costs one UNet pass plus the classifier's forward and backward. Defaults are
+    their ImageNet values but for softplus (guidelab's clean classifiers use SiLU, smooth already). With tau1 = tau2
+    = 1, gamma = 0 it is s grad_{x0} log p_phi(y | x0_hat). entropy_scale as in cg (on the calibrated logits)."""
+    labels = ctx.base_labels(base)
+    checked = []
+
+    def objective(logits, y):
+        return calibrated_log_p(logits, y, tau1, tau2)
+
+    def eps_fn(x, t):
+        eps = ctx.unet(x, t, labels)
+        if ctx.scale == 0:
+            return Guided(eps)
+        with ctx.timed():
+            x0_hat = ctx.to_x0(x, t, eps).clamp(-1, 1)
+            replaced = []
+            with softplus_activations(softplus_beta, replaced):
+                grad, logits = classifier_grad(ctx.classifier, x0_hat, torch.zeros_like(t), ctx.y, objective)
+            if softplus_beta and not checked and not replaced:
+                raise GuidelabError(
+                    "guidance.softplus_beta smooths a classifier's ReLUs, but this classifier has none (guidelab's "
+                    "clean classifier uses SiLU, smooth already); use guidance.softplus_beta=0"
+                )
+            checked.append(True)
+            score = ctx.scale * sine_boost(ctx.diffusion, t, gamma, x) * grad
+            return Guided(eps, score * entropy_factor(logits * tau2) if entropy_scale else score)
+
+    return eps_fn
+
+
+def backward_delta(classifier, x0_hat: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """Delta* = argmin_Delta -log p_phi(y | x0_hat + Delta) by `steps` Adam steps of rate `lr` from Delta = 0: the
+    backward universal guidance of Bansal et al. 2023 ("Universal Guidance for Diffusion Models"), Sec. 3.2, with
+    the cross-entropy as the loss l. The paper says an m-step gradient descent; Adam and its rate follow a public
+    port of the authors' code (optimizer "Adam"), which could not be checked against the paper offline. x0_hat is
+    a constant here (no gradient reaches the UNet); the classifier is the clean one, called at t = 0."""
+    delta = torch.zeros_like(x0_hat, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    zeros = torch.zeros(len(y), dtype=torch.long, device=y.device)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = -log_p(classifier(x0_hat.detach() + delta, zeros), y).sum()
+            (delta.grad,) = torch.autograd.grad(loss, delta)
+            optimizer.step()
+    return delta.detach()
+
+
+@MODES.register(
+    **ON_X0,
+    backward_steps=Range(0, 1000, "Adam steps on Delta per sampling step; 0 = forward guidance alone (cg_x0)"),
+    backward_lr=Range(0, math.inf, "the Adam rate of the backward steps, in data units [-1, 1]", open_lo=True),
+)
+def _cg_universal(ctx: Context, base: str = "uncond", backward_steps: int = 5, backward_lr: float = 0.01) -> EpsFn:
+    """Universal guidance, Bansal et al. 2023, Alg. 1 with a clean classifier: forward guidance (cg_x0's term,
+    s grad_{x_t} log p_phi(y | x0_hat(x_t)), through the UNet; none at s = 0), then backward guidance on the x0_hat of
+    the forward-guided eps^: Delta* = `backward_delta` and eps^ <- eps^ - sqrt(abar_t / (1 - abar_t)) Delta* (Sec. 3.2),
+    so that the guided x0 is x0_hat + Delta*. Here the backward part is handed to the samplers as a score term,
+    score += sqrt(abar_t) Delta* / (1 - abar_t), which the eps-form samplers apply as exactly that eps^ (DDPM as its
+    mean shift). Self-recurrence (Sec. 3.3) is the samplers' `recurrence` key (ddim, ddpm), for any mode."""
+    labels = ctx.base_labels(base)
+
+    def eps_fn(x, t):
+        if ctx.scale == 0:
+            eps, score = ctx.unet(x, t, labels), None
+        else:
+            eps, grad = x0_classifier_score(ctx.unet, ctx.classifier, ctx.diffusion, x, t, labels, ctx.y, ctx.timed)
+            score = ctx.scale * grad
+        if backward_steps == 0:
+            return Guided(eps, score)
+        with ctx.timed():
+            abar = ctx.abar_t(x, t)
+            guided_eps = eps if score is None else eps - (1 - abar).sqrt() * score
+            delta = backward_delta(ctx.classifier, ctx.to_x0(x, t, guided_eps), ctx.y, backward_steps, backward_lr)
+            back = abar.sqrt() * delta / (1 - abar)
+        return Guided(eps, back if score is None else score + back)
 
     return eps_fn

@@ -26,6 +26,8 @@ RUN_KEYS = {
     "rotate": 0.0,
     "pgd_eps": 0.0,
     "pgd_steps": 0,
+    "pgd_norm": "linf",  # the PGD threat model: linf | l2
+    "entropy_weight": 0.0,  # Zheng et al. 2022's entropy constraint: weight of the cross-entropy to uniform (0 = off)
 }  # defaults; their types type the schema
 
 

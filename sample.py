@@ -30,6 +30,7 @@ from guidelab.metrics import (
     evaluate_samples,
     extract,
     find_inception_weights,
+    knn_judge,
 )
 from guidelab.pretrained import is_reference
 from guidelab.registry import OneOf, Range
@@ -43,6 +44,9 @@ def check(cfg) -> GuidanceSpec:
     sampling.SAMPLERS.check(cfg.sampler.name, {k: v for k, v in cfg.sampler.items() if k != "name"})
     for key in ("num_samples", "batch_size"):
         Range(1).check(key, cfg[key], cfg)
+    Range(0, why="the k-NN judge's neighbours among the real training images; 0 = off").check(
+        "eval.knn_k", cfg.eval.knn_k, cfg.eval
+    )
     if cfg.ckpt == "latest":  # nothing to find: say so before Hydra makes a run dir
         networks.find_latest(cfg.runs_root, "diffusion")
     for key in ("ckpt", "guide_ckpt"):
@@ -211,6 +215,10 @@ def results_row(
             (values if f"{k}{suffix}" in COLUMNS else details)[f"{k}{suffix}"] = v
     if len(nets.evaluators) == 2:
         values["disagreement"] = values["accuracy"] - values["accuracy_2"]
+    if cfg.eval.enabled and cfg.eval.knn_k:  # the third judge: no weights, so no guidance gradient reaches it
+        scores = knn_judge(images, y_np, nets.train_config["dataset"], cfg.eval.knn_k, cfg.metrics.cache_dir, device)
+        for k, v in scores.items():
+            (values if k in COLUMNS else details)[k] = v
     return make_row(**values), details
 
 

@@ -1,7 +1,7 @@
 """Collect a `sample.py -m` sweep into tables and figures, in the sweep dir:
 
   results.csv       one row per job: the columns of ROW below (guidance, s, w, sampler, steps, NFE, FID, IS,
-                    precision, recall, the two evaluators' accuracies, seconds, ...), the row sample.py writes
+                    precision, recall, the three judges' accuracies, seconds, ...), the row sample.py writes
   results.md        the same as a markdown table, naming the feature space of FID / IS / precision / recall
   plots             fid_vs_scale.png, is_vs_scale.png, fid_vs_is.png, fid_vs_accuracy.png, precision_vs_recall.png,
                     accuracy_vs_scale.png
@@ -75,6 +75,8 @@ ROW = (
     Column("evaluator_2", "the second evaluator's network"),
     Column("evaluator_2_test_acc", "its held-out accuracy on real data"),
     Column("disagreement", "accuracy - accuracy_2", md=True),
+    Column("accuracy_knn", "the third judge's accuracy: a k-NN in pixel space on the real training images", md=True),
+    Column("knn_test_acc", "its held-out accuracy on the real test split"),
     Column("num_samples", "samples in the set"),
     Column("seconds", "wall seconds of the sampling loop (all ranks)"),
     Column("seconds_per_sample", "seconds / num_samples", md=True),
@@ -218,6 +220,8 @@ def markdown(rows: list[dict]) -> str:
             note += f"; {which}: " + ", ".join(
                 f"{name} (held-out accuracy on real data {_fmt(acc)})" for name, acc in judges
             )
+    if knn := sorted({r["knn_test_acc"] for r in rows if r["knn_test_acc"] is not None}):
+        note += f"; k-NN judge in pixel space (held-out accuracy on real data {', '.join(map(_fmt, knn))})"
     guides = {json.dumps(r["classifier_test_acc"]) for r in rows if r.get("classifier_test_acc")}
     for accs in map(json.loads, sorted(guides)):  # the guidance classifier's own held-out accuracy
         note += "; guidance classifier held-out accuracy " + ", ".join(

@@ -22,6 +22,7 @@ from guidelab import dist, guidance, networks, sampling
 from guidelab.cli import main
 from guidelab.errors import GuidelabError
 from guidelab.guidance import GuidanceSpec
+from guidelab.guided import measured_flops
 from guidelab.images import save_class_grid, to_uint8
 from guidelab.metrics import (
     BACKENDS,
@@ -147,6 +148,7 @@ def sample(cfg, run_dir: Path) -> dict:
     os.replace(tmp, run_dir / "samples.npz")
     save_class_grid(images, y_np, num_classes, run_dir / "grid.png", class_names=class_names)
     result, details = results_row(cfg, spec, nets, [n for _, n in gathered], seconds, images, y_np, device)
+    result["gflops_per_sample"] = flops_per_sample(cfg, spec, nets, y_all, sampler, device) / 1e9
     if nets.evaluators:
         (run_dir / "metrics.json").write_text(
             json.dumps({k: v for k, v in result.items() if COLUMNS[k].json} | details, indent=2) + "\n"
@@ -157,6 +159,18 @@ def sample(cfg, run_dir: Path) -> dict:
         + "".join(f"; {k} {v:.3f}" for k, v in shown.items())
     )
     return result
+
+
+def flops_per_sample(cfg, spec, nets, y_all: torch.Tensor, sampler: dict, device: torch.device) -> float:
+    """The FLOPs of one sample (`measured_flops`), counted on a separate run of the first 4 requested labels through
+    the same guidance and sampler (after the counted run: its NFE and seconds are untouched)."""
+    y = y_all[:4].to(device)
+    unet = nets.unet
+    noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device)
+    eps_fn = guidance.make_eps_fn(spec, unet, y, nets.classifier, nets.diffusion, nets.guide)
+    s = cfg.sampler
+    run = (s.name, eps_fn, nets.diffusion, noise, s.steps, s.spacing, s.clip_x0)
+    return measured_flops(sampling.sample, *run, **sampler) / len(y)
 
 
 def results_row(
@@ -173,10 +187,13 @@ def results_row(
     accuracy, the reference set used): what metrics.json holds."""
     n = len(y_np)
     per_sample = {k: sum(c[k] for c in counts) / n for k in ("nfe", "classifier_nfe")}
+    own = sampling.SAMPLERS.own(cfg.sampler)
+    defaults = {k: p.default for k, p in sampling.SAMPLERS.get_entry(cfg.sampler.name).params.items()}
     classifier_seconds = None if nets.classifier is None else sum(c["classifier_seconds"] for c in counts)
     values = {
         **spec.row(nets.paths.get("guide_ckpt")),
         "sampler": cfg.sampler.name,
+        "sampler_options": " ".join(f"{k}={v}" for k, v in own.items() if v != defaults[k]) or None,
         "spacing": cfg.sampler.spacing,
         "steps": cfg.sampler.steps,
         **per_sample,
@@ -215,7 +232,7 @@ def results_row(
             (values if f"{k}{suffix}" in COLUMNS else details)[f"{k}{suffix}"] = v
     if len(nets.evaluators) == 2:
         values["disagreement"] = values["accuracy"] - values["accuracy_2"]
-    if cfg.eval.enabled and cfg.eval.knn_k:  # the third judge: no weights, so no guidance gradient reaches it
+    if nets.evaluators and cfg.eval.knn_k:  # the third judge, beside the two: no weights, no gradient reaches it
         scores = knn_judge(images, y_np, nets.train_config["dataset"], cfg.eval.knn_k, cfg.metrics.cache_dir, device)
         for k, v in scores.items():
             (values if k in COLUMNS else details)[k] = v

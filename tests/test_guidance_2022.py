@@ -331,3 +331,23 @@ def test_x0_classifier_score_returns_the_logits_it_read():
     logits = []
     eps, _ = x0_classifier_score(unet, clf, PROCESS, x, t, y, y, logits_out=logits)
     assert torch.allclose(logits[0], clf(PROCESS.predict_x0(x, t, eps), torch.zeros_like(t)), atol=1e-6)
+
+
+# ---------------------------------------------------------------- compute per sample, measured
+def test_measured_flops_count_forward_and_backward_passes_and_cfg_doubles_the_unet():
+    from guidelab.guided import measured_flops
+
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    assert measured_flops(lin, x) == 2 * 2 * 4 * 3
+    x.requires_grad_(True)
+    assert measured_flops(lambda: torch.autograd.grad(lin(x).sum(), x)) == 2 * (2 * 2 * 4 * 3)  # + the input gradient
+    unet, clf, (x, _, y) = ToyUNet(), ToyClassifier(), _inputs(4)
+    noise = torch.randn(4, 1, 2, 2)
+
+    def run(mode, **kw):
+        fn = eps_function(mode, unet, y, 3.0, classifier=clf, diffusion=PROCESS, **kw)
+        return measured_flops(sample, "ddim", fn, PROCESS, noise, 5, "linspace")
+
+    none, cfg, cg = run("none"), run("cfg"), run("cg")
+    assert none > 0 and cfg == 2 * none and cg > none

@@ -1,8 +1,9 @@
 """The eps-function protocol between guidance and sampling, below both: a guidance mode builds an `EpsFn`, a sampler
 calls it and applies the `Guided` it returns (the k-diffusion pattern: samplers are pure functions of the model).
 
-Also the helpers both sides share: the noise level of a timestep, and `Counted`, the wrapper that counts a network's
-evaluations (and times the guidance gradients) so that the cost of a run is measured, never predicted.
+Also the helpers both sides share: the noise level of a timestep, `Counted`, the wrapper that counts a network's
+evaluations (and times the guidance gradients), and `measured_flops`, so that the cost of a run is measured, never
+predicted.
 """
 
 from __future__ import annotations
@@ -64,3 +65,27 @@ def timed(net, device: torch.device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         net.seconds += time.perf_counter() - start
+
+
+def measured_flops(fn: Callable, *args, **kwargs) -> int:
+    """The floating-point operations of `fn(*args, **kwargs)` as torch.utils.flop_counter counts them: every matmul,
+    convolution and attention of the forward passes and of the backward passes taken inside (a classifier's input
+    gradient, cg_x0's pass back through the UNet), so that a guided step's cost counts what each method really runs.
+    The counter's per-module breakdown is switched off: its module hooks cannot follow torch.autograd.grad on a leaf
+    input (the guidance gradients), and only the total is wanted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class _Global:  # stands in for the module tracker: every count goes to "Global", which holds the total
+        parents = {"Global"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return None
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _Global()
+    with counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()

@@ -58,6 +58,7 @@ ROW = (
     Column("w", "Ho & Salimans' w = s - 1 where s is a CFG strength", md=True),
     Column("classifier_scale", "cfg_cg's weight of the classifier term", md=True, option=True),
     Column("sampler", "the sampler (sampler=)", md=True),
+    Column("sampler_options", "the sampler's own keys not at their defaults (eta, recurrence), as key=value", md=True),
     Column("spacing", "its timestep grid", md=True),
     Column("steps", "timesteps of the grid", md=True),
     Column("nfe", "UNet evaluations per sample (the guide's included), counted", md=True),
@@ -80,6 +81,7 @@ ROW = (
     Column("num_samples", "samples in the set"),
     Column("seconds", "wall seconds of the sampling loop (all ranks)"),
     Column("seconds_per_sample", "seconds / num_samples", md=True),
+    Column("gflops_per_sample", "GFLOPs per sample, forward and backward passes (torch.utils.flop_counter)", md=True),
     Column(
         "classifier_share",
         "share of the sampling seconds spent in the classifier's terms (forward and input "

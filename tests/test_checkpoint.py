@@ -171,3 +171,18 @@ def test_resume_refuses_another_network_config():
             torch.device("cpu"),
             seed=0,
         )
+
+
+def test_resume_takes_a_run_saved_before_a_key_existed_at_the_value_that_means_what_it_did():
+    """A run saved before model.beta_embed / classifier.entropy_weight existed resumes under a config that holds them
+    at their old meaning (checkpoint.ADDED_KEYS); at another value it is another network, refused."""
+    saved = {**_ckpt()["config"], "model": {"channels": 8}, "classifier": {"pgd_eps": 0.0}}
+    ckpt = checkpoint.state("diffusion", {}, 1, {}, [], torch.Generator(), saved)
+    args = ({}, torch.Generator(), torch.device("cpu"))
+    now = {**saved, "model": {"channels": 8, "beta_embed": False}}
+    now["classifier"] = {"pgd_eps": 0.0, "pgd_norm": "linf", "entropy_weight": 0.0}
+    assert checkpoint.restore(ckpt, "x.pt", now, *args, seed=0)[0] == 1
+    for section, key, value in [("model", "beta_embed", True), ("classifier", "entropy_weight", 0.2)]:
+        changed = {**now, section: {**now[section], key: value}}
+        with pytest.raises(GuidelabError, match=f"the {section} config differs"):
+            checkpoint.restore(ckpt, "x.pt", changed, *args, seed=0)

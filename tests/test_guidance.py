@@ -562,8 +562,9 @@ def test_icg_draws_real_classes_independent_of_y_per_call_reproducibly():
 # --- pag: the guiding pass with identity self-attention ---------------------------------------------------------------
 
 
-def _small_unet(attn_resolutions=()):
-    """A real UNet with random weights everywhere (its zero-initialised output and attention projections too)."""
+def _small_unet(attn_resolutions=(), beta_embed=False):
+    """A real UNet with random weights everywhere (its zero-initialised output and attention projections, and GFT's
+    beta path, too)."""
     from guidelab.models import UNet
 
     torch.manual_seed(0)
@@ -577,6 +578,7 @@ def _small_unet(attn_resolutions=()):
         attn_resolutions=attn_resolutions,
         dropout=0.0,
         num_heads=2,
+        beta_embed=beta_embed,
     ).eval()
     with torch.no_grad():
         for p in unet.parameters():
@@ -775,14 +777,15 @@ def test_scheduled_weights_rise_as_noise_falls_with_the_constant_weights_mean():
 def test_every_cfg_style_mode_takes_a_schedule_and_constant_is_the_unscheduled_mode():
     """For each mode whose scale is a CFG weight: schedule=constant is the mode as it was, bit for bit, and a schedule
     gives at each t exactly the mode at s_t = 1 + w_t."""
-    unet = _small_unet()
+    nets = {False: _small_unet(), True: _small_unet(beta_embed=True)}  # gft: a network with GFT's beta input
     clf = ToyClassifier()
     clf.lin = torch.nn.Linear(64, 3)  # on 8x8 images
     x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
     modes = [m for m, e in MODES.items() if e.traits["w"] and "guide" not in e.traits["needs"]]
-    assert {"cfg", "apg", "icg", "pag", "cads", "fdg"} <= set(modes) and "cg" not in modes
+    assert {"cfg", "apg", "icg", "pag", "cads", "fdg", "gft"} <= set(modes) and "cg" not in modes
     kw = dict(classifier=clf, diffusion=PROCESS)
     for mode in modes:
+        unet = nets[mode == "gft"]
         for level in (900, 300):
             t = torch.full((3,), level)
             plain = eps_function(mode, unet, y, 3.0, **kw)(x, t).eps

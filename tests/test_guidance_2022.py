@@ -351,3 +351,23 @@ def test_measured_flops_count_forward_and_backward_passes_and_cfg_doubles_the_un
 
     none, cfg, cg = run("none"), run("cfg"), run("cg")
     assert none > 0 and cfg == 2 * none and cg > none
+
+
+# ---------------------------------------------------------------- one pass of a guidance-free network
+def test_gft_mode_is_one_pass_at_beta_one_over_s_and_refuses_a_network_without_beta():
+    from guidelab.models import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(1, 8, 3, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), beta_embed=True).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    x, t, y = torch.randn(3, 1, 8, 8), torch.full((3,), 500), torch.tensor([0, 1, 2])
+    assert torch.equal(eps_function("gft", unet, y, 4.0)(x, t).eps, unet(x, t, y, beta=0.25))
+    assert torch.equal(eps_function("gft", unet, y, 1.0)(x, t).eps, unet(x, t, y))  # beta = 1: the conditional model
+    with pytest.raises(GuidelabError, match="train.guidance_free=gft model.beta_embed=true"):
+        eps_function("gft", ToyUNet(), y, 2.0)
+    from guidelab.guidance import resolve
+
+    with pytest.raises(GuidelabError, match="scale must be >= 1"):
+        resolve("gft", 0.5)

@@ -210,9 +210,10 @@ TINY_CLASSIFIER = {"name": "tiny", "channels": 8, "channel_mult": [1, 2], "num_r
 MODE_SCALES = {"cfgpp": 0.6}  # every other mode: scale 3
 
 
-def _random_unet():
-    """A tiny UNet whose zero-initialised output layers are randomised, so that labels change its prediction."""
-    unet = build_unet(TINY_UNET, 1, 8, 3).eval()
+def _random_unet(beta_embed: bool = False):
+    """A tiny UNet whose zero-initialised output layers are randomised, so that labels (and GFT's beta) change its
+    prediction."""
+    unet = build_unet({**TINY_UNET, "beta_embed": beta_embed}, 1, 8, 3).eval()
     with torch.no_grad():
         for p in unet.parameters():
             if (p == 0).all():
@@ -226,7 +227,7 @@ def test_every_sampler_runs_every_guidance_mode(sampler, mode):
     """The full sampler x guidance matrix on tiny random networks with every mode's default keys: finite samples of
     the right shape, and (for every mode that guides) different from the unguided conditional model's samples."""
     torch.manual_seed(0)
-    unet, guide = _random_unet(), _random_unet()
+    unet, guide = _random_unet(beta_embed=mode == "gft"), _random_unet()
     classifier = build_classifier(TINY_CLASSIFIER, 1, 8, 3).eval()
     d = Diffusion(linear_betas(100))
     y = torch.tensor([0, 1, 2, 0])

@@ -161,6 +161,19 @@ def newest_intact(ckpt_dir: Path, kind: str) -> tuple[dict, Path] | None:
     return None
 
 
+# Config keys added after runs were saved without them, with the value that means what those runs did: a run saved
+# before a key existed resumes under a config that holds the key at this value.
+ADDED_KEYS = {"model": {"beta_embed": False}, "classifier": {"pgd_norm": "linf", "entropy_weight": 0.0}}
+
+
+def _same_section(sec: str, before: dict | None, now: dict) -> bool:
+    """A saved config section equals the current one, keys the saved run predates counted at their ADDED_KEYS value."""
+    if before is None:
+        return False
+    added = {k: v for k, v in ADDED_KEYS.get(sec, {}).items() if k not in before and k in now}
+    return {**before, **added} == now
+
+
 def restore(
     ckpt: dict, path: Path, config: dict, modules: dict, data_gen: torch.Generator, device: torch.device, seed: int
 ) -> tuple[int, dict]:
@@ -169,7 +182,8 @@ def restore(
     back (a rank the checkpoint has none for, when the run now has more ranks, is seeded from seed, rank and step).
     Returns (step, data)."""
     before, rank = ckpt["config"], dist.rank()
-    mismatch = [sec for sec in ("model", "classifier", "diffusion") if sec in config and before.get(sec) != config[sec]]
+    sections = [s for s in ("model", "classifier", "diffusion") if s in config]
+    mismatch = [s for s in sections if not _same_section(s, before.get(s), config[s])]
     names = [c.get("data_info", {}).get("class_names") for c in (before, config)]  # an image folder's may change
     if any(before["dataset"][k] != config["dataset"][k] for k in ("name", "image_size")) or names[0] != names[1]:
         mismatch.append("dataset")

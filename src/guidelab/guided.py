@@ -41,9 +41,9 @@ class Counted:
     def __init__(self, net):
         self.net, self.rows, self.seconds = net, 0, 0.0
 
-    def __call__(self, x: torch.Tensor, *args):
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
         self.rows += len(x)
-        return self.net(x, *args)
+        return self.net(x, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.net, name)

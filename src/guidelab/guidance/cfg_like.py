@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from guidelab.errors import GuidelabError
 from guidelab.guidance.core import MODES, Context, cfg_combine, in_interval
 from guidelab.guided import EpsFn, Guided
 from guidelab.registry import Above, OneOf, Range
@@ -147,6 +148,20 @@ def _none(ctx: Context, base: str = "cond") -> EpsFn:
 def _cfg(ctx: Context) -> EpsFn:
     """eps_u + s (eps_c - eps_u), cond and uncond as one doubled batch (Ho & Salimans 2022, Eq. 6)."""
     return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale))
+
+
+@MODES.register(scale=Range(1, math.inf, "the CFG strength the one pass stands for: beta = 1 / s"), uses=("cond",))
+def _gft(ctx: Context) -> EpsFn:
+    """One pass of a network trained by guidance-free training (Chen et al. 2025, "Visual Generation Without
+    Guidance"; train.guidance_free=gft): eps_s(x_t, y, beta) with beta = 1 / s, trained to equal CFG at scale s, at
+    the cost of the conditional model alone (guidelab.diffusion.gft_loss). Refused for a network without the beta
+    input. A model-guidance network (train.guidance_free=mg) needs no mode: guidance=none base=cond is its one pass."""
+    if getattr(ctx.unet, "beta_embed", None) is None:
+        raise GuidelabError(
+            "guidance=gft needs a network trained with train.guidance_free=gft model.beta_embed=true (it takes GFT's "
+            "beta input); sample any other network with guidance=cfg"
+        )
+    return lambda x, t: Guided(ctx.unet(x, t, ctx.y, beta=1 / ctx.scale))  # per call: a weight schedule moves s
 
 
 @MODES.register(

@@ -2,7 +2,9 @@
 
 Layout of DDPM (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", App. B: the 35.7M-parameter
 CIFAR-10 network); class conditioning and label dropout of classifier-free guidance (Ho & Salimans 2022,
-"Classifier-Free Diffusion Guidance", Alg. 1). The `Encoder` trunk is shared with `NoisyClassifier`.
+"Classifier-Free Diffusion Guidance", Alg. 1); optionally the temperature input beta of guidance-free training (Chen
+et al. 2025, "Visual Generation Without Guidance", arXiv 2501.15420). The `Encoder` trunk is shared with
+`NoisyClassifier`.
 """
 
 from collections.abc import Callable
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guidelab.errors import GuidelabError
 from guidelab.models.layers import (
     AttentionBlock,
     Downsample,
@@ -104,7 +107,10 @@ class Perturbation(NamedTuple):
 class UNet(nn.Module):
     """eps_theta(x_t, t, y): predicts the noise in x_t given timestep t and class y (y = null_class: none).
 
-    Defaults are the DDPM CIFAR-10 network (35.7M parameters at in_channels=3, image_size=32).
+    Defaults are the DDPM CIFAR-10 network (35.7M parameters at in_channels=3, image_size=32). With `beta_embed` it
+    also takes GFT's temperature: eps_theta(x_t, t, y, beta), beta in (0, 1], one pass of which samples like CFG at
+    scale 1 / beta once trained with train.guidance_free=gft (guidelab.diffusion.gft_beta); without the keyword,
+    beta = 1 (the conditional model).
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class UNet(nn.Module):
         num_heads: int = 4,  # attention heads (parameter count does not depend on it)
         p_uncond: float = 0.1,  # training-time probability of replacing a label by the null label (CFG)
         use_scale_shift_norm: bool = False,  # ADM AdaGN; False keeps DDPM's additive embedding and 35.7M params
+        beta_embed: bool = False,  # GFT's beta input (train.guidance_free=gft); False: none, as every older checkpoint
     ):
         super().__init__()
         Range(0, 1, "the label-dropout rate; 0.1 in Ho & Salimans 2022").check("model.p_uncond", p_uncond, {})
@@ -159,6 +166,14 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
         self._perturb = Perturbation()  # none outside `perturbed()`: costs nothing
+        # GFT's temperature (Chen et al. 2025): sinusoidal features of 1000 beta -> MLP, added to the time embedding
+        # (the beta_in=mlp form of their DiT code; their scripts use beta_in=linear, the same features projected into
+        # the time-step features). Built last, so every other weight draws the same initial values as without it, and
+        # its last layer zeroed, so an untrained beta path leaves the network's output exactly as it was.
+        self.beta_embed = None
+        if beta_embed:
+            self.beta_embed = TimestepEmbedder(channels, emb_dim)
+            zero_module(self.beta_embed.mlp[-1])
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """In training mode, replace each label by null_class with probability p_uncond (Ho & Salimans 2022)."""
@@ -194,13 +209,24 @@ class UNet(nn.Module):
                 blocks[name].attention = None
             self._perturb = Perturbation()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) timesteps (int or float), y (B,) int64 in [0, num_classes] -> eps (B, C, H, W)."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, beta: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) timesteps (int or float), y (B,) int64 in [0, num_classes] -> eps (B, C, H, W).
+        `beta` (B,) or a number in (0, 1]: GFT's temperature, for a network built with beta_embed (None = 1)."""
         labels = self.drop_labels(y)
         class_emb = self.class_embed(labels)
         if self._perturb.class_embedding is not None:
             class_emb = self._perturb.class_embedding(labels, class_emb)
         emb = self.time_embed(t, self._perturb.time_features) + class_emb
+        if self.beta_embed is not None:
+            beta = torch.as_tensor(1.0 if beta is None else beta, dtype=torch.float32, device=x.device)
+            emb = emb + self.beta_embed(1000 * beta.expand(x.shape[0]))
+        elif beta is not None:
+            raise GuidelabError(
+                "this UNet has no beta input (model.beta_embed=false): only a network trained with "
+                "train.guidance_free=gft model.beta_embed=true takes GFT's beta"
+            )
         h, skips = self.encoder(x, emb)
         for level, blocks in enumerate(self.up):
             for block in blocks:

@@ -305,7 +305,7 @@ def test_the_2022_cg_methods_run_from_the_command_line_with_their_costs(smoke_ru
     """Issue 21's CG modes on the clean classifier (cg_ots: one UNet pass and one classifier gradient per step, no
     backward through the UNet; cg_universal with 2 backward steps: 1 + 2 classifier passes per sample and step), with
     DDIM's self-recurrence (each step done twice: twice the network evaluations), and FBG (a doubled batch)."""
-    nfe = set()
+    nfe, gflops = set(), {}
     for mode, extra in [("cg_ots", []), ("cg_universal", ["guidance.backward_steps=2"])]:
         sweep = tmp_path / mode
         proc = run_script(
@@ -326,16 +326,18 @@ def test_the_2022_cg_methods_run_from_the_command_line_with_their_costs(smoke_ru
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         with open(sweep / "results.csv") as f:
-            nfe |= {
-                (r["guidance"], r["sampler_options"], int(r["nfe"]), int(r["classifier_nfe"]))
-                for r in csv.DictReader(f)
-            }
+            rows = list(csv.DictReader(f))
+        nfe |= {(r["guidance"], r["sampler_options"], int(r["nfe"]), int(r["classifier_nfe"])) for r in rows}
+        flops = {r["sampler_options"]: float(r["gflops_per_sample"]) for r in rows}
+        assert flops[""] > 0 and abs(flops["recurrence=1"] - 2 * flops[""]) < 1e-3 * flops[""]  # every step twice
+        gflops[mode] = flops[""]
     assert nfe == {
         ("cg_ots", "", 4, 4),
         ("cg_ots", "recurrence=1", 8, 8),
         ("cg_universal", "", 4, 12),
         ("cg_universal", "recurrence=1", 8, 24),
     }
+    assert gflops["cg_universal"] > gflops["cg_ots"]  # the backward pass through the UNet and the backward steps
     out = tmp_path / "fbg"
     common = ["experiment=smoke", f"ckpt={smoke_runs['diffusion']}", "sampler.steps=4", "num_samples=8"]
     common.append(f"evaluator_ckpt={smoke_runs['evaluator']}")

@@ -4,7 +4,7 @@
                     precision, recall, the three judges' accuracies, seconds, ...), the row sample.py writes
   results.md        the same as a markdown table, naming the feature space of FID / IS / precision / recall
   plots             fid_vs_scale.png, is_vs_scale.png, fid_vs_is.png, fid_vs_accuracy.png, precision_vs_recall.png,
-                    accuracy_vs_scale.png
+                    accuracy_vs_scale.png, accuracy_vs_gflops.png, accuracy_vs_seconds.png (compute per sample)
   grids             grid_<guidance>.png: rows = scales, columns = classes
   comparison.png    one row of samples per (guidance, scale), one sample per class, labelled with the accuracy
 
@@ -126,6 +126,8 @@ PLOTS = {  # file: (x, y, title)
     "fid_vs_is.png": ("is", "fid", "FID-IS trade-off (Ho & Salimans 2022, Fig. 4)"),
     "fid_vs_accuracy.png": ("accuracy", "fid", "FID-accuracy trade-off"),
     "precision_vs_recall.png": ("recall", "precision", "precision vs recall (Dhariwal & Nichol 2021, Table 4)"),
+    "accuracy_vs_gflops.png": ("gflops_per_sample", "accuracy", "accuracy vs compute per sample (GFLOPs)"),
+    "accuracy_vs_seconds.png": ("seconds_per_sample", "accuracy", "accuracy vs wall seconds per sample"),
 }
 
 

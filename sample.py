@@ -233,7 +233,9 @@ def results_row(
     if len(nets.evaluators) == 2:
         values["disagreement"] = values["accuracy"] - values["accuracy_2"]
     if nets.evaluators and cfg.eval.knn_k:  # the third judge, beside the two: no weights, no gradient reaches it
-        scores = knn_judge(images, y_np, nets.train_config["dataset"], cfg.eval.knn_k, cfg.metrics.cache_dir, device)
+        data = nets.train_config["dataset"]  # a diffusers model may name none: the judges' own data then
+        data = data if data.get("name") else nets.evaluators[0][1]["dataset"]
+        scores = knn_judge(images, y_np, data, cfg.eval.knn_k, cfg.metrics.cache_dir, device)
         for k, v in scores.items():
             (values if k in COLUMNS else details)[k] = v
     return make_row(**values), details

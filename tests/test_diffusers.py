@@ -232,6 +232,13 @@ def test_classifier_guidance_of_a_diffusers_model_through_the_scripts(tmp_path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = np.load(tmp_path / "S" / "samples.npz")
     assert samples["images"].shape == (6, 8, 8, 1) and samples["labels"].max() > 0  # the classifier's 10 classes
+    proc = run_script("train_classifier.py", *common, "classifier=evaluator", "hydra.run.dir=EV", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    judged = [*args, f"evaluator_ckpt={tmp_path / 'EV' / 'checkpoints' / 'last.pt'}", "hydra.run.dir=S3"]
+    proc = run_script("sample.py", *judged, cwd=tmp_path)  # the model names no data set: the judges' data is used
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "S3" / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy_knn"] <= 1 and metrics["knn_test_acc"] > 0.5
     proc = run_script("train_classifier.py", *common, "hydra.run.dir=OTHER", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     other = tmp_path / "OTHER" / "checkpoints" / "last.pt"

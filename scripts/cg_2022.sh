@@ -33,8 +33,11 @@ sweep cg_recurrence guidance=cg sampler.recurrence=2 scale=8 "${UNET[@]}" "$C320
 sweep cg_x0 guidance=cg_x0 scale=4 "${UNET[@]}" "$CLEAN"
 sweep cg_ots guidance=cg_ots scale=4,16 "${UNET[@]}" "$CLEAN"
 sweep cg_universal guidance=cg_universal scale=2 "${UNET[@]}" "$CLEAN"
+# the clean-classifier modes again at low scales (s = 4 already broke the samples; added after the first pass)
+sweep cg_ots_low guidance=cg_ots scale=0.5,1,2 "${UNET[@]}" "$CLEAN"
+sweep cg_x0_low guidance=cg_x0 scale=1 "${UNET[@]}" "$CLEAN"
 sweep cg_robust guidance=cg scale=4,15 "${UNET[@]}" classifier_ckpt="$OUT/classifier_robust/checkpoints/last.pt"
 sweep mg guidance=none guidance.base=cond ckpt="$OUT/diffusion_mg/checkpoints/last.pt" "${EVALS[@]}"
 sweep gft guidance=gft scale=2,3 ckpt="$OUT/diffusion_gft/checkpoints/last.pt" "${EVALS[@]}"
 $PY -m guidelab.report --merge "$OUT/cg_2022" "$OUT"/{cfg,fbg,cg_3200,cg_entropy,cg_ect,cg_recurrence,cg_x0,cg_ots} \
-  "$OUT"/{cg_universal,cg_robust,mg,gft}
+  "$OUT"/{cg_ots_low,cg_x0_low,cg_universal,cg_robust,mg,gft}

@@ -274,17 +274,17 @@ def best_rows(rows: list[dict]) -> list[dict]:
     ]
 
 
+SERIES_KEYS = ("base", "options", "p_uncond", "classifier", "steps", "classifier_scale", "sampler", "spacing")
+SERIES_KEYS += ("sampler_options",)  # what may split one mode's rows into lines
+
+
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
     """One line per guidance mode, split further by what the sweep varies within that mode (CG base, p_uncond,
-    sampler steps, classifier scale, sampler)."""
+    sampler steps, classifier scale, sampler and its own keys)."""
     out: dict[str, list[dict]] = {}
     for mode in dict.fromkeys(r["guidance"] for r in rows):
         mode_rows = [r for r in rows if r["guidance"] == mode]
-        varying = [
-            k
-            for k in ("base", "options", "p_uncond", "classifier", "steps", "classifier_scale", "sampler", "spacing")
-            if len({str(r[k]) for r in mode_rows}) > 1
-        ]
+        varying = [k for k in SERIES_KEYS if len({str(r[k]) for r in mode_rows}) > 1]
         for r in mode_rows:
             parts = [f"{k}={r[k]}" for k in varying if r[k] is not None]  # "cfg", not "cfg options=None"
             out.setdefault(" ".join([mode] + parts), []).append(r)

@@ -1,6 +1,7 @@
 """Train a time-conditioned noisy classifier for classifier guidance, a clean classifier (classifier=clean, for
 guidance=cg_x0), or one of the evaluators that judge samples (classifier=evaluator: a ResNet; evaluator_vgg: the
-second opinion; evaluator_adv: the ResNet trained on PGD examples too).
+second opinion; evaluator_adv: the ResNet trained on PGD examples too; evaluator_mixer: an MLP-Mixer, the judge
+of a third family for runs that a ResNet or VGG guides).
 
     python train_classifier.py dataset=cifar10
     python train_classifier.py dataset=cifar10 classifier=evaluator

@@ -39,5 +39,27 @@ sweep cg_x0_low guidance=cg_x0 scale=1 "${UNET[@]}" "$CLEAN"
 sweep cg_robust guidance=cg scale=4,15 "${UNET[@]}" classifier_ckpt="$OUT/classifier_robust/checkpoints/last.pt"
 sweep mg guidance=none guidance.base=cond ckpt="$OUT/diffusion_mg/checkpoints/last.pt" "${EVALS[@]}"
 sweep gft guidance=gft scale=2,3 ckpt="$OUT/diffusion_gft/checkpoints/last.pt" "${EVALS[@]}"
+# added in the second pass: CFG limited to an interval of noise levels, and GFT at a higher scale
+sweep cfg_interval guidance=cfg_interval scale=2,3,4 "${UNET[@]}"
+sweep gft_4 guidance=gft scale=4 ckpt="$OUT/diffusion_gft/checkpoints/last.pt" "${EVALS[@]}"
 $PY -m guidelab.report --merge "$OUT/cg_2022" "$OUT"/{cfg,fbg,cg_3200,cg_entropy,cg_ect,cg_recurrence,cg_x0,cg_ots} \
-  "$OUT"/{cg_ots_low,cg_x0_low,cg_universal,cg_robust,mg,gft}
+  "$OUT"/{cg_ots_low,cg_x0_low,cg_universal,cg_robust,mg,gft,cfg_interval,gft_4}
+
+# Ma et al. 2023's setting: an off-the-shelf classifier guides, here the primary judge's own ResNet (ReLUs, so
+# softplus smoothing applies). No ResNet may judge these rows: the VGG and a third family, an MLP-Mixer, read them,
+# and the reference rows are sampled again (the same seeds, so the same images) to be read by the same two judges.
+train train_classifier.py evaluator_mixer classifier=evaluator_mixer seed=2 "${JUDGE[@]}"
+OTHER=(evaluator_ckpt="$OUT/evaluator_vgg/checkpoints/last.pt"
+       second_evaluator_ckpt="$OUT/evaluator_mixer/checkpoints/last.pt")
+RESNET=classifier_ckpt="$OUT/evaluator/checkpoints/last.pt"
+OFF=(ckpt="$OUT/diffusion/checkpoints/last.pt" "${OTHER[@]}")
+sweep ots_resnet guidance=cg_ots guidance.softplus_beta=3 scale=0.5,1,2 "${OFF[@]}" "$RESNET"
+sweep ots_resnet_relu guidance=cg_ots guidance.softplus_beta=0 scale=1 "${OFF[@]}" "$RESNET"
+sweep ots_resnet_entropy guidance=cg_ots guidance.softplus_beta=3 guidance.entropy_scale=true scale=1 "${OFF[@]}" \
+  "$RESNET"
+sweep ref_cfg guidance=cfg scale=2 "${OFF[@]}"
+sweep ref_cg guidance=cg guidance.entropy_scale=false,true scale=4 "${OFF[@]}" "$C3200"
+sweep ref_ots_clean guidance=cg_ots scale=1 "${OFF[@]}" "$CLEAN"
+sweep ref_mg guidance=none guidance.base=cond ckpt="$OUT/diffusion_mg/checkpoints/last.pt" "${OTHER[@]}"
+$PY -m guidelab.report --merge "$OUT/cg_2022_offshelf" "$OUT"/{ots_resnet,ots_resnet_relu,ots_resnet_entropy} \
+  "$OUT"/{ref_cfg,ref_cg,ref_ots_clean,ref_mg}

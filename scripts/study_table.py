@@ -8,6 +8,7 @@ flag where two judges differ by more than 3 points.
 import csv
 import sys
 
+FAMILY = {"evaluator": "ResNet", "evaluator_vgg": "VGG", "evaluator_mixer": "Mixer"}  # the judges' config names
 FLAG = 0.03  # judges further apart than this are flagged (issue 21: "flag rows where they disagree by more than 3")
 
 
@@ -18,14 +19,21 @@ def _f(value: str, digits: int) -> str:
 def main(path: str) -> None:
     with open(path) as f:
         rows = list(csv.DictReader(f))
+    judge = []  # the two neural judges' names, the same in every row (their families head the columns)
+    for key in ("evaluator", "evaluator_2"):
+        names = {r[key] for r in rows}
+        if len(names) != 1:
+            raise SystemExit(f"{path}: the rows have different {key}s {sorted(names)}; one table per pair of judges")
+        judge.append(FAMILY.get(name := names.pop(), name or "(none)"))
     print(
-        "| method | s | UNet NFE | classifier NFE | GFLOPs / sample | s / sample | FID | acc. ResNet | acc. VGG "
-        "| acc. k-NN | judges apart |"
+        "| method | s | UNet NFE | classifier NFE | GFLOPs / sample | s / sample | FID "
+        f"| acc. {judge[0]} | acc. {judge[1]} | acc. k-NN | judges apart |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sweep = r["run"].split("/")[0]
-        extra = " ".join(x for x in (r["sampler_options"],) if x)
+        entropy = "entropy_scale" if "entropy_scale=True" in (r["options"] or "") and "entropy" not in sweep else ""
+        extra = " ".join(x for x in (r["sampler_options"], entropy) if x)
         name = sweep + (f" ({extra})" if extra and extra not in sweep else "")
         judges = [float(r[k]) for k in ("accuracy", "accuracy_2", "accuracy_knn") if r[k] not in ("", None)]
         apart = max(judges) - min(judges) if judges else 0.0

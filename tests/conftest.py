@@ -104,7 +104,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 @pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory):
     """The command contract with experiment=smoke: a diffusion UNet, a noisy classifier, a clean classifier of the
-    guidance family (cg_x0) and the two evaluators (a ResNet, a VGG with another seed)."""
+    guidance family (cg_x0) and the three judges' families (a ResNet, a VGG with another seed, an MLP-Mixer)."""
     root = tmp_path_factory.mktemp("smoke")
     runs = {
         "diffusion": root / "RUN1",
@@ -112,6 +112,7 @@ def smoke_runs(tmp_path_factory):
         "clean": root / "CLEAN",
         "evaluator": root / "EVAL",
         "evaluator2": root / "EVAL2",
+        "mixer": root / "MIXER",
     }
     small = ["classifier.channels=16", "classifier.channel_mult=[1,2]"]
     for script, run_dir, extra in [
@@ -120,6 +121,11 @@ def smoke_runs(tmp_path_factory):
         ("train_classifier.py", runs["clean"], ["classifier=clean", *small]),
         ("train_classifier.py", runs["evaluator"], ["classifier=evaluator", *small]),
         ("train_classifier.py", runs["evaluator2"], ["classifier=evaluator_vgg", "seed=1", *small]),
+        (
+            "train_classifier.py",
+            runs["mixer"],
+            ["classifier=evaluator_mixer", "classifier.dim=16", "classifier.depth=1"],
+        ),
     ]:
         proc = run_script(script, "experiment=smoke", f"hydra.run.dir={run_dir}", *extra, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -244,6 +244,22 @@ def test_a_judge_must_be_of_another_family_and_a_network_of_its_own(guarded, tmp
         "is a resnet like the primary evaluator",
         "classifier=evaluator_vgg",
     )
+    assert_one_line_error(  # an off-the-shelf ResNet guides: no ResNet may judge
+        _sample(
+            guarded,
+            tmp_path,
+            "guidance=cg_ots",
+            f"classifier_ckpt={guarded['evaluator']}",
+            f"evaluator_ckpt={twin / 'checkpoints/last.pt'}",
+        ),
+        "evaluator_ckpt is a resnet like the classifier that guides",
+        "classifier=evaluator_mixer",
+    )
+    assert_one_line_error(  # a noisy classifier is no clean one
+        _sample(guarded, tmp_path, "guidance=cg_ots", f"classifier_ckpt={guarded['classifier']}"),
+        "is a noisy guidance classifier",
+        "this use needs a clean classifier (classifier=clean, or an off-the-shelf ResNet, VGG or MLP-Mixer)",
+    )
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 from omegaconf import OmegaConf
 
 from guidelab.data import random_affine
@@ -175,7 +176,13 @@ def test_build_classifier_from_yaml(path):
 
 def test_yaml_configs_present():
     assert {p.stem for p in (CONFIGS / "model").glob("*.yaml")} >= {"unet_cifar", "unet_small"}
-    assert {p.stem for p in (CONFIGS / "classifier").glob("*.yaml")} >= {"noisy", "clean", "evaluator", "evaluator_vgg"}
+    assert {p.stem for p in (CONFIGS / "classifier").glob("*.yaml")} >= {
+        "noisy",
+        "clean",
+        "evaluator",
+        "evaluator_vgg",
+        "evaluator_mixer",
+    }
 
 
 @pytest.mark.parametrize("arch", ["resnet", "vgg"])
@@ -193,6 +200,27 @@ def test_evaluators_ignore_time_and_their_features_feed_their_head(arch, in_chan
     assert "BatchNorm2d" in kinds and not kinds & {"GroupNorm", "AttentionPool2d", "AttentionBlock", "TimestepEmbedder"}
 
 
+@pytest.mark.parametrize("in_channels,image_size", SIZES)
+def test_the_mixer_judge_shares_no_layer_kind_with_the_other_families(in_channels, image_size):
+    """The third family (MLP-Mixer): no time input, logits = classify(features), and none of the layers of the
+    UNet encoder (GroupNorm, attention, time embedding) or of the ResNet and VGG (convolution, BatchNorm, ReLU); its
+    token-mixing MLP mixes patches: a change in one patch moves every patch's features."""
+    model = perturb(CLASSIFIERS["mixer"](in_channels, image_size, num_classes=7, dim=16, depth=2)).eval()
+    x = torch.randn(3, in_channels, image_size, image_size)
+    with torch.no_grad():
+        logits = model(x, torch.tensor([0, 0, 0]))
+        assert logits.shape == (3, 7) and torch.equal(logits, model(x, torch.tensor([999, 5, 500])))
+        assert torch.equal(logits, model.classify(model.features(x)))
+        y = x.clone()
+        y[:, :, :4, :4] += 1.0  # the first patch only
+        tokens = lambda z: model.blocks(model.embed(rearrange(z, "b c (h p) (w q) -> b (h w) (p q c)", p=4, q=4)))
+        assert (tokens(x) - tokens(y)).abs().amax(dim=2).gt(1e-6).all()  # every patch moved
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "LayerNorm" in kinds and not kinds & {"GroupNorm", "AttentionPool2d", "BatchNorm2d", "Conv2d", "ReLU"}
+    with pytest.raises(GuidelabError, match="classifier.patch=5 does not divide the image size 16"):
+        CLASSIFIERS["mixer"](1, 16, 10, patch=5)
+
+
 def test_checkpoints_without_an_arch_are_the_unet_encoder_and_an_unknown_arch_is_named():
     cfg = {
         k: v
@@ -200,7 +228,7 @@ def test_checkpoints_without_an_arch_are_the_unet_encoder_and_an_unknown_arch_is
         if k not in ("arch", "shift", "rotate", "pgd_eps", "pgd_steps")
     }
     assert isinstance(build_classifier(cfg, 1, 16, 10), NoisyClassifier)
-    with pytest.raises(GuidelabError, match="unknown classifier.arch 'mlp'; valid: unet_encoder, resnet, vgg"):
+    with pytest.raises(GuidelabError, match="unknown classifier.arch 'mlp'; valid: unet_encoder, resnet, vgg, mixer"):
         build_classifier({**cfg, "arch": "mlp"}, 1, 16, 10)
 
 

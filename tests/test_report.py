@@ -1,9 +1,10 @@
 """Report pieces that need no sweep on disk: the per-variant trade-off panels and file names of series grids."""
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from guidelab.report import _file_name, _series, best_rows, make_row, markdown, variant_panels
+from guidelab.report import _file_name, _series, best_rows, comparison_figure, make_row, markdown, variant_panels
 
 
 def _row(guidance, s, fid, acc, options=None):
@@ -34,6 +35,20 @@ def test_cfg_with_options_is_a_variant_panel_not_an_anchor(tmp_path):
     assert width < 2 * height
     assert variant_panels(plain, tmp_path / "none") == []
     assert list(_series(plain + scheduled)) == ["cfg", "cfg options=schedule=linear"]
+
+
+def test_the_comparison_figure_widens_for_a_long_series_label(tmp_path):
+    """A sweep whose series label is long (a mode's many keys) once left no room for the strips ('left cannot be >=
+    right'): the label column widens the figure instead; the strips keep their width."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", images=rng.integers(0, 255, (20, 8, 8, 1), np.uint8), labels=np.arange(20) % 10)
+    long = "tau1=1.0 tau2=0.5 softplus_beta=3.0 gamma=0.3 entropy_scale=False backward_steps=5 backward_lr=0.01 x=1"
+    rows = [{**_row("cg_ots", s, 30.0, 0.8, options=opt), "dir": tmp_path} for s, opt in ((1, long), (2, "short"))]
+    widths = []
+    for name, chosen in (("short", rows[1:]), ("long", rows)):
+        comparison_figure(chosen, tmp_path / f"{name}.png")
+        widths.append(Image.open(tmp_path / f"{name}.png").size[0])
+    assert widths[1] > widths[0]
 
 
 def test_series_labels_become_flat_file_names():

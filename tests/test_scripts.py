@@ -301,6 +301,34 @@ def test_cg_x0_guides_by_a_clean_classifier_through_the_unet(smoke_runs, tmp_pat
 
 
 @pytest.mark.slow
+def test_an_off_the_shelf_resnet_guides_and_latest_finds_judges_of_the_two_other_families(smoke_runs, tmp_path):
+    """Ma et al. 2023's setting: guidance=cg_ots with an ordinary ReLU ResNet (the evaluator's run) as the guide, its
+    ReLUs smoothed to softplus; `latest` skips every ResNet for the judges and finds the VGG and the MLP-Mixer."""
+    out = tmp_path / "ots"
+    proc = run_script(
+        "sample.py",
+        "experiment=smoke",
+        f"ckpt={smoke_runs['diffusion']}",
+        "guidance=cg_ots",
+        "guidance.softplus_beta=3",
+        "scale=3",
+        f"classifier_ckpt={smoke_runs['evaluator']}",
+        f"runs_root={smoke_runs['root']}",
+        "evaluator_ckpt=latest",
+        "second_evaluator_ckpt=latest",
+        "num_samples=8",
+        "sampler.steps=4",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["classifier"], metrics["nfe"], metrics["classifier_nfe"]) == ("EVAL", 4, 4)
+    assert {metrics["evaluator"], metrics["evaluator_2"]} == {"evaluator_vgg", "evaluator_mixer"}
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["accuracy_2"] <= 1
+
+
+@pytest.mark.slow
 def test_the_2022_cg_methods_run_from_the_command_line_with_their_costs(smoke_runs, tmp_path):
     """Issue 21's CG modes on the clean classifier (cg_ots: one UNet pass and one classifier gradient per step, no
     backward through the UNet; cg_universal with 2 backward steps: 1 + 2 classifier passes per sample and step), with

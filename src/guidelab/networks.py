@@ -28,6 +28,9 @@ TRAIN_HINT = {
     "evaluator": "python train_classifier.py classifier=evaluator (and classifier=evaluator_vgg seed=1 for "
     "the second opinion)",
 }
+NEEDS = {  # what a use accepts, where that is more than one role: any clean classifier guides on x0_hat
+    "clean_classifier": "a clean classifier (classifier=clean, or an off-the-shelf ResNet, VGG or MLP-Mixer)"
+}
 ROLE_NAMES = {
     "classifier": "a noisy guidance classifier",
     "clean_classifier": "a clean classifier of the guidance family (UNet encoder)",
@@ -112,11 +115,11 @@ def role_of(config: dict) -> str | None:
 
 
 def find_latest(
-    root: str | Path, role: str, like: dict | None = None, key: str = "ckpt", unlike: str | None = None
+    root: str | Path, role: str, like: dict | None = None, key: str = "ckpt", unlike: tuple[str, ...] = ()
 ) -> Path:
     """RUN/checkpoints/last.pt of the newest run (by last.pt's time) under `root` whose RUN/.hydra/config.yaml says it
     trained a `role` network (see role_of); with `like` (a diffusion checkpoint's config) only runs on the same dataset
-    and image size (and, for a noisy classifier, schedule); with `unlike` only classifiers of another arch."""
+    and image size (and, for a noisy classifier, schedule); with `unlike` only classifiers of none of those archs."""
     runs = []
     for last in Path(root).glob("**/checkpoints/last.pt"):
         cfg_file = last.parents[1] / ".hydra" / "config.yaml"
@@ -125,13 +128,13 @@ def find_latest(
             all(like["dataset"][k] in (None, run["dataset"][k]) for k in ("name", "image_size"))
             and (role != "classifier" or same_schedule(schedule_of(run), schedule_of(like)))
         )
-        other = unlike is None or run.get("classifier", {}).get("arch") != unlike
+        other = run.get("classifier", {}).get("arch") not in unlike
         if role_of(run) == role and same and other:
             runs.append((last.stat().st_mtime, str(last)))
     if not runs:
         on = "" if like is None or like["dataset"]["name"] is None else f" on {like['dataset']['name']}"
         match = "" if like is None else f"{on} at {like['dataset']['image_size']}px"
-        match += "" if unlike is None else f" of another arch than {unlike}"
+        match += f" of another arch than {' and '.join(unlike)}" if unlike else ""
         raise GuidelabError(
             f"{key}=latest found no {role} run{match} under {Path(root).resolve()} (RUN/checkpoints/"
             f"last.pt with RUN/.hydra/config.yaml); train one with `{TRAIN_HINT[role]}` or pass {key}=PATH"
@@ -179,6 +182,7 @@ class Networks:
     diffusion: Diffusion  # the model's own T-step process
     train_config: dict  # the UNet's training config (dataset, data_info, model, diffusion)
     classifier: Counted | None = None  # the noisy classifier, or the clean one of guidance=cg_x0
+    classifier_arch: str | None = None  # its family (classifier.arch): no judge may share it
     classifier_metrics: dict = field(default_factory=dict)  # its held-out accuracy (per quarter of t if noisy)
     guide: Counted | None = None
     evaluators: list = field(default_factory=list)  # (network, its checkpoint's config and metrics): primary first
@@ -228,10 +232,12 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
             )
             net, cls_ckpt = _partner(paths["classifier_ckpt"], role, unet_ckpt, device)
             nets.classifier, nets.classifier_metrics = Counted(net), cls_ckpt["metrics"]
-    unlike = None
+            nets.classifier_arch = cls_ckpt["config"]["classifier"].get("arch", "unet_encoder")
+    guide_arch = nets.classifier_arch if nets.classifier_arch != "unet_encoder" else None  # an off-the-shelf guide
     for key in ("evaluator_ckpt", "second_evaluator_ckpt"):
         if not cfg[key]:
             continue
+        unlike = tuple(a for a in (guide_arch, *(c["classifier"]["arch"] for _, c, _ in nets.evaluators)) if a)
         paths[key] = resolve(key, cfg[key], cfg.runs_root, "evaluator", unet_ckpt["config"], unlike)
         used = [paths.get("classifier_ckpt")] + ([paths["evaluator_ckpt"]] if key == "second_evaluator_ckpt" else [])
         if paths[key] in used:
@@ -240,13 +246,19 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
                 "be a network of its own"
             )
         net, ev_ckpt = _partner(paths[key], "evaluator", unet_ckpt, device)
-        if unlike is not None and ev_ckpt["config"]["classifier"].get("arch") == unlike:
+        arch = ev_ckpt["config"]["classifier"]["arch"]
+        if arch == guide_arch:
             raise GuidelabError(
-                f"second_evaluator_ckpt is a {unlike} like the primary evaluator; the second opinion "
+                f"{key} is a {arch} like the classifier that guides (classifier_ckpt); a judge must be of another "
+                "family than every guiding network, or it reads what the guide wrote (e.g. classifier=evaluator_vgg "
+                "and classifier=evaluator_mixer judge a ResNet guide)"
+            )
+        if nets.evaluators and arch == nets.evaluators[0][1]["classifier"]["arch"]:
+            raise GuidelabError(
+                f"second_evaluator_ckpt is a {arch} like the primary evaluator; the second opinion "
                 "must be of another family (train one with classifier=evaluator_vgg seed=1)"
             )
         nets.evaluators.append((net, ev_ckpt["config"], ev_ckpt["metrics"]))
-        unlike = ev_ckpt["config"]["classifier"].get("arch")
     info = unet_ckpt["config"]["data_info"]
     nets.data_info = dict(unet_ckpt["config"].get("partner_data_info", info) if info["num_classes"] is None else info)
     return nets
@@ -260,14 +272,16 @@ def _partner(path: str, role: str, unet_ckpt: dict, device: torch.device):
         unet_ckpt["config"].setdefault("partner_data_info", ckpt["config"]["data_info"])  # the first partner that
         # knows the classes names them for an unconditional diffusers model
     check_compatible(unet_ckpt, "diffusion checkpoint", ckpt, role, schedule=role in ("guide", "classifier"))
-    if role != "guide" and (found := role_of(ckpt["config"])) != role:
+    found = role_of(ckpt["config"]) if role != "guide" else role
+    if found != role and not (role == "clean_classifier" and found == "evaluator"):  # any clean classifier guides x0
+        needs = NEEDS.get(role, ROLE_NAMES[role])
         raise GuidelabError(
-            f"{path} is {ROLE_NAMES[found]}, but this use needs {ROLE_NAMES[role]}; train one with `{TRAIN_HINT[role]}`"
+            f"{path} is {ROLE_NAMES[found]}, but this use needs {needs}; train one with `{TRAIN_HINT[role]}`"
         )
     return net, ckpt
 
 
-def resolve(key: str, value: str, root: str, role: str, like: dict | None = None, unlike: str | None = None) -> str:
+def resolve(key: str, value: str, root: str, role: str, like: dict | None = None, unlike: tuple[str, ...] = ()) -> str:
     """A checkpoint path as given, or for `latest` the newest matching run's (printed)."""
     if value != "latest":
         return value

@@ -420,11 +420,9 @@ def comparison_figure(rows: list[dict], path: Path) -> None:
         strips.append(grid([np.concatenate(class_rows(images, labels, int(labels.max()) + 1, per_row=1))], pad=1))
     h, w = strips[0].shape[:2]
     longest = max(len(f"{label[id(r)]}  s={r['scale']:g}") for r in rows)
-    fig_w, label_w = (
-        8.0,
-        max(1.6, 0.075 * longest),
-    )  # inches; the left margin holds the row labels, 9 pt ~ 0.075 in/char
-    fig_h = len(strips) * (fig_w - label_w) * h / w * 1.04 + 0.35
+    strip_w, label_w = 6.4, max(1.6, 0.075 * longest)  # inches; the left margin holds the labels (9 pt ~ 0.075 in/char)
+    fig_w = label_w + strip_w  # a longer label widens the figure, never squeezes the strips out
+    fig_h = len(strips) * strip_w * h / w * 1.04 + 0.35
     fig, axes = plt.subplots(len(strips), 1, figsize=(fig_w, fig_h), squeeze=False)
     fig.subplots_adjust(left=label_w / fig_w, right=0.99, top=1 - 0.3 / fig_h, bottom=0.01, hspace=0.08)
     for ax, img, r in zip(axes[:, 0], strips, rows):

@@ -13,11 +13,22 @@ from omegaconf import OmegaConf
 from guidelab.errors import GuidelabError
 from guidelab.models.classifier import NoisyClassifier
 from guidelab.models.diffusers_unet import diffusers_layout
-from guidelab.models.evaluator import VGG, ResNet
+from guidelab.models.evaluator import VGG, MLPMixer, ResNet
 from guidelab.models.unet import UNet
 
-__all__ = ["UNet", "NoisyClassifier", "ResNet", "VGG", "CLASSIFIERS", "RUN_KEYS", "build_unet", "build_classifier"]
-CLASSIFIERS = {"unet_encoder": NoisyClassifier, "resnet": ResNet, "vgg": VGG}  # classifier.arch -> network
+__all__ = [
+    "UNet",
+    "NoisyClassifier",
+    "ResNet",
+    "VGG",
+    "MLPMixer",
+    "CLASSIFIERS",
+    "RUN_KEYS",
+    "build_unet",
+    "build_classifier",
+]
+# classifier.arch -> network
+CLASSIFIERS = {"unet_encoder": NoisyClassifier, "resnet": ResNet, "vgg": VGG, "mixer": MLPMixer}
 RUN_KEYS = {
     "name": "",
     "noisy": False,

@@ -3,12 +3,16 @@
 Classifier guidance follows the gradient of the noisy classifier, a UNet encoder with AdaGN ResBlocks, GroupNorm, SiLU
 and attention pooling; an evaluator of that family reads what CG wrote (adversarial directions transfer best between
 networks of one family). These two share none of it: no time input, BatchNorm and ReLU, no attention, average or max
-pooling. `ResNet` is the primary evaluator, `VGG` the second opinion. Both take `t` only for the classifiers' common
-call `net(x, t)` and ignore it.
+pooling. `ResNet` is the primary evaluator, `VGG` the second opinion. `MLPMixer` is a third family for when a ResNet
+or VGG guides (an off-the-shelf guide, guidance=cg_ots): no convolution, no BatchNorm, no attention; LayerNorm, GELU
+and per-patch / per-channel MLPs. All take `t` only for the classifiers' common call `net(x, t)` and ignore it.
 """
 
 import torch
+from einops import rearrange
 from torch import nn
+
+from guidelab.errors import GuidelabError
 
 
 class PreActBlock(nn.Module):
@@ -94,6 +98,66 @@ class VGG(nn.Module):
     def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """The (B, ch) globally max-pooled features (FID and precision/recall space)."""
         return self.body(x).amax(dim=(2, 3))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classify(self.features(x))
+
+
+class MixerBlock(nn.Module):
+    """Tolstikhin et al. 2021 ("MLP-Mixer"), Eq. 1: a token-mixing MLP across patches (per channel), then a
+    channel-mixing MLP per patch, each after a LayerNorm and with a skip connection."""
+
+    def __init__(self, tokens: int, dim: int, token_hidden: int, channel_hidden: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.tokens = nn.Sequential(nn.Linear(tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, tokens))
+        self.channels = nn.Sequential(
+            nn.Linear(dim, channel_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(channel_hidden, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, tokens, dim)
+        x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.norm2(x))
+
+
+class MLPMixer(nn.Module):
+    """MLP-Mixer (Tolstikhin et al. 2021) for small images: non-overlapping patch x patch patches projected linearly
+    to `dim`, `depth` Mixer blocks, a LayerNorm, global average pooling over patches, a linear head."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        patch: int = 4,  # patch side in pixels; image_size must be a multiple (16 -> 4x4 patches, 28 -> 7x7)
+        dim: int = 128,  # channels per patch
+        depth: int = 4,  # Mixer blocks
+        token_hidden: int = 64,  # hidden width of the token-mixing MLP
+        channel_hidden: int = 256,  # hidden width of the channel-mixing MLP
+        dropout: float = 0.1,  # in the channel MLP and before the head
+    ):
+        super().__init__()
+        if image_size % patch:
+            raise GuidelabError(
+                f"classifier.patch={patch} does not divide the image size {image_size}; set classifier.patch to a "
+                "divisor of it (4 for 16 and 28 pixels, 8 for 32)"
+            )
+        self.patch, tokens = patch, (image_size // patch) ** 2
+        self.embed = nn.Linear(in_channels * patch * patch, dim)
+        self.blocks = nn.Sequential(
+            *[MixerBlock(tokens, dim, token_hidden, channel_hidden, dropout) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+    def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """The (B, dim) average-pooled patch features (FID and precision/recall space)."""
+        p = self.patch
+        h = self.embed(rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p))
+        return self.norm(self.blocks(h)).mean(dim=1)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)

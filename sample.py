@@ -5,7 +5,9 @@
 
 The story: load the networks, then per batch draw the noise, build the guidance eps-function and run the sampler;
 write samples.npz and grid.png; evaluate into metrics.json. Batch b draws its noise from seed * 1000003 + b and runs on
-DDP rank b % world, so the samples do not depend on the number of ranks.
+DDP rank b % world, so the samples do not depend on the number of ranks. Each finished batch is written to
+RUN/shards/ at once: after a kill, the same command with resume=true draws only the missing batches
+(guidelab.shards).
 """
 
 import json
@@ -18,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from guidelab import dist, guidance, networks, sampling
+from guidelab import dist, guidance, networks, sampling, shards
 from guidelab.cli import main
 from guidelab.errors import GuidelabError
 from guidelab.guidance import GuidanceSpec
@@ -105,49 +107,55 @@ def sample(cfg, run_dir: Path) -> dict:
     if cfg.compile:  # CUDA graphs on CUDA: every step of a batch has the same shapes
         mode = "reduce-overhead" if device.type == "cuda" and cfg.compile_backend == "inductor" else None
         nets.unet.net = torch.compile(nets.unet.net, backend=cfg.compile_backend, dynamic=False, mode=mode)
-    unet, num_classes = nets.unet, nets.num_classes
+    num_classes = nets.num_classes
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
     class_names = nets.train_config["data_info"].get("class_names")  # labels=[cat,dog] by name; grid row labels
     wanted = cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples
     y_all = requested_labels(labels, wanted, num_classes, class_names, nets.paths["ckpt"])
     sampler = sampling.SAMPLERS.own(cfg.sampler)  # the sampler's own keys (eta); steps, spacing, clip_x0 are shared
     starts = list(range(0, len(y_all), cfg.batch_size))
-    mine, t0 = [], time.perf_counter()
+    reuse = shards.start(run_dir, shards.job_key(cfg, nets.paths), cfg.resume)  # resume=true: the finished batches
+    dist.barrier()  # every rank has read the shards before any rank writes one
+    if reuse and is_main:
+        print(
+            f"resume: {len(reuse)} of {len(starts)} batches were drawn before; "
+            f"drawing the other {len(starts) - len(reuse)}"
+        )
+    mine, drawn_before, t0 = [], [], time.perf_counter()
     for b in tqdm(
         range(rank, len(starts), world),
         desc=f"sample {spec.name} s={spec.scale}",
         dynamic_ncols=True,
         disable=not (cfg.progress and is_main),
     ):
-        y = y_all[starts[b] : starts[b] + cfg.batch_size].to(device)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
-        noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
-        eps_fn = guidance.make_eps_fn(spec, unet, y, nets.classifier, nets.diffusion, nets.guide)
-        x = sampling.sample(
-            cfg.sampler.name,
-            eps_fn,
-            nets.diffusion,
-            noise,
-            cfg.sampler.steps,
-            cfg.sampler.spacing,
-            cfg.sampler.clip_x0,
-            gen,
-            **sampler,
-        )
-        mine.append((b, to_uint8(x)))
-    gathered = dist.gather((mine, nets.evaluations()))
+        y_cpu = y_all[starts[b] : starts[b] + cfg.batch_size]
+        if b in reuse:
+            images, counts = shards.load(reuse[b], y_cpu.numpy())
+            mine.append((b, images))
+            drawn_before.append(counts)
+            continue
+        before, tb = nets.evaluations(), time.perf_counter()
+        mine.append((b, draw(cfg, spec, nets, y_cpu.to(device), b, sampler, device)))
+        cost = {k: None if v is None else v - before[k] for k, v in nets.evaluations().items()}
+        shards.save(run_dir, b, mine[-1][1], y_cpu.numpy(), cost | {"seconds": time.perf_counter() - tb})
+    counts = nets.evaluations()  # this run's draws, plus what the reused batches cost when they were drawn
+    for c in drawn_before:
+        counts = {k: v if c[k] is None else (v or 0) + c[k] for k, v in counts.items()}
+    gathered = dist.gather((mine, counts, sum(c["seconds"] for c in drawn_before)))
     seconds = time.perf_counter() - t0
     dist.cleanup()
-    if not is_main:
+    if not is_main:  # rank 0 gathered every rank's batches
         return {}
-    images = np.concatenate([img for _, img in sorted(sum((m for m, _ in gathered), []), key=lambda item: item[0])])
+    seconds += sum(g[2] for g in gathered) / world  # the reused batches' own seconds, spread over the ranks
+    images = np.concatenate([img for _, img in sorted(sum((g[0] for g in gathered), []), key=lambda item: item[0])])
     y_np = y_all.numpy().astype(np.int64)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".samples.tmp.npz"
     np.savez(tmp, images=images, labels=y_np)
     os.replace(tmp, run_dir / "samples.npz")
+    shards.remove(run_dir)
     save_class_grid(images, y_np, num_classes, run_dir / "grid.png", class_names=class_names)
-    result, details = results_row(cfg, spec, nets, [n for _, n in gathered], seconds, images, y_np, device)
+    result, details = results_row(cfg, spec, nets, [g[1] for g in gathered], seconds, images, y_np, device)
     result["gflops_per_sample"] = flops_per_sample(cfg, spec, nets, y_all, sampler, device) / 1e9
     if nets.evaluators:
         (run_dir / "metrics.json").write_text(
@@ -161,16 +169,23 @@ def sample(cfg, run_dir: Path) -> dict:
     return result
 
 
+def draw(cfg, spec, nets, y: torch.Tensor, b: int, sampler: dict, device: torch.device) -> np.ndarray:
+    """Batch b's samples (uint8 NHWC) for the labels y: its noise from seed * 1000003 + b, the guidance, the sampler."""
+    unet = nets.unet
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
+    noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
+    eps_fn = guidance.make_eps_fn(spec, unet, y, nets.classifier, nets.diffusion, nets.guide)
+    s = cfg.sampler
+    return to_uint8(
+        sampling.sample(s.name, eps_fn, nets.diffusion, noise, s.steps, s.spacing, s.clip_x0, gen, **sampler)
+    )
+
+
 def flops_per_sample(cfg, spec, nets, y_all: torch.Tensor, sampler: dict, device: torch.device) -> float:
     """The FLOPs of one sample (`measured_flops`), counted on a separate run of the first 4 requested labels through
     the same guidance and sampler (after the counted run: its NFE and seconds are untouched)."""
     y = y_all[:4].to(device)
-    unet = nets.unet
-    noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device)
-    eps_fn = guidance.make_eps_fn(spec, unet, y, nets.classifier, nets.diffusion, nets.guide)
-    s = cfg.sampler
-    run = (s.name, eps_fn, nets.diffusion, noise, s.steps, s.spacing, s.clip_x0)
-    return measured_flops(sampling.sample, *run, **sampler) / len(y)
+    return measured_flops(draw, cfg, spec, nets, y, 0, sampler, device) / len(y)
 
 
 def results_row(

@@ -16,6 +16,8 @@ ORDER = [
     "images",
     "log",
     "checkpoint",
+    "rundir",
+    "shards",
     "folder",
     "data",
     "models",

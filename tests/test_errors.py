@@ -364,6 +364,9 @@ def test_existing_samples_are_not_overwritten(guarded, tmp_path):
         ("train_diffusion.py", "train.ema_decay=1", "train.ema_decay must be in [0, 1]"),
         ("train_classifier.py", "classifier.dropout=inf", "classifier.dropout is inf"),
         ("train_classifier.py", "train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
+        ("train_diffusion.py", "resume=maybe", "resume=maybe is not one of true, false, auto"),
+        ("train_classifier.py", "resume=1", "resume=1 is not one of true, false, auto"),
+        ("sample.py", "resume=yes", "resume=yes is not one of true, false, auto"),
     ],
 )
 def test_bad_training_values_are_refused_before_hydra_starts(script, override, fragment):

@@ -1,6 +1,7 @@
 """Runs that survive: pre-emption signals, SIGKILL and exact resume, payload-carrying checkpoints, full or
 unwritable output dirs. Through the real entry points."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import torch
 from test_checkpoint import Payload
 
 from conftest import REPO, assert_one_line_error, run_script, tree_digest
+from guidelab.rundir import holder
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
@@ -73,13 +75,49 @@ def test_sigkill_mid_run_then_resume_is_bit_identical_to_an_uninterrupted_run(tm
     _same_state(tmp_path / "A" / "checkpoints" / "last.pt", tmp_path / "B" / "checkpoints" / "last.pt")
 
 
-def _interrupt(tmp_path, sig):
-    """Start a long run, send `sig` once it trains; it must save its current step and say how to resume."""
+@pytest.mark.slow
+def test_a_second_run_into_a_running_runs_dir_is_refused_and_changes_nothing(tmp_path):
+    """Two trainings started into one run dir (a requeued job and a user's rerun): the second is refused in one line
+    naming the first, before Hydra writes its .hydra files; the first runs on. Once it is killed, resume takes over."""
     run_dir = tmp_path / "R"
-    proc = _start(tmp_path, run_dir, "train.steps=100000", "train.ckpt_every=0", "train.eval_every=0")
+    proc = _start(tmp_path, run_dir, "train.steps=100000", "train.ckpt_every=20", "train.eval_every=0")
+    try:
+        _wait_for(run_dir / "checkpoints" / "0000020.pt", proc)
+        hydra_files = tree_digest(run_dir / ".hydra")
+        second = run_script(
+            "train_diffusion.py", "experiment=smoke", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path
+        )
+        assert_one_line_error(
+            second, f"{run_dir} is in use by another guidelab run (pid {proc.pid} on", "choose another hydra.run.dir"
+        )
+        assert tree_digest(run_dir / ".hydra") == hydra_files and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert holder(run_dir)["pid"] == proc.pid  # the killed run's record is left: the kernel dropped its lock
+    step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
+    resumed = run_script(  # resume=auto: what a requeued job passes every time
+        "train_diffusion.py",
+        "experiment=smoke",
+        "resume=auto",
+        f"train.steps={step + 5}",
+        "train.eval_every=0",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stdout and holder(run_dir)["pid"] != proc.pid
+
+
+def _interrupt(tmp_path, sig):
+    """Start a long run (resume=auto into an empty dir: a fresh run), send `sig` once it trains; it must save its
+    current step and say how to resume."""
+    run_dir = tmp_path / "R"
+    proc = _start(tmp_path, run_dir, "train.steps=100000", "train.ckpt_every=0", "train.eval_every=0", "resume=auto")
     _wait_for(run_dir / "metrics.jsonl", proc)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
+    assert f"resume=auto but {run_dir / 'checkpoints'} holds no checkpoint: starting from step 0" in out
     assert proc.returncode == 2, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: stopped by {sig.name} at step ") and "resume=true" in last, last
@@ -219,3 +257,43 @@ def test_a_damaged_last_pt_resumes_from_the_newest_intact_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped damaged last.pt" in proc.stdout and "0000040.pt (step 40)" in proc.stdout, proc.stdout
     _same_state(tmp_path / "intact_last.pt", ckpts / "last.pt")
+
+
+@pytest.mark.slow
+def test_a_sampling_run_killed_mid_way_resumes_to_the_identical_samples(smoke_runs, tmp_path):
+    """Each finished batch is a shard in the run dir: after SIGKILL the same command is refused without resume=true
+    (it would draw everything again), and with it draws only the missing batches; samples.npz is byte for byte the
+    uninterrupted run's, the counted NFE too, and the shards are gone."""
+    common = [
+        "experiment=smoke",
+        f"ckpt={smoke_runs['diffusion']}",
+        f"evaluator_ckpt={smoke_runs['evaluator']}",
+        "guidance=cfg",
+        "num_samples=160",
+        "batch_size=4",
+        "sampler.steps=10",
+    ]
+    straight = run_script("sample.py", *common, f"hydra.run.dir={tmp_path / 'A'}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run_dir = tmp_path / "B"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "sample.py"), *common, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _wait_for(run_dir / "shards" / "batch_000002.npz", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((run_dir / "shards").glob("batch_*.npz")))
+    assert 3 <= done < 40 and not (run_dir / "samples.npz").exists()
+    again = run_script("sample.py", *common, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert_one_line_error(again, f"holds {done} finished batches", "pass resume=true")
+    resumed = run_script("sample.py", *common, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume: {done} of 40 batches were drawn before" in resumed.stdout
+    assert (run_dir / "samples.npz").read_bytes() == (tmp_path / "A" / "samples.npz").read_bytes()
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "A", run_dir)]
+    assert metrics[0]["nfe"] == metrics[1]["nfe"] == 20 and metrics[0]["accuracy"] == metrics[1]["accuracy"]
+    assert not (run_dir / "shards").exists()

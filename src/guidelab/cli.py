@@ -1,7 +1,8 @@
 """The entry points' shared wrapper: checks the command line before Hydra writes anything (group options, types, nan,
 every value check, for each job of a sweep), runs the task in the Hydra run dir, and turns a GuidelabError into one
 line on stderr and exit status 2. The command line is read through Hydra's public override parser and composed by
-Hydra's compose API, exactly as the run will compose it."""
+Hydra's compose API, exactly as the run will compose it. A run holds its run dir (guidelab.rundir) from before Hydra
+writes into it until it ends: a second run into the same dir is refused."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 
-from guidelab import config
+from guidelab import config, rundir, shards
 from guidelab.checkpoint import refuse_overwrite
 from guidelab.errors import GuidelabError, one_line
 
@@ -45,10 +46,11 @@ def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
     return [f"{aliases[renamed[a].key_or_group]}={a.split('=', 1)[1]}" if a in renamed else a for a in argv]
 
 
-def preflight(argv: list[str], config_name: str, protect: str) -> None:
+def preflight(argv: list[str], config_name: str, protect: str) -> Path | None:
     """Refuse, before Hydra creates or writes the run dir: an added (+) or deleted (~) key; a group of another script;
     and an explicit hydra.run.dir that cannot be written or already holds results (`protect` names them:
-    "checkpoints" or "samples") unless resume=true."""
+    "checkpoints" or "samples") unless resume=true. Returns that explicit run dir (None for a sweep, or where Hydra
+    chooses the dir)."""
     overrides = parse(argv)
     multirun = "-m" in argv or "--multirun" in argv
     groups = config.groups_of(config_name)
@@ -78,7 +80,7 @@ def preflight(argv: list[str], config_name: str, protect: str) -> None:
                 f"cannot create the run dir {run_dir}: {ancestor} is not a writable directory; "
                 "choose another hydra.run.dir"
             )
-        resume = "resume" in values and str(values["resume"].value()).lower() == "true"
+        resume = "resume" in values and str(values["resume"].value()).lower() in ("true", "auto")
         if protect == "checkpoints" and not resume:
             try:
                 refuse_overwrite(run_dir)
@@ -86,6 +88,13 @@ def preflight(argv: list[str], config_name: str, protect: str) -> None:
                 fail(str(e))
         if protect == "samples" and (run_dir / "samples.npz").exists():
             fail(f"{run_dir} already holds samples.npz of another sampling run; choose another hydra.run.dir")
+        if protect == "samples":
+            try:
+                shards.refuse_unresumed(run_dir, resume)
+            except GuidelabError as e:
+                fail(str(e))
+        return None if "${" in str(run_dir) else run_dir  # an interpolated dir is known only once Hydra resolves it
+    return None
 
 
 def jobs(argv: list[str]) -> list[list[str]]:
@@ -119,6 +128,7 @@ def check_jobs(argv: list[str], config_dir: Path, config_name: str, check: Calla
             try:
                 cfg = compose(config_name=config_name, overrides=job)
                 config.check_finite(cfg)
+                config.check_resume(cfg)
                 if check is not None:
                     check(cfg)
             except GuidelabError as e:
@@ -168,16 +178,25 @@ def main(
     config.register(config_dir)
     sys.argv[1:] = expand_aliases(sys.argv[1:], aliases or {})
     if not INFO_FLAGS & set(sys.argv[1:]):  # --help and --cfg only print: nothing to check, nothing is written
-        preflight(sys.argv[1:], config_name, protect)
+        run_dir = preflight(sys.argv[1:], config_name, protect)
         check_jobs(sys.argv[1:], config_dir, config_name, check)
+        if run_dir is not None:  # held before Hydra writes its .hydra files into it
+            try:
+                rundir.hold(run_dir)
+            except GuidelabError as e:
+                fail(str(e))
 
     @hydra.main(config_path=str(config_dir.resolve()), config_name=config_name, version_base="1.3")
     def _run(cfg) -> None:
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            task(cfg, Path(HydraConfig.get().runtime.output_dir))
+            rundir.hold(output_dir)  # a sweep's job, or a dir Hydra chose: held from here (already held: a no-op)
+            task(cfg, output_dir)
         except GuidelabError as e:
             fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted")
+        finally:
+            rundir.release(output_dir)  # the next job of a sweep holds its own dir
 
     _run()

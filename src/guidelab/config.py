@@ -36,6 +36,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's
 
 
 NULL_TYPES = {"labels": Any, "reference_num": Optional[int]}  # keys whose default is null; other nulls: Optional[str]
+ANY_TYPES = {"resume": Any}  # keys of more than one type: resume is true, false or auto (checked by check_resume)
 
 
 def typed(values: dict, name: str, head: tuple = ()) -> type:
@@ -47,8 +48,17 @@ def typed(values: dict, name: str, head: tuple = ()) -> type:
             sub = typed(value, f"{name}_{key}")
             fields.append((key, sub, field(default_factory=sub)))
         else:
-            fields.append((key, NULL_TYPES.get(key, Optional[str]) if value is None else type(value), value))
+            kind = NULL_TYPES.get(key, Optional[str]) if value is None else ANY_TYPES.get(key, type(value))
+            fields.append((key, kind, value))
     return make_dataclass(name, fields)
+
+
+def check_resume(cfg) -> None:
+    """resume: false (a fresh run; a run dir with results is refused), true (continue the run in the dir), or auto
+    (continue it if the dir holds one, else start fresh: what a requeued cluster job passes)."""
+    value = cfg.get("resume", False)
+    if not (isinstance(value, bool) or value == "auto"):
+        raise GuidelabError(f"resume={value} is not one of true, false, auto; e.g. resume=auto for a requeued job")
 
 
 def _args(fn) -> dict:

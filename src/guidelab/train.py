@@ -205,13 +205,17 @@ class _Run:
 
 
 def _start(cfg, run_dir: Path, kind: str):
-    """The checkpoint to resume from (None: a fresh run), after refusing to overwrite another run's checkpoints."""
-    if not cfg.resume:
+    """The checkpoint to resume from (None: a fresh run), after refusing to overwrite another run's checkpoints.
+    resume=auto resumes when the dir holds a checkpoint (of the same config: `checkpoint.restore` refuses another) and
+    starts fresh when it holds none, so a requeued job passes the same command every time."""
+    if cfg.resume is False:
         checkpoint.refuse_overwrite(run_dir)
         return None
     found = checkpoint.newest_intact(run_dir / "checkpoints", kind)
     if found is None:
-        print(f"resume=true but {run_dir / 'checkpoints'} holds no checkpoint: starting from step 0")
+        print(
+            f"resume={str(cfg.resume).lower()} but {run_dir / 'checkpoints'} holds no checkpoint: starting from step 0"
+        )
     return found
 
 

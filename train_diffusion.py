@@ -20,7 +20,7 @@ from guidelab.errors import GuidelabError
 from guidelab.guidance import make_eps_fn, resolve
 from guidelab.guided import Guided
 from guidelab.images import save_class_grid, to_uint8
-from guidelab.models import build_unet
+from guidelab.models import build_unet, check_buildable
 from guidelab.sampling import sample
 from guidelab.train import Task, train, validate
 
@@ -150,8 +150,7 @@ def check(cfg) -> None:
     check_guidance_free(cfg)
     preview_guidance(cfg)  # the preview grids' CFG scale
     channels, class_names = dataset_shape(cfg.dataset)  # dataset=folder: its root and class folders, read now
-    with torch.device("meta"):
-        network(cfg, channels, len(class_names))
+    check_buildable("model", cfg.model, lambda: network(cfg, channels, len(class_names)))
 
 
 if __name__ == "__main__":

@@ -40,13 +40,15 @@ def _script_module(script: str):
     return sys.modules[name]
 
 
-def check_command_line(script: str, *overrides: str) -> str:
+def check_command_line(script: str, *overrides: str, register: bool = True) -> str:
     """What `python SCRIPT overrides...` checks before Hydra starts (group options, run dir, types, nan, the script's
     value checks for every job), run in this process by the same functions its main runs: the one `error:` line it
-    prints (exit status 2), or "" if the command line passes."""
+    prints (exit status 2), or "" if the command line passes. register=False: the schemas were registered already
+    (the property test calls this thousands of times)."""
     from guidelab import cli, config
 
-    config.register(CONFIGS)
+    if register:
+        config.register(CONFIGS)
     name = script.removesuffix(".py")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

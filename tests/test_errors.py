@@ -424,3 +424,15 @@ def test_wandb_logger_without_wandb_names_the_extra(tmp_path):
     )
     assert_one_line_error(proc, "logger=wandb needs the wandb package", "pip install -e '.[wandb]'")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sizes_far_beyond_memory_are_one_line_errors_naming_what_to_lower(guarded, tmp_path):
+    """Values that pass every check and still exceed the machine: the allocator's refusal, in one line."""
+    proc = _sample(guarded, tmp_path, "num_samples=1000000000000")
+    assert_one_line_error(proc, "out of memory", "num_samples")
+    assert not (tmp_path / "out" / "samples.npz").exists()
+    too_wide = ["experiment=smoke", "model.channels=60000", f"hydra.run.dir={tmp_path / 'T'}"]
+    proc = run_script("train_diffusion.py", *too_wide, cwd=tmp_path)
+    assert_one_line_error(proc, "out of memory", "channels")
+    assert not list((tmp_path / "T").rglob("*.pt"))

@@ -1,12 +1,15 @@
 """FID, IS, precision/recall against closed forms and limiting cases; the reference cache; Inception's clear error."""
 
 import math
+import multiprocessing
+import os
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from guidelab import metrics
+from guidelab import checkpoint, metrics
 from guidelab.errors import GuidelabError
 
 
@@ -139,3 +142,46 @@ def test_missing_inception_weights_is_a_clear_error_not_a_download(tmp_path, mon
     assert metrics.INCEPTION_FILE in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(GuidelabError, match=str(tmp_path / "nope.pth")):
         metrics.InceptionFeatures(str(tmp_path / "nope.pth"), torch.device("cpu"))
+
+
+def _compute_slowly(path, log, out):
+    """One sweep job needing the cache entry at `path` (run in a child process)."""
+
+    def compute():
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # long enough that the other job asks while this one computes
+        return {"features": torch.arange(5.0)}
+
+    entry, reused = metrics.cached(
+        path, {"dataset": "x"}, lambda p: torch.load(p, weights_only=True), compute, checkpoint.save_atomic
+    )
+    torch.save({"features": entry["features"], "reused": reused}, out)
+
+
+def test_two_jobs_needing_the_same_reference_statistics_at_once_compute_them_once(tmp_path):
+    path = tmp_path / "cache" / "x.pt"
+    ctx = multiprocessing.get_context("fork")
+    jobs = [ctx.Process(target=_compute_slowly, args=(path, tmp_path / "log", tmp_path / f"{i}.pt")) for i in "ab"]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+        assert job.exitcode == 0
+    assert len((tmp_path / "log").read_text().split()) == 1  # computed once
+    results = [torch.load(tmp_path / f"{i}.pt", weights_only=True) for i in "ab"]
+    assert sorted(r["reused"] for r in results) == [False, True]  # the other job read what the first wrote
+    assert all(torch.equal(r["features"], torch.arange(5.0)) for r in results)
+    assert torch.load(path, weights_only=True)["key"] == {"dataset": "x"}  # one intact entry
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.pt", "x.pt.lock"]  # no temporary file left
+
+
+def test_a_damaged_cache_entry_is_computed_again_and_replaced(tmp_path, capsys):
+    path, key = tmp_path / "x.pt", {"dataset": "x"}
+    read = lambda p: torch.load(p, weights_only=True)
+    checkpoint.save_atomic({"key": key, "features": torch.ones(3)}, path)
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    entry, reused = metrics.cached(path, key, read, lambda: {"features": torch.zeros(3)}, checkpoint.save_atomic)
+    assert not reused and torch.equal(entry["features"], torch.zeros(3))
+    assert f"the cache entry {path} is damaged" in capsys.readouterr().out
+    assert torch.equal(read(path)["features"], torch.zeros(3))  # replaced by an intact one

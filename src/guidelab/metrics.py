@@ -15,9 +15,12 @@ training images in pixel space (knn_predict), has no gradient at all; its held-o
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from guidelab.errors import GuidelabError
+from guidelab.errors import GuidelabError, one_line
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF-Inception FID net
 BACKENDS = ("evaluator", "inception")
@@ -180,6 +183,35 @@ def reference_key(dataset: dict, split: str, backend: str, weights_file: str | P
     }
 
 
+def cached(path: Path, key: dict, read, compute, write) -> tuple[dict, bool]:
+    """The cache entry at `path` if it holds `key` (returned with True), else `compute()`d and written atomically (a
+    damaged entry too: it is derived data, computed again and replaced).
+    One job computes an entry while the others of a sweep that need it at the same time wait on an flock on
+    PATH.lock (dropped by the kernel however the job ends) and then read what it wrote: computed once, one intact
+    file."""
+
+    def hit() -> dict | None:
+        if not path.is_file():
+            return None
+        try:
+            entry = read(path)
+        except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            print(f"note: the cache entry {path} is damaged ({one_line(e)}); computing it again")
+            return None
+        return entry if isinstance(entry, dict) and entry.get("key") == key else None
+
+    if (entry := hit()) is not None:
+        return entry, True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (entry := hit()) is not None:  # another job wrote it while this one waited
+            return entry, True
+        entry = {"key": key, **compute()}
+        write(entry, path)
+        return entry, False
+
+
 def reference_features(
     key: dict, backend, dataset: dict, cache_dir: str | Path, device: torch.device, seed: int = 0
 ) -> tuple[Features, Path, bool]:
@@ -193,19 +225,19 @@ def reference_features(
         Path(cache_dir).expanduser()
         / f"{key['dataset']}-{key['image_size']}px-{key['split']}-{key['backend']}-{digest}.pt"
     )
-    if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
-            return Features(cached["features"], cached["logits"]), path, True
-    data = load_from_config(dataset, key["split"])  # a folder's own keys (channels, holdout, ...) included
-    images = to_uint8(data.images)  # quantised exactly like the samples
-    if key["num"] is not None and key["num"] < len(images):
-        images = images[
-            torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: key["num"]].numpy()
-        ]
-    feats = extract(backend, images, device)
-    checkpoint.save_atomic({"key": key, "features": feats.features, "logits": feats.logits}, path)
-    return feats, path, False
+
+    def compute() -> dict:
+        data = load_from_config(dataset, key["split"])  # a folder's own keys (channels, holdout, ...) included
+        images = to_uint8(data.images)  # quantised exactly like the samples
+        if key["num"] is not None and key["num"] < len(images):
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+            images = images[order[: key["num"]].numpy()]
+        feats = extract(backend, images, device)
+        return {"features": feats.features, "logits": feats.logits}
+
+    read = lambda p: torch.load(p, map_location="cpu", weights_only=True)
+    entry, reused = cached(path, key, read, compute, checkpoint.save_atomic)
+    return Features(entry["features"], entry["logits"]), path, reused
 
 
 def evaluate_samples(
@@ -314,18 +346,19 @@ def knn_test_accuracy(
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir).expanduser() / "knn" / f"{key['dataset']}-{key['image_size']}px-k{key['k']}-{digest}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["accuracy"], path, True
-    test = load_from_config(dataset, key["split"])
-    pred = knn_predict(train, train_labels, torch.from_numpy(to_uint8(test.images)).to(train.device), key["k"])
-    accuracy = float((pred == test.labels).double().mean())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "accuracy": accuracy, "num_test": len(test.labels)}, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: a sweep's jobs never read half a file
-    return accuracy, path, False
+
+    def compute() -> dict:
+        test = load_from_config(dataset, key["split"])
+        pred = knn_predict(train, train_labels, torch.from_numpy(to_uint8(test.images)).to(train.device), key["k"])
+        return {"accuracy": float((pred == test.labels).double().mean()), "num_test": len(test.labels)}
+
+    def write(entry: dict, path: Path) -> None:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(entry, indent=1) + "\n")
+        os.replace(tmp, path)  # atomic: a sweep's jobs never read half a file
+
+    entry, reused = cached(path, key, lambda p: json.loads(p.read_text()), compute, write)
+    return entry["accuracy"], path, reused
 
 
 def knn_train_set(dataset: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

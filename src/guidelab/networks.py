@@ -4,7 +4,6 @@ size, noise schedule, the predictions the guidance asks for), and wrapped to cou
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ from guidelab.guidance import GuidanceSpec, check_model
 from guidelab.guided import Counted
 from guidelab.models import build_classifier, build_unet
 from guidelab.models.diffusers_unet import DiffusersUNet, load_model
-from guidelab.pretrained import is_reference, locate, read_schedule, read_sidecar
+from guidelab.pretrained import is_reference, locate, read_json, read_schedule, read_sidecar
 
 TRAIN_HINT = {
     "diffusion": "python train_diffusion.py",
@@ -86,7 +85,7 @@ def check_pretrained(spec: GuidanceSpec, reference: str) -> None:
     prediction type are supported, and it makes the predictions the guidance asks for (`check_model`)."""
     unet_dir, _ = locate(reference)
     read_schedule(reference)
-    config = json.loads((unet_dir / "config.json").read_text())
+    config = read_json(unet_dir / "config.json")
     conditional = config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None
     check_model(spec, SimpleNamespace(conditional=conditional, null_class=read_sidecar(unet_dir).get("null_class")))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from guidelab.errors import GuidelabError
+from guidelab.errors import GuidelabError, one_line
 
 PREFIXES = ("diffusers:", "hub:")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -93,7 +93,7 @@ def read_schedule(reference: str) -> dict:
     """The noise schedule of a referenced model, from its scheduler config: {beta_schedule, num_steps, beta_start,
     beta_end, prediction_type} (what is not read is listed in the module docstring)."""
     _, path = locate(reference)
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     if cfg.get("trained_betas") is not None:
         raise GuidelabError(
             f"{path}: trained_betas (an explicit beta list) is not supported; use a named beta_schedule"
@@ -126,8 +126,22 @@ def read_sidecar(unet_dir: Path) -> dict:
     """guidelab.json of an exported model ({} for any other): dataset, image_size, class_names, null_class."""
     for path in (unet_dir / SIDECAR, unet_dir.parent / SIDECAR):
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_json(path)
     return {}
+
+
+def read_json(path: Path) -> dict:
+    """A model directory's JSON file, refused naming it when it is damaged."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GuidelabError(
+            f"{path} is damaged (not readable JSON: {one_line(e)}); copy the model directory again or write it again "
+            "with save_pretrained"
+        ) from None
+    if not isinstance(value, dict):
+        raise GuidelabError(f"{path} is damaged (not a JSON object); copy the model directory again")
+    return value
 
 
 def model_reference(cfg) -> str:
@@ -143,5 +157,5 @@ def model_reference(cfg) -> str:
 def sample_size(reference: str) -> int:
     """The image size a referenced model samples (its config's sample_size; square)."""
     unet_dir, _ = locate(reference)
-    size = json.loads((unet_dir / "config.json").read_text()).get("sample_size")
+    size = read_json(unet_dir / "config.json").get("sample_size")
     return int(size[0] if isinstance(size, (list, tuple)) else size)

@@ -138,7 +138,10 @@ def collect(sweep_dirs: list[Path]) -> list[dict]:
         for npz in sorted(sweep_dir.glob("*/samples.npz")):
             metrics_path = npz.parent / "metrics.json"
             if metrics_path.exists():
-                m = json.loads(metrics_path.read_text())
+                try:
+                    m = json.loads(metrics_path.read_text())
+                except ValueError as e:
+                    raise GuidelabError(f"{metrics_path} is damaged ({e}); delete it, sample its job again") from None
                 row = dict.fromkeys(COLUMNS) | {k: v for k, v in m.items() if k in COLUMNS}
             else:
                 row = _from_overrides(npz.parent)

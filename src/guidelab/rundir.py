@@ -31,6 +31,35 @@ def holder(run_dir: str | Path) -> dict:
         return {}
 
 
+def probe(run_dir: str | Path, key: str = "hydra.run.dir") -> None:
+    """Create the run dir (and its missing parents) and a file in it, then remove what this created: a place that
+    cannot hold a run (a path through a file, no permission, a read-only or pseudo filesystem such as /proc, a name
+    too long) is refused now, in one line, and not by a traceback from the first write. Rank 0 alone probes."""
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 probes for the job; a rank's removal would race another's
+        return
+    path, missing, created = Path(run_dir), [], []
+    try:
+        while not path.exists() and path != path.parent:  # exists() itself refuses a name too long
+            missing.append(path)
+            path = path.parent
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        probe_file = Path(run_dir) / f".guidelab-probe-{os.getpid()}"
+        probe_file.touch()
+        probe_file.unlink()
+    except OSError as e:
+        raise GuidelabError(
+            f"cannot create the run dir {run_dir}: {e.strerror or e} ({e.filename or path}); choose another {key}"
+        ) from None
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:  # another process wrote into it meanwhile: it is theirs now
+                break
+
+
 def hold(run_dir: str | Path) -> None:
     """Take the run dir for this process (creating the dir), or refuse in one line naming the run that holds it.
     Idempotent within a process; released when the process ends (or by `release`)."""

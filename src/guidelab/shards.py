@@ -2,7 +2,8 @@
 that drew it, atomically), and a rerun with resume=true loads the finished batches and draws only the missing ones.
 Batch b's noise comes from seed * 1000003 + b alone, so a resumed run's samples.npz is byte for byte an uninterrupted
 run's (on the same device and software). RUN/shards/job.json records what decides the images (`job_key`): a resume
-under another config is refused. The shards are removed once samples.npz is written.
+under another config is refused. The batches are removed once samples.npz is written; job.json stays, with what they
+cost, so that a resumed sweep (resume=auto or true) reuses a finished job's samples.npz instead of drawing it again.
 """
 
 from __future__ import annotations
@@ -49,25 +50,58 @@ def refuse_unresumed(run_dir: Path, resume: bool) -> list[Path]:
     return done
 
 
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _same_job(meta: Path, key: dict, what: str) -> dict:
+    """job.json's record, refused (naming the keys that differ) unless it was written under `key`."""
+    try:
+        saved = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise GuidelabError(
+            f"{meta} is damaged ({one_line(e)}); delete {meta.parent} to draw the run again, or choose another "
+            "hydra.run.dir"
+        ) from None
+    if saved.get("digest") != _digest(key):
+        changed = sorted(k for k in set(key) | set(saved.get("key", {})) if key.get(k) != saved.get("key", {}).get(k))
+        raise GuidelabError(
+            f"{what} in {meta.parent.parent} were drawn under another config ({', '.join(changed) or 'not recorded'} "
+            "differ); resume with the same settings or choose another hydra.run.dir (a sweep: hydra.sweep.dir)"
+        )
+    return saved
+
+
 def start(run_dir: Path, key: dict, resume: bool) -> dict[int, Path]:
     """The finished batches to reuse ({batch: shard}); refuses shards without resume=true, or of another config."""
     shard_dir, done = Path(run_dir) / SHARDS, refuse_unresumed(run_dir, resume)
     meta = shard_dir / "job.json"
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     if done:
-        saved = json.loads(meta.read_text()) if meta.is_file() else {}
-        if saved.get("digest") != digest:
-            changed = sorted(
-                k for k in set(key) | set(saved.get("key", {})) if key.get(k) != saved.get("key", {}).get(k)
-            )
-            raise GuidelabError(
-                f"resume=true but the shards in {shard_dir} were drawn under another config ({', '.join(changed)} "
-                "differ); resume with the same settings or choose another hydra.run.dir"
-            )
+        _same_job(meta, key, "the finished batches")
         return {int(p.stem.split("_")[1]): p for p in done}
     shard_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(meta, lambda f: f.write(json.dumps({"digest": digest, "key": key}, default=str, indent=1).encode()))
+    _atomic(meta, lambda f: f.write(json.dumps({"digest": _digest(key), "key": key}, default=str, indent=1).encode()))
     return {}
+
+
+def written(run_dir: Path, key: dict, resume, labels: np.ndarray) -> tuple[np.ndarray, list[dict], float] | None:
+    """A finished run's (images, each rank's counts, seconds) when run_dir holds its samples.npz: reused under
+    resume=true|auto, so that a resumed sweep does not draw its finished jobs again, if job.json says they were drawn
+    under this config; without resume, refused (no samples.npz is overwritten). None when there is none."""
+    path = Path(run_dir) / "samples.npz"
+    if not path.is_file():
+        return None
+    if resume is False:
+        raise GuidelabError(
+            f"{run_dir} already holds samples.npz; pass resume=auto to keep it (e.g. rerunning a sweep into its "
+            "hydra.sweep.dir) or choose another hydra.run.dir"
+        )
+    saved = _same_job(Path(run_dir) / SHARDS / "job.json", key, "the samples")
+    with np.load(path) as data:
+        images, saved_labels = data["images"], data["labels"]
+    if "finished" not in saved or not np.array_equal(saved_labels, labels):
+        raise GuidelabError(f"{path} is not this run's finished samples; choose another hydra.run.dir")
+    return images, saved["finished"]["counts"], saved["finished"]["seconds"]
 
 
 def save(run_dir: Path, b: int, images: np.ndarray, labels: np.ndarray, counts: dict) -> None:
@@ -92,13 +126,13 @@ def load(path: Path, labels: np.ndarray) -> tuple[np.ndarray, dict]:
     return images, counts
 
 
-def remove(run_dir: Path) -> None:
-    """Once samples.npz is written the shards are no longer needed."""
-    shard_dir = Path(run_dir) / SHARDS
-    for p in [*finished(run_dir), shard_dir / "job.json"]:
-        p.unlink(missing_ok=True)
-    if shard_dir.is_dir() and not any(shard_dir.iterdir()):
-        shard_dir.rmdir()
+def close(run_dir: Path, counts: list[dict], seconds: float) -> None:
+    """Once samples.npz is written the batches are no longer needed; job.json keeps what drawing them cost."""
+    for p in finished(run_dir):
+        p.unlink()
+    meta = Path(run_dir) / SHARDS / "job.json"
+    record = json.loads(meta.read_text()) | {"finished": {"counts": counts, "seconds": seconds}}
+    _atomic(meta, lambda f: f.write(json.dumps(record, default=str, indent=1).encode()))
 
 
 def _atomic(path: Path, write) -> None:

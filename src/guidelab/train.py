@@ -73,17 +73,29 @@ def lr_factor(step: int, cfg) -> float:
 
 
 class StopRequest:
-    """SIGTERM (pre-emption) and SIGINT (Ctrl-C) ask the loop to stop after the current step, save a checkpoint and
-    exit; a second signal stops at once (KeyboardInterrupt)."""
+    """SIGTERM (pre-emption), SIGINT (Ctrl-C) and SIGUSR2 (SLURM's warning before the time limit, `--signal=USR2@S`,
+    which submitit asks for) make the loop stop after the current step, save a checkpoint and exit; a second signal
+    stops at once (KeyboardInterrupt). After the save, `hand_over` passes USR2 on to the handler that was there before
+    (submitit's: it requeues the job, hydra_plugins.guidelab_cluster adding resume=auto)."""
+
+    PREEMPT = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))  # submitit's own variable
 
     def __init__(self):
         self.name: str | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.signum: int | None = None
+        signals = (signal.SIGTERM, signal.SIGINT, self.PREEMPT)
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame) -> None:
         if self.name is not None:
             raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
+        self.name, self.signum = signal.Signals(signum).name, signum
+
+    def hand_over(self) -> None:
+        """Call the pre-emption signal's previous handler, if it is a function (a scheduler's, e.g. submitit's)."""
+        previous = self.previous.get(self.signum) if self.signum == self.PREEMPT else None
+        if callable(previous):
+            previous(self.signum, None)
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
@@ -245,6 +257,19 @@ def _log_step(run: _Run, bar, loss: torch.Tensor, stats: dict, grad_norm: torch.
     run.logger.log({**scalars, "train/img_per_s": rate, **{f"train/{k}": v.item() for k, v in stats.items()}}, run.step)
 
 
+def _stopped(run, stop: StopRequest, loss: torch.Tensor, run_dir: Path) -> None:
+    """A signal asked the loop to stop: save this step, hand the signal on (under submitit the job is requeued and
+    this process exits there), else end the run with the line that continues it."""
+    finite(dist.mean(loss), run.step)
+    run.save()
+    stop.hand_over()
+    raise GuidelabError(
+        f"stopped by {stop.name or 'a signal on another rank'} at step {run.step}; saved "
+        f"{run_dir / 'checkpoints' / 'last.pt'}; continue with the same command plus "
+        f"resume=true hydra.run.dir={run_dir}"
+    )
+
+
 def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., Task]) -> dict:
     """Train what `make_task(cfg, data, device)` describes (kind "diffusion" or "classifier", as the checkpoint records)
     as `cfg` says."""
@@ -308,13 +333,7 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
                 run.save()
             # one process checks its flag every step; DDP ranks agree at log intervals (a collective, not every step)
             if (world == 1 or run.step % tc.log_every == 0) and dist.any_rank(stop.name is not None, device):
-                finite(dist.mean(loss), run.step)
-                run.save()
-                raise GuidelabError(
-                    f"stopped by {stop.name or 'a signal on another rank'} at step {run.step}; saved "
-                    f"{run_dir / 'checkpoints' / 'last.pt'}; continue with the same command plus "
-                    f"resume=true hydra.run.dir={run_dir}"
-                )
+                _stopped(run, stop, loss, run_dir)
     finally:
         stop.restore()
     bar.close()

@@ -6,11 +6,12 @@ its family in `arch` (CLASSIFIERS; checkpoints written before there was a choice
 """
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+import torch
 from omegaconf import OmegaConf
 
-from guidelab.errors import GuidelabError
+from guidelab.errors import GuidelabError, one_line
 from guidelab.models.classifier import NoisyClassifier
 from guidelab.models.diffusers_unet import diffusers_layout
 from guidelab.models.evaluator import VGG, MLPMixer, ResNet
@@ -26,6 +27,7 @@ __all__ = [
     "RUN_KEYS",
     "build_unet",
     "build_classifier",
+    "check_buildable",
 ]
 # classifier.arch -> network
 CLASSIFIERS = {"unet_encoder": NoisyClassifier, "resnet": ResNet, "vgg": VGG, "mixer": MLPMixer}
@@ -68,3 +70,29 @@ def build_classifier(cls_cfg: Mapping, in_channels: int, image_size: int, num_cl
         raise GuidelabError(f"unknown classifier.arch '{arch}'; valid: {', '.join(CLASSIFIERS)}")
     cls = CLASSIFIERS[arch]
     return cls(in_channels, image_size, num_classes, **_kwargs(cls, cls_cfg, "classifier"))
+
+
+MAX_SIZE = 65536  # channels, blocks, heads, resolutions: no network key means anything larger
+
+
+def check_buildable(group: str, cfg: Mapping, build: Callable) -> None:
+    """Build a network on the meta device (no memory, no time) to check the `group` config's arguments: what the
+    constructor or torch's layers refuse (a negative width, a dropout outside [0, 1], heads that do not divide the
+    channels, an empty channel_mult, ...) becomes one line naming the group, as a refusal and not a traceback."""
+    for key, value in cfg.items():  # a loop of 10**12 blocks would not end, even on the meta device
+        values = value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v > MAX_SIZE for v in values):
+            raise GuidelabError(
+                f"{group}.{key}={value} is beyond any network guidelab could build (sizes up to {MAX_SIZE}); give a "
+                "smaller size"
+            )
+    try:
+        with torch.device("meta"):
+            build()
+    except GuidelabError:
+        raise
+    except (RuntimeError, ValueError, TypeError, ZeroDivisionError, IndexError, AssertionError, OverflowError) as e:
+        raise GuidelabError(
+            f"{group}={cfg.get('name', '?')} cannot build its network with these {group}.* values ({one_line(e)}); "
+            f"give positive sizes and rates in [0, 1] (`--cfg job` lists the keys)"
+        ) from None

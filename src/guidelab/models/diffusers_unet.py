@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from guidelab.diffusion import _gather
-from guidelab.errors import GuidelabError
+from guidelab.errors import GuidelabError, one_line
 from guidelab.models.layers import select_blocks
-from guidelab.pretrained import import_diffusers, locate, read_schedule, read_sidecar
+from guidelab.pretrained import import_diffusers, locate, read_json, read_schedule, read_sidecar
 
 
 def load_model(reference: str):
@@ -20,12 +20,14 @@ def load_model(reference: str):
     diffusers = import_diffusers()
     unet_dir, _ = locate(reference)
     schedule = read_schedule(reference)
+    if (unet_dir / "config.json").is_file():
+        read_json(unet_dir / "config.json")  # a damaged config is named as such
     try:
         model = diffusers.UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise GuidelabError(
-            f"{reference}: {unet_dir} does not hold a loadable UNet2DModel ({type(e).__name__}); pass a directory "
-            "written by UNet2DModel.save_pretrained"
+            f"{reference}: {unet_dir} does not hold a loadable UNet2DModel (damaged or incomplete: {type(e).__name__}: "
+            f"{one_line(e)[:200]}); copy it again or pass a directory written by UNet2DModel.save_pretrained"
         ) from None
     return model, schedule, read_sidecar(unet_dir)
 

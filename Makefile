@@ -24,11 +24,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PY=$(PY) bash scripts/demo.sh
 
+# two workers, one test file each at a time (pytest-xdist); one thread per process, so that they do not fight for cores
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

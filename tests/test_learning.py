@@ -8,7 +8,8 @@ import torch
 
 from conftest import run_script
 
-pytestmark = pytest.mark.slow  # `make test-fast` leaves this module out
+# slow: `make test-fast` leaves this module out; one xdist group: its module fixture trains once, on one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("learning")]
 
 TINY = [
     "experiment=smoke",

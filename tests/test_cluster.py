@@ -64,9 +64,11 @@ def test_first_host_of_a_slurm_hostlist(nodelist, first):
     assert first_host(nodelist) == first
 
 
-def test_a_requeued_job_resumes():
-    from hydra_plugins.guidelab_cluster.launchers import requeued
+def test_a_launched_job_resumes_unless_told_otherwise_and_a_requeued_one_always():
+    from hydra_plugins.guidelab_cluster.launchers import requeued, with_resume
 
+    assert with_resume(["scale=3"]) == ["scale=3", "resume=auto"]  # SLURM's own requeue reruns this: it continues
+    assert with_resume(["scale=3", "resume=false"]) == ["scale=3", "resume=false"]  # what the user typed stands
     assert requeued(["scale=3", "resume=false", "seed=1"]) == ["scale=3", "seed=1", "resume=auto"]
     assert requeued(["scale=3"]) == ["scale=3", "resume=auto"]
 
@@ -142,8 +144,8 @@ def test_a_slurm_job_step_and_two_torchrun_nodes_train_like_torchrun(tmp_path):
 
 @pytest.mark.slow
 def test_a_sampling_sweep_through_the_local_launcher_writes_its_report_and_resumes(smoke_runs, tmp_path):
-    """Two jobs through submitit, then the same sweep again with resume=auto: the finished jobs are not drawn again
-    (their samples.npz untouched) and the report is the same."""
+    """Two jobs through submitit, then the same command again: guidelab's launchers run jobs with resume=auto, so the
+    finished jobs are not drawn again (their samples.npz untouched) and the report is the same."""
     sweep = tmp_path / "sweep"
     command = ["sample.py", "-m", "hydra/launcher=local", "experiment=smoke", f"ckpt={smoke_runs['diffusion']}"]
     command += ["num_samples=8", "batch_size=4", "guidance=cfg,none", f"hydra.sweep.dir={sweep}"]
@@ -155,7 +157,7 @@ def test_a_sampling_sweep_through_the_local_launcher_writes_its_report_and_resum
     assert len(samples) == 2
     assert list((sweep / ".submitit").glob("*/*_submitted.pkl")), "not run through submitit"
     written = [p.stat().st_mtime_ns for p in samples]
-    again = run_script(*command, "resume=auto", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    again = run_script(*command, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert again.returncode == 0, again.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in samples] == written  # kept, not drawn again
     logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out"))

@@ -8,8 +8,7 @@ import torch
 
 from conftest import run_script
 
-# slow: `make test-fast` leaves this module out; one xdist group: its module fixture trains once, on one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("learning")]
+pytestmark = pytest.mark.slow  # `make test-fast` leaves this module out
 
 TINY = [
     "experiment=smoke",

@@ -2,10 +2,10 @@
 the `hydra_plugins` namespace because Hydra instantiates launchers from there alone.
 
 `hydra/launcher=slurm` (configs/hydra/launcher/slurm.yaml) and `hydra/launcher=local` (the same on this machine, for
-trying it out) are hydra-submitit-launcher's launchers with one change: a job that SLURM pre-empts or that reaches
-its time limit is requeued with `resume=auto` added to its overrides, so the requeued job continues from what it
-saved (training: the run dir's newest intact checkpoint; sampling: its finished batches) instead of being refused
-for finding results in its own run dir.
+trying it out) are hydra-submitit-launcher's launchers with one change: their jobs run with `resume=auto` (unless the
+command line sets resume), and a job that is pre-empted or reaches its time limit is requeued with `resume=auto`
+whatever it was, so the requeued job continues from what it saved (training: the run dir's newest intact checkpoint;
+sampling: its finished batches) instead of being refused for finding results in its own run dir.
 
 The hand-over: SLURM sends the signal (`--signal=USR2@signal_delay_s`, set by submitit) to every task; the training
 loop (guidelab.train.StopRequest) finishes the step, saves, and then calls submitit's handler, which on task 0 pickles
@@ -22,9 +22,20 @@ except ImportError:
     _Local = _Slurm = None
 
 
+def _sets_resume(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") == "resume"
+
+
+def with_resume(sweep_overrides: list[str]) -> list[str]:
+    """A job's overrides as its task runs them: `resume=auto` unless the command line set resume itself. A job that
+    SLURM requeues on its own (a pre-emption with PreemptMode=REQUEUE) runs its first submission again: it too must
+    continue from what it saved. In a new sweep dir auto starts fresh, as false does."""
+    return sweep_overrides if any(map(_sets_resume, sweep_overrides)) else [*sweep_overrides, "resume=auto"]
+
+
 def requeued(sweep_overrides: list[str]) -> list[str]:
     """A requeued job's overrides: the job's own, with `resume=auto` (replacing any resume= it had)."""
-    return [o for o in sweep_overrides if o.split("=", 1)[0].lstrip("+~") != "resume"] + ["resume=auto"]
+    return [o for o in sweep_overrides if not _sets_resume(o)] + ["resume=auto"]
 
 
 class _Requeue:
@@ -32,7 +43,7 @@ class _Requeue:
         from guidelab import config
 
         config.register()  # a fresh task process: guidelab's schemas and resolvers, as the entry point registers them
-        return super().__call__(sweep_overrides, *args, **kwargs)
+        return super().__call__(with_resume(list(sweep_overrides)), *args, **kwargs)
 
     def checkpoint(self, sweep_overrides, *args, **kwargs):
         """submitit calls this on task 0 when the job is pre-empted or times out: the resubmission it requeues."""

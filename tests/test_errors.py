@@ -436,3 +436,23 @@ def test_sizes_far_beyond_memory_are_one_line_errors_naming_what_to_lower(guarde
     proc = run_script("train_diffusion.py", *too_wide, cwd=tmp_path)
     assert_one_line_error(proc, "out of memory", "channels")
     assert not list((tmp_path / "T").rglob("*.pt"))
+
+
+@pytest.mark.parametrize(
+    "script, override, says",
+    [
+        ("train_diffusion.py", "train.lr=1e39", "train.lr=1e+39 is beyond float32's range"),
+        ("sample.py", "scale=-3e38", ""),  # inside float32: passes this check (the scale's own range refuses it)
+        ("train_classifier.py", f"seed={2**63}", "is beyond int64's range"),
+        ("sample.py", "seed=10000000000000", "seed must be in [0, 8.79609e+12]"),
+        ("train_diffusion.py", "model.num_res_blocks=1000000000000", "beyond any network guidelab could build"),
+        ("train_diffusion.py", "model.channels=-1", "model=unet_small cannot build its network"),
+        ("train_classifier.py", "classifier.channel_mult=[]", "cannot build its network"),
+    ],
+)
+def test_numbers_beyond_what_guidelab_computes_with_are_refused_in_one_line(script, override, says):
+    line = check_command_line(script, override)
+    if says:
+        assert says in line, line
+    else:
+        assert "float32" not in line, line

@@ -181,7 +181,7 @@ def check_finite(cfg, prefix: str = "") -> None:
         elif isinstance(value, float) and not math.isfinite(value):
             raise GuidelabError(f"{name} is {value}; give it a finite number")
         elif isinstance(value, float) and abs(value) > FLOAT32_MAX:
-            raise GuidelabError(f"{name}={value:g} is beyond float32's range (3.4e38), in which guidelab computes")
+            raise GuidelabError(f"{name}={value:g} is beyond float32's range (3.4e38); give a smaller number")
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
             raise GuidelabError(f"{name}={value} is beyond int64's range (9.2e18); give a smaller number")
 

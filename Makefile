@@ -27,10 +27,10 @@ demo: $(STAMP)
 # two workers (pytest-xdist), each taking a whole test file at a time (a module fixture is built once; measured
 # faster than spreading single tests); one thread per process, so that the workers do not fight for the two cores
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

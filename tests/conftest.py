@@ -134,9 +134,34 @@ def smoke_runs(tmp_path_factory):
     return {"root": root, **{k: v / "checkpoints" / "last.pt" for k, v in runs.items()}}
 
 
+# The slowest files, slowest first (seconds per file, summed from `make test`'s per-test times in a JUnit report:
+# PYTEST_ADDOPTS=--junitxml=FILE make test; see docs/testing.md). `make test` hands files to its two workers in this
+# order (--no-loadscope-reorder), longest first, so that no long file starts last; the other files follow in
+# collection order. Only the wall time depends on this list.
+SLOWEST_FILES = (
+    "test_learning.py",
+    "test_scripts.py",
+    "test_errors.py",
+    "test_robustness.py",
+    "test_properties.py",
+    "test_cluster.py",
+    "test_ddp.py",
+    "test_diffusers.py",
+    "test_knn_judge.py",
+    "test_config.py",
+    "test_levers.py",
+    "test_docs.py",
+    "test_folder_data.py",
+    "test_bench.py",
+)
+
+
 def pytest_collection_modifyitems(items):
     """A test that needs the trained smoke networks runs the real scripts end to end: it is slow (`make test-fast`
-    leaves it out; `make test` runs it)."""
+    leaves it out; `make test` runs it). Files are ordered slowest first (SLOWEST_FILES); the order of the tests
+    within a file is kept."""
     for item in items:
         if "smoke_runs" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))

@@ -76,3 +76,13 @@ def test_no_module_over_500_lines_and_no_function_over_80():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno + 1 <= 80, f"{path.name}: {node.name}"
+
+
+def test_the_slowest_first_order_names_real_files_once():
+    """conftest.SLOWEST_FILES orders `make test`'s files: a name that is no test file (a renamed one) would silently
+    fall back to collection order."""
+    from conftest import REPO, SLOWEST_FILES
+
+    assert len(set(SLOWEST_FILES)) == len(SLOWEST_FILES)
+    for name in SLOWEST_FILES:
+        assert (REPO / "tests" / name).is_file(), name

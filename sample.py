@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from guidelab import dist, guidance, networks, sampling, shards
 from guidelab.cli import main
+from guidelab.diffusion import trained_label
 from guidelab.errors import GuidelabError
 from guidelab.guidance import GuidanceSpec
 from guidelab.guided import measured_flops
@@ -237,6 +238,7 @@ def results_row(
         "seed": cfg.seed,
         "classifier_share": None if classifier_seconds is None else classifier_seconds / (seconds * len(counts)),
         "p_uncond": nets.train_config["model"].get("p_uncond"),
+        "trained": trained_label(nets.train_config),
         "ckpt": nets.paths["ckpt"],
         "classifier": Path(nets.paths["classifier_ckpt"]).parts[-3] if "classifier_ckpt" in nets.paths else None,
         "classifier_test_acc": {

@@ -20,6 +20,7 @@ from guidelab.diffusion import (
     linear_betas,
     mg_target,
     trained_guidance,
+    trained_label,
 )
 from guidelab.errors import GuidelabError
 from guidelab.models import build_unet
@@ -261,6 +262,8 @@ def test_trained_guidance_and_gft_beta():
     mg = {"train": {"guidance_free": "mg", "mg_w": 0.5}}
     gft = {"train": {"guidance_free": "gft", "mg_w": 0.5}, "model": {"beta_embed": True}}
     assert trained_guidance(mg) == ("mg", 2.0) and trained_guidance(gft) == ("gft", None)
+    assert (trained_label(mg), trained_label(gft), trained_label({"train": {}})) == ("mg w=0.5", "gft", None)
+    assert trained_label({"train": {"guidance_free": "none", "mg_w": 0.5}}) is None
     assert gft_beta(gft, 4.0) == 0.25 and gft_beta(gft, 1.0) == 1.0
     with pytest.raises(GuidelabError, match="CFG at scale 2: sample it with guidance=none"):
         gft_beta(mg, 3.0)

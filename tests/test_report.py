@@ -37,6 +37,16 @@ def test_cfg_with_options_is_a_variant_panel_not_an_anchor(tmp_path):
     assert list(_series(plain + scheduled)) == ["cfg", "cfg options=schedule=linear"]
 
 
+def test_a_model_guidance_networks_rows_are_their_own_series_always_named():
+    """guidance=none on a network trained with model guidance is not the plain network's conditional model: a merged
+    report keeps the two apart, and names the MG series even where it is the only `none` series."""
+    plain = [_row("none", 1, 9.0, 0.8)]
+    mg = [{**_row("none", 1, 7.0, 0.95), "trained": "mg w=0.5"}]
+    assert list(_series(plain + mg)) == ["none", "none trained=mg w=0.5"]
+    assert list(_series(mg)) == ["none trained=mg w=0.5"]
+    assert _file_name("none trained=mg w=0.5") != _file_name("none")
+
+
 def test_the_comparison_figure_widens_for_a_long_series_label(tmp_path):
     """A sweep whose series label is long (a mode's many keys) once left no room for the strips ('left cannot be >=
     right'): the label column widens the figure instead; the strips keep their width."""

@@ -79,10 +79,32 @@ def test_every_guidance_and_sampler_with_evaluator(smoke_runs, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["guidance"] == guidance
+        assert metrics["guidance"] == guidance and metrics["trained"] is None  # L_simple
         assert metrics["w"] == (metrics["scale"] - 1 if guidance in ("cfg", "cfg_cg") else None)
         assert set(metrics["accuracy_per_class"]) == {"2", "5"} and 0 <= metrics["accuracy"] <= 1
         assert np.load(out / "samples.npz")["labels"].tolist() == [2, 5, 2, 5, 2, 5]
+
+
+def test_a_model_guidance_network_is_named_in_its_row(smoke_runs, tmp_path):
+    """The row of guidance=none on a network trained with train.guidance_free=mg says so (`trained`): its one pass is
+    CFG at s = 1 / (1 - w), not a plain conditional model. The smoke network's checkpoint, relabelled as MG."""
+    ckpt = torch.load(smoke_runs["diffusion"], map_location="cpu", weights_only=True)
+    ckpt["config"]["train"] |= {"guidance_free": "mg", "mg_w": 0.5}
+    torch.save(ckpt, tmp_path / "mg.pt")
+    out = tmp_path / "mg"
+    proc = run_script(
+        "sample.py",
+        "experiment=smoke",
+        f"ckpt={tmp_path / 'mg.pt'}",
+        f"evaluator_ckpt={smoke_runs['evaluator']}",
+        "guidance=none",
+        "sampler.steps=2",
+        "num_samples=4",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["trained"] == "mg w=0.5"
 
 
 @pytest.mark.slow

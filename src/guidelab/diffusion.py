@@ -289,6 +289,14 @@ def trained_guidance(config: dict) -> tuple[str, float | None]:
     return kind, None if kind == "gft" else 1.0
 
 
+def trained_label(config: dict) -> str | None:
+    """The results row's `trained` column for a checkpoint's embedded config: None for L_simple, "mg w=W" for model
+    guidance at train.mg_w = W (its one pass is CFG at s = 1 / (1 - W)), "gft" for guidance-free training. It keeps a
+    model-guidance network's guidance=none rows apart from a plain network's in a merged report."""
+    kind, _ = trained_guidance(config)
+    return None if kind == "none" else f"mg w={float(config['train']['mg_w']):g}" if kind == "mg" else kind
+
+
 def gft_beta(config: dict, scale: float) -> float:
     """The beta keyword of the one pass that samples a train.guidance_free=gft network like CFG at `scale`:
     unet(x, t, y, beta=1 / scale) (Chen et al. 2025: beta = 1 / s, trained on beta in (0, 1], so scale >= 1).

@@ -53,6 +53,7 @@ ROW = (
     ),
     Column("options", "the mode's other keys, its weight schedule and its guide, as key=value", md=True),
     Column("p_uncond", "the guided UNet's label-dropout rate in training", md=True),
+    Column("trained", "what its one pass was trained to be, beside L_simple: mg w=W (model guidance), gft", md=True),
     Column("classifier", "the run dir of the guidance classifier", md=True),
     Column("scale", "s (guidance scale)", header="s", md=True),
     Column("w", "Ho & Salimans' w = s - 1 where s is a CFG strength", md=True),
@@ -278,16 +279,16 @@ def best_rows(rows: list[dict]) -> list[dict]:
 
 
 SERIES_KEYS = ("base", "options", "p_uncond", "classifier", "steps", "classifier_scale", "sampler", "spacing")
-SERIES_KEYS += ("sampler_options",)  # what may split one mode's rows into lines
+SERIES_KEYS += ("sampler_options", "trained")  # what may split one mode's rows into lines (`trained`: always named)
 
 
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
-    """One line per guidance mode, split further by what the sweep varies within that mode (CG base, p_uncond,
-    sampler steps, classifier scale, sampler and its own keys)."""
+    """One line per guidance mode, split further by what the sweep varies within that mode (CG base, p_uncond, steps,
+    classifier scale, sampler and its own keys) and named by what the network was trained to be (mg, gft) always."""
     out: dict[str, list[dict]] = {}
     for mode in dict.fromkeys(r["guidance"] for r in rows):
         mode_rows = [r for r in rows if r["guidance"] == mode]
-        varying = [k for k in SERIES_KEYS if len({str(r[k]) for r in mode_rows}) > 1]
+        varying = [k for k in SERIES_KEYS if len({str(r[k]) for r in mode_rows}) > 1 or k == "trained"]
         for r in mode_rows:
             parts = [f"{k}={r[k]}" for k in varying if r[k] is not None]  # "cfg", not "cfg options=None"
             out.setdefault(" ".join([mode] + parts), []).append(r)

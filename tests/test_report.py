@@ -39,9 +39,10 @@ def test_cfg_with_options_is_a_variant_panel_not_an_anchor(tmp_path):
 
 def test_a_model_guidance_networks_rows_are_their_own_series_always_named():
     """guidance=none on a network trained with model guidance is not the plain network's conditional model: a merged
-    report keeps the two apart, and names the MG series even where it is the only `none` series."""
-    plain = [_row("none", 1, 9.0, 0.8)]
-    mg = [{**_row("none", 1, 7.0, 0.95), "trained": "mg w=0.5"}]
+    report keeps the two apart, and names the MG series even where it is the only `none` series. What differs between
+    the two networks (here p_uncond) does not split or rename the plain network's series."""
+    plain = [{**_row("none", 1, 9.0, 0.8), "p_uncond": 0.1}]
+    mg = [{**_row("none", 1, 7.0, 0.95), "trained": "mg w=0.5", "p_uncond": 0.2}]
     assert list(_series(plain + mg)) == ["none", "none trained=mg w=0.5"]
     assert list(_series(mg)) == ["none trained=mg w=0.5"]
     assert _file_name("none trained=mg w=0.5") != _file_name("none")

@@ -279,16 +279,17 @@ def best_rows(rows: list[dict]) -> list[dict]:
 
 
 SERIES_KEYS = ("base", "options", "p_uncond", "classifier", "steps", "classifier_scale", "sampler", "spacing")
-SERIES_KEYS += ("sampler_options", "trained")  # what may split one mode's rows into lines (`trained`: always named)
+SERIES_KEYS += ("sampler_options",)  # what may split one mode's rows into lines
 
 
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
-    """One line per guidance mode, split further by what the sweep varies within that mode (CG base, p_uncond, steps,
-    classifier scale, sampler and its own keys) and named by what the network was trained to be (mg, gft) always."""
+    """One line per guidance mode on one kind of network (an MG or GFT network's rows are a mode of their own, always
+    named), split further by what the sweep varies within it (CG base, p_uncond, steps, classifier scale, sampler)."""
     out: dict[str, list[dict]] = {}
-    for mode in dict.fromkeys(r["guidance"] for r in rows):
-        mode_rows = [r for r in rows if r["guidance"] == mode]
-        varying = [k for k in SERIES_KEYS if len({str(r[k]) for r in mode_rows}) > 1 or k == "trained"]
+    mode_of = {id(r): r["guidance"] + (f" trained={r['trained']}" if r["trained"] else "") for r in rows}
+    for mode in dict.fromkeys(mode_of.values()):
+        mode_rows = [r for r in rows if mode_of[id(r)] == mode]
+        varying = [k for k in SERIES_KEYS if len({str(r[k]) for r in mode_rows}) > 1]
         for r in mode_rows:
             parts = [f"{k}={r[k]}" for k in varying if r[k] is not None]  # "cfg", not "cfg options=None"
             out.setdefault(" ".join([mode] + parts), []).append(r)
@@ -488,8 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: several sweep dirs need --merge OUT_DIR (where the merged report goes)")
     out_dir = args.merge or args.sweep_dirs[0]
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        md = write_report(args.sweep_dirs, out_dir)
+        md = write_report(args.sweep_dirs, out_dir)  # it makes out_dir
     except GuidelabError as e:
         raise SystemExit(f"error: {e}") from None
     print(md)

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from guidelab import dist, guidance, networks, sampling, shards
 from guidelab.cli import main
-from guidelab.diffusion import trained_label
+from guidelab.conditions import requested_labels
 from guidelab.errors import GuidelabError
 from guidelab.guidance import GuidanceSpec
 from guidelab.guided import measured_flops
 from guidelab.images import save_class_grid, to_uint8
+from guidelab.losses import trained_label
 from guidelab.metrics import (
     BACKENDS,
     EvaluatorFeatures,
@@ -74,31 +75,6 @@ def check(cfg) -> GuidanceSpec:
         if cfg.metrics.features == "inception":
             find_inception_weights(cfg.metrics.inception_weights)
     return spec
-
-
-def requested_labels(
-    labels, num_samples: int, num_classes: int, class_names: list[str] | None = None, where: str = "the checkpoint"
-) -> torch.Tensor:
-    """`labels=null`: all classes, evenly (sample i gets class i % K); otherwise the listed classes in turn, each a
-    class index or a class name of the checkpoint's data (`class_names`, e.g. the folder names of dataset=folder:
-    labels=[cat,dog]); an unknown name is refused with the valid ones, naming `where` they come from."""
-    names, one = list(class_names or []), isinstance(labels, (int, str))
-    classes = list(range(num_classes)) if labels is None else [labels] if one else list(labels)
-    for i, c in enumerate(classes):
-        if isinstance(c, str) and c in names:
-            classes[i] = names.index(c)
-        elif isinstance(c, str):
-            shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
-            raise GuidelabError(
-                f"labels: no class named {c!r} in {where}; its classes: {shown or 'unnamed'}; "
-                f"use those names or class indices in [0, {num_classes})"
-            )
-        elif not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < num_classes:
-            raise GuidelabError(
-                f"labels must be class indices in [0, {num_classes}) or class names; got {c!r}; "
-                f"e.g. labels=[0,3] or labels=null for all classes"
-            )
-    return torch.tensor(classes, dtype=torch.long).repeat(num_samples // len(classes) + 1)[:num_samples]
 
 
 def sample(cfg, run_dir: Path) -> dict:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from guidelab.cli import main
 from guidelab.data import ImageData, dataset_shape, random_affine
-from guidelab.diffusion import Diffusion
 from guidelab.models import build_classifier, check_buildable
 from guidelab.registry import OneOf, Range
+from guidelab.schedules import process
 from guidelab.train import Task, load_data, train, validate
 
 
@@ -76,7 +76,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
     its PGD examples (Goodfellow et al. 2015, Sec. 5, weight 1/2; a noisy classifier is attacked on x_t, Kawar et al.
     2023); classifier.entropy_weight > 0 adds the entropy constraint (Zheng et al. 2022). Evaluated on the held-out
     split: accuracy at the middle of each quarter of the noise range, or (clean) on clean images."""
-    diffusion = Diffusion.from_config(cfg.diffusion).to(device)
+    diffusion = process(cfg.diffusion).to(device)
     c = cfg.classifier
     noisy, T = bool(c.noisy), diffusion.num_steps
     test = load_data(cfg, "test")

@@ -15,13 +15,15 @@ import torch
 
 from guidelab.cli import main
 from guidelab.data import ImageData, dataset_shape
-from guidelab.diffusion import GUIDANCE_FREE_RULE, Diffusion, check_mg_w
+from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
 from guidelab.guidance import make_eps_fn, resolve
 from guidelab.guided import Guided
 from guidelab.images import save_class_grid, to_uint8
+from guidelab.losses import GUIDANCE_FREE_RULE, check_mg_w, gft_loss, mg_loss
 from guidelab.models import build_unet, check_buildable
 from guidelab.sampling import sample
+from guidelab.schedules import process
 from guidelab.train import Task, train, validate
 
 
@@ -113,8 +115,8 @@ def training_loss(cfg, diffusion: Diffusion, model):
     def loss(net, x0, y):
         with labels_dropped_by_the_loss(model) as p_uncond:
             if kind == "mg":
-                return diffusion.mg_loss(net, x0, y, cfg.train.mg_w, p_uncond, model.null_class, frozen), {}
-            return diffusion.gft_loss(net, x0, y, p_uncond, model.null_class, frozen), {}
+                return mg_loss(diffusion, net, x0, y, cfg.train.mg_w, p_uncond, model.null_class, frozen), {}
+            return gft_loss(diffusion, net, x0, y, p_uncond, model.null_class, frozen), {}
 
     return loss
 
@@ -124,7 +126,7 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
     a guidance-free loss (`training_loss`); the periodic evaluation is a CFG preview grid (DDIM, one row of 8 per
     class, the same noise every time; a guidance-free network's own one pass)."""
     channels, num_classes, size = data.info["channels"], data.num_classes, cfg.dataset.image_size
-    diffusion = Diffusion.from_config(cfg.diffusion).to(device)
+    diffusion = process(cfg.diffusion).to(device)
     check_guidance_free(cfg)
 
     def evaluate(ema_model, step: int, run_dir: Path) -> dict:

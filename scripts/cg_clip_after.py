@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import guidelab.sampling as sampling
-from guidelab.diffusion import _gather
+from guidelab.diffusion import gather
 
 
 def correct_then_clip(diffusion, x, t, out, clip_x0, eps_correction=True):
     eps = out.eps
     if out.score is not None and eps_correction:
-        eps = eps - _gather((1 - diffusion.abar).sqrt(), t, x) * out.score
+        eps = eps - gather((1 - diffusion.abar).sqrt(), t, x) * out.score
     if out.x0 is not None:
         return (out.x0.clamp(-1, 1) if clip_x0 else out.x0), eps
     x0 = diffusion.predict_x0(x, t, eps)

@@ -9,9 +9,13 @@ import guidelab
 PACKAGE = Path(guidelab.__file__).parent
 ORDER = [
     "errors",
+    "files",
     "registry",
+    "conditions",
     "pretrained",
     "diffusion",
+    "schedules",
+    "losses",
     "dist",
     "images",
     "log",

@@ -7,6 +7,7 @@ import torch
 
 from guidelab import checkpoint
 from guidelab.errors import GuidelabError
+from guidelab.files import atomic_torch
 
 
 def _ckpt(step=1):
@@ -22,7 +23,7 @@ def _ckpt(step=1):
 
 
 def test_roundtrip(tmp_path):
-    checkpoint.save_atomic(_ckpt(3), tmp_path / "a.pt")
+    atomic_torch(_ckpt(3), tmp_path / "a.pt")
     loaded = checkpoint.load(tmp_path / "a.pt", kind="diffusion")
     assert loaded["step"] == 3 and torch.equal(loaded["model"]["w"], torch.full((3,), 3.0))
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temporary file left behind
@@ -30,7 +31,7 @@ def test_roundtrip(tmp_path):
 
 def test_a_crash_during_the_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    checkpoint.save_atomic(_ckpt(1), path)
+    atomic_torch(_ckpt(1), path)
     before = path.read_bytes()
 
     def crash(obj, f):
@@ -39,7 +40,7 @@ def test_a_crash_during_the_write_leaves_the_previous_file_intact(tmp_path, monk
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_atomic(_ckpt(2), path)
+        atomic_torch(_ckpt(2), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
@@ -47,7 +48,7 @@ def test_a_crash_during_the_write_leaves_the_previous_file_intact(tmp_path, monk
 def test_missing_truncated_and_foreign_files_are_one_line_errors(tmp_path):
     with pytest.raises(GuidelabError, match="does not exist") as e:
         checkpoint.load(tmp_path / "nope.pt")
-    checkpoint.save_atomic(_ckpt(), tmp_path / "ok.pt")
+    atomic_torch(_ckpt(), tmp_path / "ok.pt")
     data = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(GuidelabError, match="corrupt or truncated"):

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 from conftest import assert_one_line_error, check_command_line, run_script
 from guidelab import sampling
-from guidelab.diffusion import Diffusion, same_schedule, schedule_signature, scheduler_betas
+from guidelab.diffusion import scheduler_betas
 from guidelab.errors import GuidelabError
 from guidelab.guidance import make_eps_fn, resolve
 from guidelab.guidance.perturbation import identity_attention
 from guidelab.networks import check_pretrained, load_pretrained
+from guidelab.schedules import process, same_schedule, schedule_signature
 
 CPU = torch.device("cpu")
 T = 50  # a short process keeps the full-length DDPM loop cheap
@@ -88,9 +89,7 @@ def test_ddim_with_guidance_none_is_diffusers_ddim_loop(tmp_path, prediction_typ
     net, record = load_pretrained(reference, CPU)
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     eps_fn = make_eps_fn(resolve("none", base="uncond"), net, torch.zeros(3, dtype=torch.long))
-    ours = sampling.sample(
-        "ddim", eps_fn, Diffusion.from_config(record["config"]["diffusion"]), noise, 10, "leading", False
-    )
+    ours = sampling.sample("ddim", eps_fn, process(record["config"]["diffusion"]), noise, 10, "leading", False)
     scheduler = diffusers.DDIMScheduler.from_pretrained(tmp_path / "scheduler")
     scheduler.set_timesteps(10)
     theirs = _diffusers_loop(scheduler, unet, noise)
@@ -104,7 +103,7 @@ def test_ddpm_with_guidance_none_is_diffusers_ddpm_loop(pipeline):
     net, record = load_pretrained(reference, CPU)
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     eps_fn = make_eps_fn(resolve("none", base="uncond"), net, torch.zeros(3, dtype=torch.long))
-    diffusion = Diffusion.from_config(record["config"]["diffusion"])
+    diffusion = process(record["config"]["diffusion"])
     ours = sampling.sample("ddpm", eps_fn, diffusion, noise, None, "linspace", True, torch.Generator().manual_seed(3))
     scheduler = diffusers.DDPMScheduler.from_pretrained(root / "scheduler", clip_sample=True)
     scheduler.set_timesteps(T)
@@ -128,9 +127,7 @@ def test_guidelab_schedules_match_their_diffusers_names():
     assert not same_schedule(schedule_signature({"schedule": "linear", "num_steps": 500}), linear | {"num_steps": 500})
     cosine = schedule_signature({"schedule": "cosine", "num_steps": 1000})
     assert not same_schedule(cosine, linear) and not same_schedule(linear, cosine)  # names differ: no float compare
-    assert torch.allclose(
-        scheduler_betas(cosine), Diffusion.from_config({"schedule": "cosine", "num_steps": 1000}).betas
-    )
+    assert torch.allclose(scheduler_betas(cosine), process({"schedule": "cosine", "num_steps": 1000}).betas)
 
 
 def test_learned_variance_output_gives_its_eps_half(tmp_path):

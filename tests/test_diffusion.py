@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from guidelab.diffusion import Diffusion, _gather, cosine_betas, linear_betas, make_betas
+from guidelab.diffusion import Diffusion, cosine_betas, gather, linear_betas, make_betas
 from guidelab.errors import GuidelabError
 
 
@@ -83,7 +83,7 @@ def test_respacing_keeps_alpha_bar_on_the_kept_steps():
     assert d.respace(torch.arange(1000)) is d
 
 
-def test_coefficients_are_gathered_in_the_dtype_of_x():
+def test_coefficients_aregathered_in_the_dtype_of_x():
     """A float64 run keeps float64 coefficients (float32 ones would cap it at ~1e-7 relative error); float32 and
     half-precision inputs get float32 coefficients, as before."""
     d = Diffusion(cosine_betas(1000))
@@ -91,8 +91,8 @@ def test_coefficients_are_gathered_in_the_dtype_of_x():
     x64 = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     eps = torch.randn_like(x64)
     exact = (x64 - (1 - d.abar[t]).sqrt().view(-1, 1, 1, 1) * eps) / d.abar[t].sqrt().view(-1, 1, 1, 1)
-    assert _gather(d.abar, t, x64).dtype == torch.float64
+    assert gather(d.abar, t, x64).dtype == torch.float64
     assert torch.allclose(d.predict_x0(x64, t, eps), exact, rtol=1e-12, atol=0)
     assert torch.allclose(d.eps_from_x0(x64, t, d.predict_x0(x64, t, eps)), eps, rtol=1e-9, atol=1e-12)
     for dtype in (torch.float32, torch.bfloat16):
-        assert _gather(d.abar, t, x64.to(dtype)).dtype == torch.float32
+        assert gather(d.abar, t, x64.to(dtype)).dtype == torch.float32

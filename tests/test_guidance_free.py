@@ -11,18 +11,12 @@ from omegaconf import OmegaConf
 
 import guidelab.config  # noqa: F401  (the schemas and resolvers)
 from conftest import CONFIGS, _script_module, check_command_line
-from guidelab import checkpoint, networks
-from guidelab.diffusion import (
-    Diffusion,
-    drop_labels,
-    gft_beta,
-    gft_mix,
-    linear_betas,
-    mg_target,
-    trained_guidance,
-    trained_label,
-)
+from guidelab import networks
+from guidelab.conditions import drop_labels
+from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.errors import GuidelabError
+from guidelab.files import atomic_torch
+from guidelab.losses import gft_loss, gft_mix, mg_loss, mg_target, trained_guidance, trained_label
 from guidelab.models import build_unet
 
 TINY = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "unet_tiny.yaml"))  # as an older run recorded it
@@ -136,7 +130,7 @@ def test_mg_gradient_skips_the_stop_gradient_term():
     model = _perturb(_unet(p_uncond=0.0)).train()  # the loss drops labels itself
     x0, y = _batch()
     torch.manual_seed(7)
-    mg = _grads(model, DIFFUSION.mg_loss(model, x0, y, 0.5, 0.3, 10, generator=torch.Generator().manual_seed(4)))
+    mg = _grads(model, mg_loss(DIFFUSION, model, x0, y, 0.5, 0.3, 10, generator=torch.Generator().manual_seed(4)))
 
     def by_hand(detach: bool):
         t, noise, x_t = _noised(4, x0)
@@ -160,7 +154,7 @@ def test_gft_gradient_skips_the_unconditional_term():
     beta = torch.linspace(0.1, 1.0, len(y))
     torch.manual_seed(7)
     gft = _grads(
-        model, DIFFUSION.gft_loss(model, x0, y, 0.3, 10, beta=beta, generator=torch.Generator().manual_seed(4))
+        model, gft_loss(DIFFUSION, model, x0, y, 0.3, 10, beta=beta, generator=torch.Generator().manual_seed(4))
     )
 
     def by_hand(detach: bool):
@@ -190,8 +184,16 @@ def test_gft_at_beta_one_is_the_conditional_eps_loss_bit_for_bit():
     torch.manual_seed(11)
     with script.labels_dropped_by_the_loss(model) as p_uncond:
         frozen = script.frozen_predictions(model)
-        gft = DIFFUSION.gft_loss(
-            model, x0, y, p_uncond, 10, frozen, beta=torch.ones(len(y)), generator=torch.Generator().manual_seed(4)
+        gft = gft_loss(
+            DIFFUSION,
+            model,
+            x0,
+            y,
+            p_uncond,
+            10,
+            frozen,
+            beta=torch.ones(len(y)),
+            generator=torch.Generator().manual_seed(4),
         )
     assert torch.equal(gft, plain)
     assert _same(_grads(model, gft), plain_grads)
@@ -203,8 +205,8 @@ def test_gft_trains_a_dropped_row_on_the_plain_eps_target_whatever_its_beta():
     model = _perturb(_unet(p_uncond=0.0, beta_embed=True)).train()
     torch.nn.init.normal_(model.beta_embed.mlp[-1].weight, std=0.05)
     x0, y = _batch()
-    gft = DIFFUSION.gft_loss(
-        model, x0, y, 1.0, 10, beta=torch.full((len(y),), 0.25), generator=torch.Generator().manual_seed(4)
+    gft = gft_loss(
+        DIFFUSION, model, x0, y, 1.0, 10, beta=torch.full((len(y),), 0.25), generator=torch.Generator().manual_seed(4)
     )
     t, noise, x_t = _noised(4, x0)
     plain = torch.nn.functional.mse_loss(model(x_t, t, torch.full_like(y, 10), beta=1.0), noise)
@@ -249,7 +251,7 @@ def test_an_older_checkpoint_loads_strictly(tmp_path):
         "data_info": {"num_classes": 10, "channels": 1},
     }
     assert "beta_embed" not in TINY
-    checkpoint.save_atomic({"kind": "diffusion", "ema": old.state_dict(), "config": config}, tmp_path / "old.pt")
+    atomic_torch({"kind": "diffusion", "ema": old.state_dict(), "config": config}, tmp_path / "old.pt")
     net, ckpt = networks.load(tmp_path / "old.pt", "diffusion", torch.device("cpu"))
     assert net.beta_embed is None and _same(net.state_dict(), old.state_dict())
     assert trained_guidance(ckpt["config"]) == ("none", 1.0)
@@ -258,19 +260,12 @@ def test_an_older_checkpoint_loads_strictly(tmp_path):
 
 
 # ---------------------------------------------------------------- what sampling reads
-def test_trained_guidance_and_gft_beta():
+def test_trained_guidance():
     mg = {"train": {"guidance_free": "mg", "mg_w": 0.5}}
     gft = {"train": {"guidance_free": "gft", "mg_w": 0.5}, "model": {"beta_embed": True}}
     assert trained_guidance(mg) == ("mg", 2.0) and trained_guidance(gft) == ("gft", None)
     assert (trained_label(mg), trained_label(gft), trained_label({"train": {}})) == ("mg w=0.5", "gft", None)
     assert trained_label({"train": {"guidance_free": "none", "mg_w": 0.5}}) is None
-    assert gft_beta(gft, 4.0) == 0.25 and gft_beta(gft, 1.0) == 1.0
-    with pytest.raises(GuidelabError, match="CFG at scale 2: sample it with guidance=none"):
-        gft_beta(mg, 3.0)
-    with pytest.raises(GuidelabError, match="without GFT's beta input"):
-        gft_beta({"train": {}}, 3.0)
-    with pytest.raises(GuidelabError, match="scales >= 1"):
-        gft_beta(gft, 0.5)
 
 
 def test_the_preview_of_a_gft_run_is_its_one_pass_at_beta_one_over_eval_scale():
@@ -361,8 +356,8 @@ def test_mg_learns_cfg_at_one_over_one_minus_w_and_gft_cfg_at_one_over_beta():
     around the model's own unconditional prediction, and GFT's sampling model at beta = 0.5 at CFG with s = 2."""
     x = torch.linspace(-2, 2, 9)
     t = torch.full_like(x, 2, dtype=torch.long)
-    mg_diffusion, mg = _fit(lambda d, m, x0, y, g: d.mg_loss(m, x0, y, 0.5, 0.2, 2, generator=g))
-    gft_diffusion, gft = _fit(lambda d, m, x0, y, g: d.gft_loss(m, x0, y, 0.2, 2, generator=g))
+    mg_diffusion, mg = _fit(lambda d, m, x0, y, g: mg_loss(d, m, x0, y, 0.5, 0.2, 2, generator=g))
+    gft_diffusion, gft = _fit(lambda d, m, x0, y, g: gft_loss(d, m, x0, y, 0.2, 2, generator=g))
     with torch.no_grad():
         for y in (0, 1):
             labels, null = torch.full_like(t, y), torch.full_like(t, 2)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from guidelab import checkpoint, metrics
+from guidelab import metrics
 from guidelab.errors import GuidelabError
+from guidelab.files import atomic_torch
 
 
 def test_fid_of_a_set_against_itself_is_zero():
@@ -154,7 +155,7 @@ def _compute_slowly(path, log, out):
         return {"features": torch.arange(5.0)}
 
     entry, reused = metrics.cached(
-        path, {"dataset": "x"}, lambda p: torch.load(p, weights_only=True), compute, checkpoint.save_atomic
+        path, {"dataset": "x"}, lambda p: torch.load(p, weights_only=True), compute, atomic_torch
     )
     torch.save({"features": entry["features"], "reused": reused}, out)
 
@@ -179,9 +180,9 @@ def test_two_jobs_needing_the_same_reference_statistics_at_once_compute_them_onc
 def test_a_damaged_cache_entry_is_computed_again_and_replaced(tmp_path, capsys):
     path, key = tmp_path / "x.pt", {"dataset": "x"}
     read = lambda p: torch.load(p, weights_only=True)
-    checkpoint.save_atomic({"key": key, "features": torch.ones(3)}, path)
+    atomic_torch({"key": key, "features": torch.ones(3)}, path)
     path.write_bytes(path.read_bytes()[:40])  # truncated
-    entry, reused = metrics.cached(path, key, read, lambda: {"features": torch.zeros(3)}, checkpoint.save_atomic)
+    entry, reused = metrics.cached(path, key, read, lambda: {"features": torch.zeros(3)}, atomic_torch)
     assert not reused and torch.equal(entry["features"], torch.zeros(3))
     assert f"the cache entry {path} is damaged" in capsys.readouterr().out
     assert torch.equal(read(path)["features"], torch.zeros(3))  # replaced by an intact one

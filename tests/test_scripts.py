@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import run_script
-from guidelab.diffusion import Diffusion
+from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import MODES, in_interval
 from guidelab.report import HEADER
 from guidelab.sampling import SAMPLERS, timesteps
@@ -244,7 +244,7 @@ def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smok
     nfe = {m: (int(r["nfe"]), int(r["classifier_nfe"])) for m, r in rows.items()}
     assert nfe["none"] == (5, 0) and nfe["cfg"] == (10, 0) and nfe["cg"] == (5, 5) and nfe["cfg_cg"] == (10, 5)
     assert nfe["apg"] == nfe["cfg_rescale"] == nfe["dynamic_threshold"] == (10, 0)
-    process = Diffusion.from_config({"schedule": "linear", "num_steps": 1000})
+    process = Diffusion(linear_betas(1000))
     inside = int(in_interval(process.abar[timesteps(process, 5, "logsnr")], 0.28, 5.42).sum())  # dpmpp_2m's grid
     assert 0 < inside < 5 and nfe["cfg_interval"] == (5 + inside, 0) and nfe["cg_interval"] == (5, inside)
     assert rows["cfg_rescale"]["options"] == "phi=0.7 space=x0"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,29 +21,13 @@ import torch
 
 from guidelab import dist
 from guidelab.errors import GuidelabError
+from guidelab.files import atomic_torch
 
 NUMBERED = "[0-9]" * 7 + ".pt"  # checkpoints/{step:07d}.pt; checkpoints/last.pt is a second name of the newest
 
 
 class DamagedCheckpoint(GuidelabError):
     """A checkpoint file that is truncated or not a torch.save archive (as opposed to one refused for its content)."""
-
-
-def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same directory, flush and fsync it, then rename over `path`: a crash during
-    the write leaves any previous file at `path` intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load(path: str | os.PathLike, kind: str | None = None) -> dict:
@@ -129,7 +112,7 @@ def save(ckpt: dict, ckpt_dir: Path, keep: int) -> Path:
     """Write checkpoints/{step:07d}.pt atomically, make last.pt a second name of it (a hard link swapped in by rename),
     and delete all but the newest `keep` numbered checkpoints."""
     path = ckpt_dir / f"{ckpt['step']:07d}.pt"
-    save_atomic(ckpt, path)
+    atomic_torch(ckpt, path)
     tmp = ckpt_dir / ".last.pt.link"
     tmp.unlink(missing_ok=True)
     os.link(path, tmp)

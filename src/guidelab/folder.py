@@ -18,7 +18,6 @@ written only costs a decode. The split is drawn after the cache, so `holdout` an
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -29,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from guidelab.checkpoint import save_atomic
 from guidelab.errors import GuidelabError, one_line
+from guidelab.files import atomic_torch, key_digest
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 CACHE_VERSION = 1  # bump when the decoding changes: older cache entries are then ignored
@@ -113,7 +112,7 @@ def scan(root: Path) -> tuple[list[str], list[tuple[str, int]], list[str], list[
 
 def _key(names: list[str], stats: list, image_size: int, channels: int) -> str:
     key = {"version": CACHE_VERSION, "image_size": image_size, "channels": channels, "classes": names, "files": stats}
-    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+    return key_digest(key, 24)
 
 
 def fingerprint(root: Path, image_size: int, channels: int) -> str:
@@ -181,7 +180,7 @@ def _write_cache(cache_dir: Path, prefix: str, entry: dict) -> None:
     cannot be written only costs a decode next time."""
     path = cache_dir / f"{prefix}{entry['key']}.pt"
     try:
-        save_atomic(entry, path)
+        atomic_torch(entry, path)
         for old in cache_dir.glob("*.pt"):
             if old.name.startswith(prefix) and old != path:
                 old.unlink(missing_ok=True)

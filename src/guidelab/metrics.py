@@ -16,9 +16,7 @@ training images in pixel space (knn_predict), has no gradient at all; its held-o
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 from guidelab.errors import GuidelabError, one_line
+from guidelab.files import atomic_text, atomic_torch, file_digest, key_digest
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF-Inception FID net
 BACKENDS = ("evaluator", "inception")
@@ -159,14 +158,6 @@ def class_accuracy(logits: torch.Tensor, labels: np.ndarray, name: str = "accura
 
 
 # ---------------------------------------------------------------- reference statistics cache
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def reference_key(dataset: dict, split: str, backend: str, weights_file: str | Path, num: int | None) -> dict:
     """What the cached real features depend on; any change means a new cache entry (a user's image folder adds its
     root, options and a digest of its files: guidelab.data.data_key)."""
@@ -216,11 +207,10 @@ def reference_features(
     key: dict, backend, dataset: dict, cache_dir: str | Path, device: torch.device, seed: int = 0
 ) -> tuple[Features, Path, bool]:
     """Real-data features for `key`, from the cache when present (returns features, cache file, whether reused)."""
-    from guidelab import checkpoint
     from guidelab.data import load_from_config
     from guidelab.images import to_uint8
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = key_digest(key, 16)
     path = (
         Path(cache_dir).expanduser()
         / f"{key['dataset']}-{key['image_size']}px-{key['split']}-{key['backend']}-{digest}.pt"
@@ -236,7 +226,7 @@ def reference_features(
         return {"features": feats.features, "logits": feats.logits}
 
     read = lambda p: torch.load(p, map_location="cpu", weights_only=True)
-    entry, reused = cached(path, key, read, compute, checkpoint.save_atomic)
+    entry, reused = cached(path, key, read, compute, lambda entry, path: atomic_torch(entry, path))
     return Features(entry["features"], entry["logits"]), path, reused
 
 
@@ -344,7 +334,7 @@ def knn_test_accuracy(
     from guidelab.data import load_from_config
     from guidelab.images import to_uint8
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = key_digest(key, 16)
     path = Path(cache_dir).expanduser() / "knn" / f"{key['dataset']}-{key['image_size']}px-k{key['k']}-{digest}.json"
 
     def compute() -> dict:
@@ -352,11 +342,7 @@ def knn_test_accuracy(
         pred = knn_predict(train, train_labels, torch.from_numpy(to_uint8(test.images)).to(train.device), key["k"])
         return {"accuracy": float((pred == test.labels).double().mean()), "num_test": len(test.labels)}
 
-    def write(entry: dict, path: Path) -> None:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(entry, indent=1) + "\n")
-        os.replace(tmp, path)  # atomic: a sweep's jobs never read half a file
-
+    write = lambda entry, path: atomic_text(path, json.dumps(entry, indent=1) + "\n")  # never half a file
     entry, reused = cached(path, key, lambda p: json.loads(p.read_text()), compute, write)
     return entry["accuracy"], path, reused
 

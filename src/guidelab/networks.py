@@ -12,13 +12,14 @@ import torch
 from omegaconf import OmegaConf
 
 from guidelab import checkpoint
-from guidelab.diffusion import Diffusion, same_schedule, schedule_signature, scheduler_betas
+from guidelab.diffusion import Diffusion, scheduler_betas
 from guidelab.errors import GuidelabError
 from guidelab.guidance import GuidanceSpec, check_model
 from guidelab.guided import Counted
 from guidelab.models import build_classifier, build_unet
 from guidelab.models.diffusers_unet import DiffusersUNet, load_model
 from guidelab.pretrained import is_reference, locate, read_json, read_schedule, read_sidecar
+from guidelab.schedules import process, same_schedule, schedule_signature
 
 TRAIN_HINT = {
     "diffusion": "python train_diffusion.py",
@@ -212,7 +213,7 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
     check_model(spec, unet)
     nets = Networks(
         Counted(unet),
-        Diffusion.from_config(unet_ckpt["config"]["diffusion"]).to(device),
+        process(unet_ckpt["config"]["diffusion"]).to(device),
         unet_ckpt["config"],
         paths=paths,
     )

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from guidelab.diffusion import Diffusion, _gather
+from guidelab.diffusion import Diffusion, gather
 from guidelab.guided import EpsFn, Guided
 from guidelab.registry import MISSING, OneOf, Range, Registry, Shared
 
@@ -94,7 +94,7 @@ def _x0_and_eps(
             x0 = x0.clamp(-1, 1)
             eps = diffusion.eps_from_x0(x, t, x0)
     if out.score is not None and eps_correction:
-        eps = eps - _gather((1 - diffusion.abar).sqrt(), t, x) * out.score
+        eps = eps - gather((1 - diffusion.abar).sqrt(), t, x) * out.score
         x0 = diffusion.predict_x0(x, t, eps)
     return x0, eps
 
@@ -115,7 +115,7 @@ def renoise(d: Diffusion, x_prev: torch.Tensor, t: torch.Tensor, generator: torc
     grid's process: the self-recurrence of Bansal et al. 2023 ("Universal Guidance for Diffusion Models"), Sec. 3.3
     (Alg. 1), which re-noises a guided step's result to its own noise level and steps again, giving the guidance
     more steps at the same noise level."""
-    alpha = _gather(d.alphas, t, x_prev)
+    alpha = gather(d.alphas, t, x_prev)
     noise = torch.randn(x_prev.shape, device=x_prev.device, dtype=x_prev.dtype, generator=generator)
     return alpha.sqrt() * x_prev + (1 - alpha).sqrt() * noise
 
@@ -143,7 +143,7 @@ def ddpm(
             out = eps_fn(x, model_t)
             x0, eps = _x0_and_eps(d, x, t, out, clip_x0, eps_correction=False)
             # a given x_0 (CFG++) is paired with x_t re-noised along its eps; otherwise that point is x_t itself
-            x_t = x if out.x0 is None else _gather(d.abar.sqrt(), t, x) * x0 + _gather((1 - d.abar).sqrt(), t, x) * eps
+            x_t = x if out.x0 is None else gather(d.abar.sqrt(), t, x) * x0 + gather((1 - d.abar).sqrt(), t, x) * eps
             mean, var = d.posterior(x0, x_t, t)
             if out.score is not None:
                 mean = mean + var * out.score
@@ -178,8 +178,8 @@ def ddim(
             if r > 0:
                 x = renoise(d, x_prev, t, generator)
             x0, eps = _x0_and_eps(d, x, t, eps_fn(x, model_t), clip_x0)
-            abar_prev = _gather(d.abar_prev, t, x)
-            sigma = eta * ((1 - abar_prev) / (1 - _gather(d.abar, t, x)) * (1 - _gather(d.alphas, t, x))).sqrt()
+            abar_prev = gather(d.abar_prev, t, x)
+            sigma = eta * ((1 - abar_prev) / (1 - gather(d.abar, t, x)) * (1 - gather(d.alphas, t, x))).sqrt()
             x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
             if eta > 0 and i > 0:
                 x_prev = x_prev + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -244,11 +244,11 @@ def heun(
     sigma, model_t = ((1 - d.abar) / d.abar).sqrt(), d.model_t.to(x.device)
     for i, t, t_model in _steps(d, x, progress, "heun"):
         x0, eps = _x0_and_eps(d, x, t, eps_fn(x, t_model), clip_x0)
-        abar_next = _gather(d.abar_prev, t, x)
+        abar_next = gather(d.abar_prev, t, x)
         x_next = abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
         if i > 0:
             _, eps_next = _x0_and_eps(d, x_next, t - 1, eps_fn(x_next, model_t[t - 1]), clip_x0)
-            slope_change = (_gather(sigma, t - 1, x) - _gather(sigma, t, x)) * (eps_next - eps) / 2
+            slope_change = (gather(sigma, t - 1, x) - gather(sigma, t, x)) * (eps_next - eps) / 2
             x_next = x_next + abar_next.sqrt() * slope_change
         x = x_next
     return x

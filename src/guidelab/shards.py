@@ -8,9 +8,7 @@ cost, so that a resumed sweep (resume=auto or true) reuses a finished job's samp
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from guidelab.errors import GuidelabError, one_line
+from guidelab.files import atomic_write, key_digest
 
 SHARDS = "shards"
 # keys that do not change the images drawn: how they are judged, shown and found
@@ -50,10 +49,6 @@ def refuse_unresumed(run_dir: Path, resume: bool) -> list[Path]:
     return done
 
 
-def _digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _same_job(meta: Path, key: dict, what: str) -> dict:
     """job.json's record, refused (naming the keys that differ) unless it was written under `key`."""
     try:
@@ -63,7 +58,7 @@ def _same_job(meta: Path, key: dict, what: str) -> dict:
             f"{meta} is damaged ({one_line(e)}); delete {meta.parent} to draw the run again, or choose another "
             "hydra.run.dir"
         ) from None
-    if saved.get("digest") != _digest(key):
+    if saved.get("digest") != key_digest(key):
         changed = sorted(k for k in set(key) | set(saved.get("key", {})) if key.get(k) != saved.get("key", {}).get(k))
         raise GuidelabError(
             f"{what} in {meta.parent.parent} were drawn under another config ({', '.join(changed) or 'not recorded'} "
@@ -80,7 +75,9 @@ def start(run_dir: Path, key: dict, resume: bool) -> dict[int, Path]:
         _same_job(meta, key, "the finished batches")
         return {int(p.stem.split("_")[1]): p for p in done}
     shard_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(meta, lambda f: f.write(json.dumps({"digest": _digest(key), "key": key}, default=str, indent=1).encode()))
+    atomic_write(
+        meta, lambda f: f.write(json.dumps({"digest": key_digest(key), "key": key}, default=str, indent=1).encode())
+    )
     return {}
 
 
@@ -108,7 +105,7 @@ def save(run_dir: Path, b: int, images: np.ndarray, labels: np.ndarray, counts: 
     """Batch b's uint8 images, its labels and what drawing it cost (COUNTS)."""
     path = Path(run_dir) / SHARDS / f"batch_{b:06d}.npz"
     numbers = {k: np.float64(np.nan if counts[k] is None else counts[k]) for k in COUNTS}
-    _atomic(path, lambda f: np.savez(f, images=images, labels=labels, **numbers))
+    atomic_write(path, lambda f: np.savez(f, images=images, labels=labels, **numbers))
 
 
 def load(path: Path, labels: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -132,11 +129,4 @@ def close(run_dir: Path, counts: list[dict], seconds: float) -> None:
         p.unlink()
     meta = Path(run_dir) / SHARDS / "job.json"
     record = json.loads(meta.read_text()) | {"finished": {"counts": counts, "seconds": seconds}}
-    _atomic(meta, lambda f: f.write(json.dumps(record, default=str, indent=1).encode()))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    atomic_write(meta, lambda f: f.write(json.dumps(record, default=str, indent=1).encode()))

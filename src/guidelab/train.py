@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from guidelab import checkpoint, dist
 from guidelab.data import ImageData, load_from_config
-from guidelab.diffusion import schedule_signature
 from guidelab.errors import GuidelabError
 from guidelab.log import Logger, require_logger
 from guidelab.pretrained import model_reference, sample_size
 from guidelab.registry import OneOf, Range
+from guidelab.schedules import schedule_signature
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from guidelab.diffusion import Diffusion, _gather
+from guidelab.diffusion import Diffusion, gather
 from guidelab.errors import GuidelabError
 from guidelab.guided import EpsFn, noise_level, timed
 from guidelab.registry import Entry, OneOf, Range, Registry
@@ -194,7 +194,7 @@ class Context:
         return torch.full_like(self.y, self.unet.null_class)
 
     def abar_t(self, x, t) -> torch.Tensor:
-        return _gather(self.diffusion.abar, t, x)
+        return gather(self.diffusion.abar, t, x)
 
     def to_x0(self, x, t, eps) -> torch.Tensor:
         return self.diffusion.predict_x0(x, t, eps)

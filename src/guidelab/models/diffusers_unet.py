@@ -9,7 +9,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from guidelab.diffusion import _gather
+from guidelab.conditions import drop_labels
+from guidelab.diffusion import gather
 from guidelab.errors import GuidelabError, one_line
 from guidelab.models.layers import select_blocks
 from guidelab.pretrained import import_diffusers, locate, read_json, read_schedule, read_sidecar
@@ -82,11 +83,8 @@ class DiffusersUNet(nn.Module):
         self._hooks: dict[str, Callable] = {}
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """In training mode, replace each label by null_class with probability p_uncond (Ho & Salimans 2022)."""
-        if not self.training or self.p_uncond <= 0 or self.null_class is None:
-            return y
-        drop = torch.rand(y.shape[0], device=y.device) < self.p_uncond
-        return torch.where(drop, torch.full_like(y, self.null_class), y)
+        """In training mode, each label replaced by null_class with probability p_uncond (`conditions.drop_labels`)."""
+        return drop_labels(y, self.p_uncond, self.null_class) if self.training else y
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         labels = self.drop_labels(y) if self.conditional else None
@@ -94,7 +92,7 @@ class DiffusersUNet(nn.Module):
         out = out[:, : self.in_channels] if out.shape[1] != self.in_channels else out
         if self.prediction_type == "epsilon":
             return out
-        alpha, sigma = _gather(self.abar.sqrt(), t, x), _gather((1 - self.abar).sqrt(), t, x)
+        alpha, sigma = gather(self.abar.sqrt(), t, x), gather((1 - self.abar).sqrt(), t, x)
         if self.prediction_type == "v_prediction":
             return sigma * x + alpha * out
         return (x - alpha * out) / sigma

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guidelab.conditions import drop_labels
 from guidelab.errors import GuidelabError
 from guidelab.models.layers import (
     AttentionBlock,
@@ -109,7 +110,7 @@ class UNet(nn.Module):
 
     Defaults are the DDPM CIFAR-10 network (35.7M parameters at in_channels=3, image_size=32). With `beta_embed` it
     also takes GFT's temperature: eps_theta(x_t, t, y, beta), beta in (0, 1], one pass of which samples like CFG at
-    scale 1 / beta once trained with train.guidance_free=gft (guidelab.diffusion.gft_beta); without the keyword,
+    scale 1 / beta once trained with train.guidance_free=gft (guidance=gft); without the keyword,
     beta = 1 (the conditional model).
     """
 
@@ -176,11 +177,8 @@ class UNet(nn.Module):
             zero_module(self.beta_embed.mlp[-1])
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """In training mode, replace each label by null_class with probability p_uncond (Ho & Salimans 2022)."""
-        if not self.training or self.p_uncond <= 0:
-            return y
-        drop = torch.rand(y.shape[0], device=y.device) < self.p_uncond
-        return torch.where(drop, torch.full_like(y, self.null_class), y)
+        """In training mode, each label replaced by null_class with probability p_uncond (`conditions.drop_labels`)."""
+        return drop_labels(y, self.p_uncond, self.null_class) if self.training else y
 
     def attention_blocks(self, names=None) -> dict[str, AttentionBlock]:
         """The self-attention blocks by module path (e.g. encoder.mid.1), what `perturbed(attention=...)` can reach:

@@ -22,10 +22,11 @@ from guidelab.guidance import (
     log_p,
     log_posterior_step,
     sine_boost,
-    softplus_activations,
+    softplus_copy,
     x0_classifier_score,
 )
 from guidelab.guided import Guided
+from guidelab.models import ResNet
 from guidelab.sampling import renoise, sample
 
 PROCESS = Diffusion(linear_betas(1000))
@@ -110,15 +111,22 @@ def test_calibrated_log_p_reduces_to_log_softmax_and_follows_its_formula():
     assert torch.allclose(calibrated_log_p(logits, y, 1.0, 0.5), expected)
 
 
-def test_softplus_activations_smooth_every_relu_form_and_restore_them():
-    x = torch.linspace(-2, 2, 9)
-    seen = []
-    with softplus_activations(3.0, seen):
-        smoothed = [torch.relu(x), F.relu(x), torch.nn.ReLU()(x)]
-    assert all(torch.allclose(s, F.softplus(x, beta=3.0)) for s in smoothed) and len(seen) == 3
-    assert torch.equal(torch.relu(x), x.clamp(min=0)) and torch.equal(torch.nn.ReLU()(x), x.clamp(min=0))
-    with softplus_activations(0.0, seen):
-        assert torch.equal(torch.relu(x), x.clamp(min=0))
+def test_softplus_copy_smooths_the_guides_relus_and_no_other_network():
+    """Every ReLU module of a copy becomes softplus(beta); the network itself, a second network of the same family and
+    the process-wide functions keep ReLU (no patch outlives, or reaches beyond, the copy)."""
+    torch.manual_seed(0)
+    net, other = ResNet(1, 8, 3, channels=4, channel_mult=(1, 2), num_blocks=1), ResNet(1, 8, 3, channels=4)
+    x = torch.randn(4, 1, 8, 8)
+    before, other_before = net(x), other(x)
+    smooth, replaced = softplus_copy(net, 3.0)
+    assert replaced == sum(isinstance(m, torch.nn.ReLU) for m in net.modules()) == 5
+    assert not any(isinstance(m, torch.nn.ReLU) for m in smooth.modules())
+    assert torch.equal(net(x), before) and torch.equal(other(x), other_before)  # untouched
+    assert not torch.allclose(smooth(x), before, atol=1e-3)
+    v = torch.linspace(-2, 2, 9)
+    assert torch.equal(torch.relu(v), v.clamp(min=0)) and torch.equal(F.relu(v), v.clamp(min=0))
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    assert torch.allclose(softplus_copy(plain, 3.0)[0][1](v), F.softplus(v, beta=3.0))
 
 
 def test_sine_boost_is_one_at_gamma_0_and_t_0_and_follows_the_schedule_between():

@@ -34,16 +34,35 @@ def noise_level(abar_t: torch.Tensor) -> torch.Tensor:
     return ((1 - abar_t) / abar_t).sqrt()
 
 
-class Counted:
-    """A network that counts the rows (samples) it is evaluated on, and the wall seconds spent inside `timed()` blocks
-    (the guidance gradients); attributes pass through to the network."""
+class Tally:
+    """What a network cost so far: the rows (samples) it was evaluated on, and the wall seconds spent inside `timed()`
+    blocks (the guidance gradients)."""
 
-    def __init__(self, net):
-        self.net, self.rows, self.seconds = net, 0, 0.0
+    def __init__(self):
+        self.rows, self.seconds = 0, 0.0
+
+
+class Counted:
+    """A network that counts its evaluations in a `Tally`; attributes pass through to the network. `around(other)`
+    counts another network (e.g. a smoothed copy of this one) into the same tally."""
+
+    def __init__(self, net, tally: Tally | None = None):
+        self.net, self.tally = net, tally or Tally()
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
-        self.rows += len(x)
+        self.tally.rows += len(x)
         return self.net(x, *args, **kwargs)
+
+    def around(self, net) -> Counted:
+        return Counted(net, self.tally)
+
+    @property
+    def rows(self) -> int:
+        return self.tally.rows
+
+    @property
+    def seconds(self) -> float:
+        return self.tally.seconds
 
     def __getattr__(self, name):
         return getattr(self.net, name)
@@ -64,7 +83,7 @@ def timed(net, device: torch.device):
     finally:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        net.seconds += time.perf_counter() - start
+        net.tally.seconds += time.perf_counter() - start
 
 
 def measured_flops(fn: Callable, *args, **kwargs) -> int:

@@ -27,7 +27,8 @@ from guidelab.guidance.classifier import (
     entropy_factor,
     log_p,
     sine_boost,
-    softplus_activations,
+    smoothed_guide,
+    softplus_copy,
     x0_classifier_score,
 )
 from guidelab.guidance.core import (
@@ -83,7 +84,8 @@ __all__ = [
     "entropy_factor",
     "log_p",
     "sine_boost",
-    "softplus_activations",
+    "smoothed_guide",
+    "softplus_copy",
     "x0_classifier_score",
     "anneal_condition",
     "attention_perturbed",

@@ -147,7 +147,7 @@ def _none(ctx: Context, base: str = "cond") -> EpsFn:
 @MODES.register()
 def _cfg(ctx: Context) -> EpsFn:
     """eps_u + s (eps_c - eps_u), cond and uncond as one doubled batch (Ho & Salimans 2022, Eq. 6)."""
-    return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale))
+    return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale_at(t)))
 
 
 @MODES.register(scale=Range(1, math.inf, "the CFG strength the one pass stands for: beta = 1 / s"), uses=("cond",))
@@ -161,7 +161,7 @@ def _gft(ctx: Context) -> EpsFn:
             "guidance=gft needs a network trained with train.guidance_free=gft model.beta_embed=true (it takes GFT's "
             "beta input); sample any other network with guidance=cfg"
         )
-    return lambda x, t: Guided(ctx.unet(x, t, ctx.y, beta=1 / ctx.scale))  # per call: a weight schedule moves s
+    return lambda x, t: Guided(ctx.unet(x, t, ctx.y, beta=1 / ctx.scale_at(t)))
 
 
 @MODES.register(
@@ -174,10 +174,11 @@ def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
     the paper's form (it rescales x0 / v predictions); space=eps rescales the noise prediction, diffusers' form."""
 
     def eps_fn(x, t):
-        if ctx.scale == 1:  # CFG is the conditional prediction: nothing to rescale
+        s = ctx.scale_at(t)
+        if s == 1:  # CFG is the conditional prediction: nothing to rescale
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
-        eps = cfg_combine(eps_u, eps_c, ctx.scale)
+        eps = cfg_combine(eps_u, eps_c, s)
         if space == "eps":
             return Guided(rescale_combine(eps, eps_c, phi))
         return Guided(ctx.to_eps(x, t, rescale_combine(ctx.to_x0(x, t, eps), ctx.to_x0(x, t, eps_c), phi)))
@@ -191,13 +192,14 @@ def _cfg_interval(ctx: Context, sigma_lo: float = 0.28, sigma_hi: float = 5.42) 
     defaults: their ImageNet-512 interval)."""
 
     def eps_fn(x, t):
+        s = ctx.scale_at(t)
         inside = in_interval(ctx.abar_t(x, t), sigma_lo, sigma_hi)
         if inside.all():
-            return Guided(ctx.cfg(x, t, ctx.scale))
+            return Guided(ctx.cfg(x, t, s))
         if not inside.any():  # one pass, the conditional model
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
-        return Guided(torch.where(inside, cfg_combine(eps_u, eps_c, ctx.scale), eps_c))
+        return Guided(torch.where(inside, cfg_combine(eps_u, eps_c, s), eps_c))
 
     return eps_fn
 
@@ -214,9 +216,10 @@ def _apg(ctx: Context, eta: float = 0.0, norm_threshold: float | None = 4.0, mom
     state = {"running": None}
 
     def eps_fn(x, t):
+        s = ctx.scale_at(t)
         eps_u, eps_c = ctx.pair(x, t)
         x0, state["running"] = apg_combine(
-            ctx.to_x0(x, t, eps_u), ctx.to_x0(x, t, eps_c), ctx.scale, eta, norm_threshold, state["running"], momentum
+            ctx.to_x0(x, t, eps_u), ctx.to_x0(x, t, eps_c), s, eta, norm_threshold, state["running"], momentum
         )
         return Guided(ctx.to_eps(x, t, x0))
 
@@ -232,10 +235,11 @@ def _cfgpp(ctx: Context) -> EpsFn:
     unconditional eps_u instead of the guided eps. lambda = 0 is the unconditional model."""
 
     def eps_fn(x, t):
-        if ctx.scale == 0:
+        s = ctx.scale_at(t)
+        if s == 0:
             return Guided(ctx.unet(x, t, ctx.null))
         eps_u, eps_c = ctx.pair(x, t)
-        return Guided(eps_u, x0=ctx.to_x0(x, t, cfg_combine(eps_u, eps_c, ctx.scale)))
+        return Guided(eps_u, x0=ctx.to_x0(x, t, cfg_combine(eps_u, eps_c, s)))
 
     return eps_fn
 
@@ -255,15 +259,16 @@ def _cfg_zero_star(ctx: Context, zero_init_steps: int = 1) -> EpsFn:  # noise le
     levels: list[int] = []  # the noise levels seen so far in this run (one per sampler step; Heun's come twice)
 
     def eps_fn(x, t):
+        s = ctx.scale_at(t)
         if len(levels) < zero_init_steps and int(t[0]) not in levels:
             levels.append(int(t[0]))
         if int(t[0]) in levels:
             x0 = torch.zeros_like(x)
             return Guided(ctx.to_eps(x, t, x0), x0=x0)
-        if ctx.scale == 1:
+        if s == 1:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
-        return Guided(cfg_combine(zero_star_scale(eps_u, eps_c) * eps_u, eps_c, ctx.scale))
+        return Guided(cfg_combine(zero_star_scale(eps_u, eps_c) * eps_u, eps_c, s))
 
     return eps_fn
 
@@ -275,10 +280,11 @@ def _tcfg(ctx: Context) -> EpsFn:
     conditional model."""
 
     def eps_fn(x, t):
-        if ctx.scale == 1:
+        s = ctx.scale_at(t)
+        if s == 1:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
-        return Guided(cfg_combine(tangential_uncond(eps_u, eps_c), eps_c, ctx.scale))
+        return Guided(cfg_combine(tangential_uncond(eps_u, eps_c), eps_c, s))
 
     return eps_fn
 
@@ -290,10 +296,11 @@ def _mambo(ctx: Context, alpha: float = 8.0) -> EpsFn:
     model."""
 
     def eps_fn(x, t):
-        if ctx.scale == 1:
+        s = ctx.scale_at(t)
+        if s == 1:
             return Guided(ctx.unet(x, t, ctx.y))
         eps_u, eps_c = ctx.pair(x, t)
-        return Guided(torch.lerp(eps_u, eps_c, magnitude_scale(eps_u, eps_c, ctx.scale, alpha)))
+        return Guided(torch.lerp(eps_u, eps_c, magnitude_scale(eps_u, eps_c, s, alpha)))
 
     return eps_fn
 
@@ -307,11 +314,10 @@ def _icg(ctx: Context, seed: int = 0) -> EpsFn:
     generator = torch.Generator().manual_seed(seed)
 
     def eps_fn(x, t):
-        if ctx.scale == 1:
+        s = ctx.scale_at(t)
+        if s == 1:
             return Guided(ctx.unet(x, t, ctx.y))
-        return Guided(
-            cfg_combine(*ctx.pair(x, t, independent_classes(ctx.y, ctx.unet.null_class, generator)), ctx.scale)
-        )
+        return Guided(cfg_combine(*ctx.pair(x, t, independent_classes(ctx.y, ctx.unet.null_class, generator)), s))
 
     return eps_fn
 
@@ -326,9 +332,10 @@ def _fdg(ctx: Context, low_scale: float = 1.0, levels: int = 1) -> EpsFn:
     both 1 the conditional model."""
 
     def eps_fn(x, t):
-        if ctx.scale == 1 and low_scale == 1:
+        s = ctx.scale_at(t)
+        if s == 1 and low_scale == 1:
             return Guided(ctx.unet(x, t, ctx.y))
-        return Guided(frequency_combine(*ctx.pair(x, t), ctx.scale, low_scale, levels))
+        return Guided(frequency_combine(*ctx.pair(x, t), s, low_scale, levels))
 
     return eps_fn
 
@@ -341,7 +348,8 @@ def _dynamic_threshold(ctx: Context, percentile: float = 0.995) -> EpsFn:
     scales from saturating; with the sampler's clip_x0 on, quantiles <= 1 make it plain CFG."""
 
     def eps_fn(x, t):
-        eps = ctx.cfg(x, t, ctx.scale)
+        s = ctx.scale_at(t)
+        eps = ctx.cfg(x, t, s)
         return Guided(ctx.to_eps(x, t, dynamic_threshold(ctx.to_x0(x, t, eps), percentile)))
 
     return eps_fn
@@ -362,9 +370,10 @@ def _autoguidance(ctx: Context) -> EpsFn:
     ctx.guide.requires_grad_(False)
 
     def eps_fn(x, t):
+        s = ctx.scale_at(t)
         eps_main = ctx.unet(x, t, ctx.y)
-        if ctx.scale == 1:
+        if s == 1:
             return Guided(eps_main)
-        return Guided(cfg_combine(ctx.guide(x, t, ctx.y), eps_main, ctx.scale))
+        return Guided(cfg_combine(ctx.guide(x, t, ctx.y), eps_main, s))
 
     return eps_fn

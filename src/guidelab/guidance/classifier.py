@@ -5,9 +5,10 @@ classifier frozen, no graph kept between steps; their wall time is the classifie
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from guidelab.diffusion import Diffusion
 from guidelab.errors import GuidelabError
 from guidelab.guidance.cfg_like import BASE, INTERVAL_TOP, SIGMA
 from guidelab.guidance.core import MODES, Context, in_interval
-from guidelab.guided import EpsFn, Guided
+from guidelab.guided import Counted, EpsFn, Guided
 from guidelab.registry import Range
 
 CLASSIFIER_SCALE = Range(0, math.inf, "the classifier gradient's weight (Dhariwal & Nichol's s; 0 = off)")
@@ -146,7 +147,7 @@ def _cg_x0(ctx: Context, base: str = "uncond", entropy_scale: bool = False) -> E
 @MODES.register(needs=("classifier",), classifier_scale=Range(0, math.inf, "0 = plain CFG"))
 def _cfg_cg(ctx: Context, classifier_scale: float = 1.0) -> EpsFn:
     """Both at once: the CFG prediction at `scale` plus the classifier term at `classifier_scale`."""
-    return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale), classifier_term(ctx, x, t, classifier_scale))
+    return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale_at(t)), classifier_term(ctx, x, t, classifier_scale))
 
 
 @MODES.register(
@@ -177,28 +178,33 @@ def _cg_interval(
 
 
 # ---------------------------------------------------------------- CG as the literature since 2022 makes it
-@contextmanager
-def softplus_activations(beta: float, counter: list | None = None):
-    """ReLU computed as softplus(x; beta) = log(1 + exp(beta x)) / beta inside the block (nn.ReLU modules, torch.relu
-    and F.relu alike): Ma et al. 2023's smoothing of an off-the-shelf classifier's activations at guidance time, which
-    gives its input gradient a smooth landscape (the authors' code swaps a ResNet's ReLUs for nn.Softplus(beta)).
-    beta = 0: nothing is changed. `counter` counts the activations replaced (a classifier without ReLUs has none)."""
+def softplus_copy(net: torch.nn.Module, beta: float) -> tuple[torch.nn.Module, int]:
+    """A copy of `net` whose nn.ReLU modules are nn.Softplus(beta), softplus(x; beta) = log(1 + exp(beta x)) / beta,
+    and how many were replaced: Ma et al. 2023's smoothing of an off-the-shelf classifier's activations at guidance
+    time, which gives its input gradient a smooth landscape (the authors' code swaps a ResNet's ReLUs for
+    nn.Softplus(beta) the same way). The network itself, and every other network of the process, keeps its ReLUs; an
+    activation called as a function (torch.relu) cannot be reached, which is why guidelab's classifiers hold theirs as
+    modules."""
+    smooth = copy.deepcopy(net)
+    relus = [(parent, name) for parent in smooth.modules() for name, child in parent.named_children()]
+    relus = [(parent, name) for parent, name in relus if type(getattr(parent, name)) is torch.nn.ReLU]
+    for parent, name in relus:
+        setattr(parent, name, torch.nn.Softplus(beta=beta))
+    return smooth, len(relus)
+
+
+def smoothed_guide(classifier, beta: float):
+    """The guide of cg_ots: the classifier itself (beta = 0), or its `softplus_copy`, counted into the classifier's own
+    tally (`Counted.around`); refused for a classifier without ReLU modules (nothing to smooth)."""
     if beta == 0:
-        yield
-        return
-    saved = torch.relu, F.relu, torch.nn.ReLU.forward
-
-    def smooth(x, *args, **kwargs):
-        if counter is not None:
-            counter.append(1)
-        return F.softplus(x, beta=beta)
-
-    torch.relu, F.relu = smooth, smooth
-    torch.nn.ReLU.forward = lambda self, x: smooth(x)
-    try:
-        yield
-    finally:
-        torch.relu, F.relu, torch.nn.ReLU.forward = saved
+        return classifier
+    smooth, replaced = softplus_copy(getattr(classifier, "net", classifier), beta)
+    if not replaced:
+        raise GuidelabError(
+            "guidance.softplus_beta smooths a classifier's ReLUs, but this classifier has none (guidelab's clean "
+            "classifier uses SiLU, smooth already); use guidance.softplus_beta=0"
+        )
+    return classifier.around(smooth) if isinstance(classifier, Counted) else smooth
 
 
 def sine_boost(diffusion: Diffusion, t: torch.Tensor, gamma: float, x: torch.Tensor) -> torch.Tensor:
@@ -237,14 +243,14 @@ def _cg_ots(
     """Off-the-shelf classifier guidance, Ma et al. 2023 ("Elucidating the Design Space of Classifier-Guided Diffusion
     Generation"): a clean classifier read on x0_hat = clip((x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), -1, 1) with
     the calibrated log-probability tau1 f_y - logsumexp(tau2 f) (`calibrated_log_p`), its ReLUs smoothed to
-    softplus(beta) (`softplus_activations`; refused for a classifier without ReLUs), and the score
+    softplus(beta) in a copy of the guide (`smoothed_guide`; refused for a classifier without ReLUs), and the score
     s k_t grad_{x0_hat} [tau1 f_y - logsumexp(tau2 f)] with the sine schedule k_t (`sine_boost`). As in the authors'
     released sampler the gradient is taken at x0_hat and applied as the x_t score: no backward pass through the UNet
     (cg_x0 takes that one), so a step costs one UNet pass plus the classifier's forward and backward. Defaults are
     their ImageNet values but for softplus (guidelab's clean classifiers use SiLU, smooth already). With tau1 = tau2
     = 1, gamma = 0 it is s grad_{x0} log p_phi(y | x0_hat). entropy_scale as in cg (on the calibrated logits)."""
     labels = ctx.base_labels(base)
-    checked = []
+    guide = smoothed_guide(ctx.classifier, softplus_beta) if ctx.scale else None
 
     def objective(logits, y):
         return calibrated_log_p(logits, y, tau1, tau2)
@@ -255,15 +261,7 @@ def _cg_ots(
             return Guided(eps)
         with ctx.timed():
             x0_hat = ctx.to_x0(x, t, eps).clamp(-1, 1)
-            replaced = []
-            with softplus_activations(softplus_beta, replaced):
-                grad, logits = classifier_grad(ctx.classifier, x0_hat, torch.zeros_like(t), ctx.y, objective)
-            if softplus_beta and not checked and not replaced:
-                raise GuidelabError(
-                    "guidance.softplus_beta smooths a classifier's ReLUs, but this classifier has none (guidelab's "
-                    "clean classifier uses SiLU, smooth already); use guidance.softplus_beta=0"
-                )
-            checked.append(True)
+            grad, logits = classifier_grad(guide, x0_hat, torch.zeros_like(t), ctx.y, objective)
             score = ctx.scale * sine_boost(ctx.diffusion, t, gamma, x) * grad
             return Guided(eps, score * entropy_factor(logits * tau2) if entropy_scale else score)
 

@@ -177,14 +177,23 @@ def check_model(spec: GuidanceSpec, unet) -> None:
 # ---------------------------------------------------------------- what every builder may use
 @dataclass
 class Context:
-    """What every builder may use: the networks, the labels and the model's own noise schedule."""
+    """What every builder may use: the networks, the labels, the scale and its weight schedule, and the model's own
+    noise schedule. Nothing in it changes while a run samples: the scale at a timestep is `scale_at(t)`."""
 
     unet: torch.nn.Module
     y: torch.Tensor
-    scale: float
+    scale: float  # the run's s (a scheduled CFG weight's value at t is `scale_at`)
     classifier: torch.nn.Module | None = None
     diffusion: Diffusion | None = None  # the model's T-step process (x0-space and interval modes need it)
     guide: torch.nn.Module | None = None  # the weaker model of autoguidance
+    schedule: str = "constant"  # how the CFG weight w = s - 1 varies over t (`scheduled_weight`)
+
+    def scale_at(self, t: torch.Tensor) -> float:
+        """s at the model timesteps t: the run's scale, or under a weight schedule 1 + `scheduled_weight`(s - 1, t / T)
+        (the samplers step all samples of a batch together, so t[0] is the batch's t)."""
+        if self.schedule == "constant":
+            return self.scale
+        return 1 + scheduled_weight(self.scale - 1, float(t[0]) / len(self.diffusion.abar), self.schedule)
 
     @property
     def null(self) -> torch.Tensor:
@@ -211,12 +220,12 @@ class Context:
     def away_from(self, x, t, perturbed) -> torch.Tensor:
         """eps_pert + s (eps_c - eps_pert): CFG's form with the conditional model run again inside `perturbed()` (a
         context manager that perturbs the network) as the guiding prediction; perturbed = None or s = 1: eps_c alone."""
-        eps_c = self.unet(x, t, self.y)
-        if self.scale == 1 or perturbed is None:
+        eps_c, scale = self.unet(x, t, self.y), self.scale_at(t)
+        if scale == 1 or perturbed is None:
             return eps_c
         with perturbed():
             eps_pert = self.unet(x, t, self.y)
-        return cfg_combine(eps_pert, eps_c, self.scale)
+        return cfg_combine(eps_pert, eps_c, scale)
 
     def cfg(self, x, t, scale: float) -> torch.Tensor:
         if scale == 0:  # exactly the unconditional model: one pass instead of two
@@ -238,8 +247,7 @@ def make_eps_fn(
 ) -> EpsFn:
     """The eps-function of the resolved guidance `spec` for labels y: `diffusion` is the model's own T-step process
     (eps-functions get the model's timesteps), `classifier` the noisy or clean one, `guide` autoguidance's. A
-    non-constant schedule sets the mode's s = 1 + `scheduled_weight`(s - 1, t / T) before every call (the samplers
-    step all samples of a batch together, so t[0] is the batch's t)."""
+    non-constant schedule gives the mode s = 1 + `scheduled_weight`(s - 1, t / T) at every call (`Context.scale_at`)."""
     check_model(spec, unet)
     given = {"classifier": classifier, "clean_classifier": classifier, "guide": guide, "diffusion": diffusion}
     for need in spec.needs:
@@ -247,13 +255,5 @@ def make_eps_fn(
             raise GuidelabError(f"guidance={spec.name} needs {NEEDS[need]}")
     if classifier is not None and {"classifier", "clean_classifier"} & set(spec.needs):
         classifier.requires_grad_(False)
-    ctx = Context(unet, y, spec.scale, classifier, diffusion, guide)
-    eps_fn = spec.entry.fn(ctx, **spec.params)
-    if spec.schedule == "constant":
-        return eps_fn
-
-    def scheduled(x, t):
-        ctx.scale = 1 + scheduled_weight(spec.scale - 1, float(t[0]) / len(diffusion.abar), spec.schedule)
-        return eps_fn(x, t)
-
-    return scheduled
+    ctx = Context(unet, y, spec.scale, classifier, diffusion, guide, spec.schedule)
+    return spec.entry.fn(ctx, **spec.params)

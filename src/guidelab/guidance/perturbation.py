@@ -147,6 +147,6 @@ def _cads(
             return torch.where((labels != null)[:, None], anneal_condition(emb, gamma, noise, noise_scale, psi), emb)
 
         with ctx.unet.perturbed(class_embedding=noised):
-            return Guided(ctx.cfg(x, t, ctx.scale))
+            return Guided(ctx.cfg(x, t, ctx.scale_at(t)))
 
     return eps_fn

@@ -6,6 +6,8 @@ networks of one family). These two share none of it: no time input, BatchNorm an
 pooling. `ResNet` is the primary evaluator, `VGG` the second opinion. `MLPMixer` is a third family for when a ResNet
 or VGG guides (an off-the-shelf guide, guidance=cg_ots): no convolution, no BatchNorm, no attention; LayerNorm, GELU
 and per-patch / per-channel MLPs. All take `t` only for the classifiers' common call `net(x, t)` and ignore it.
+Their activations are modules (nn.ReLU), so that a guide built from one can have them replaced (guidance=cg_ots
+smooths them to softplus) without touching any other network.
 """
 
 import torch
@@ -26,11 +28,12 @@ class PreActBlock(nn.Module):
         self.conv2 = nn.Conv2d(ch_out, ch_out, 3, 1, 1, bias=False)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Conv2d(ch_in, ch_out, 1, stride, bias=False) if stride != 1 or ch_in != ch_out else None
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()  # modules, not torch.relu: a guide's activations can be swapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.bn1(x))
+        h = self.act1(self.bn1(x))
         skip = x if self.skip is None else self.skip(h)
-        h = self.conv2(self.drop(torch.relu(self.bn2(self.conv1(h)))))
+        h = self.conv2(self.drop(self.act2(self.bn2(self.conv1(h)))))
         return h + skip
 
 

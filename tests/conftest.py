@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from guidelab import config
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+config.register()  # the schemas and resolvers, as every entry point registers them before composing a config
 
 
 def run_script(
@@ -48,7 +51,7 @@ def check_command_line(script: str, *overrides: str, register: bool = True) -> s
     from guidelab import cli, config
 
     if register:
-        config.register(CONFIGS)
+        config.register()
     name = script.removesuffix(".py")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

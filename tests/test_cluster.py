@@ -78,7 +78,7 @@ def test_the_launcher_presets_compose_with_their_resources():
 
     from guidelab import config
 
-    config.register(REPO / "configs")
+    config.register()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train_diffusion", ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=8"], True)
         slurm = cfg.hydra.launcher

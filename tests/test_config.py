@@ -11,7 +11,6 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-import guidelab.config  # noqa: F401  (the schemas and resolvers)
 from conftest import CONFIGS
 from guidelab.config import groups_of
 from guidelab.data import DATASETS

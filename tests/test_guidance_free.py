@@ -9,7 +9,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import guidelab.config  # noqa: F401  (the schemas and resolvers)
 from conftest import CONFIGS, _script_module, check_command_line
 from guidelab import networks
 from guidelab.conditions import drop_labels

@@ -41,7 +41,7 @@ def drawn_keys(script: str) -> list[tuple[tuple[str, ...], str]]:
 
     from guidelab import config
 
-    config.register(CONFIGS)
+    config.register()
 
     def leaves(node, prefix=""):
         for k, v in node.items():

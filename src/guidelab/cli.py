@@ -187,7 +187,7 @@ def main(
 ) -> None:
     """Run `task(cfg, run_dir)` under Hydra with the primary config `config_name` from `config_dir`; `check(cfg)` runs
     on every job's config before the first job starts."""
-    config.register(config_dir)
+    config.register()
     dist.adopt_scheduler_env()  # the tasks of a SLURM job step: torchrun's variables from SLURM's
     sys.argv[1:] = expand_aliases(sys.argv[1:], aliases or {})
     if not INFO_FLAGS & set(sys.argv[1:]):  # --help and --cfg only print: nothing to check, nothing is written

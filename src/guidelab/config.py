@@ -32,7 +32,7 @@ from guidelab.models.diffusers_unet import diffusers_layout
 from guidelab.registry import schema_of
 from guidelab.sampling import SAMPLERS
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's; cli.main registers the scripts' own
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's: the three scripts' configs
 
 
 NULL_TYPES = {"labels": Any, "reference_num": Optional[int]}  # keys whose default is null; other nulls: Optional[str]
@@ -133,10 +133,10 @@ def script_schema(script: str) -> type:
     return typed({k: v for k, v in values.items() if k not in ("defaults", "hydra")}, script, head)
 
 
-def register(config_dir: Path = CONFIG_DIR) -> None:
-    """Put every schema into Hydra's ConfigStore and the two resolvers into OmegaConf (again: replaced)."""
-    global CONFIG_DIR
-    CONFIG_DIR = Path(config_dir).resolve()
+def register() -> None:
+    """Put every schema into Hydra's ConfigStore and the three resolvers into OmegaConf (again: replaced). Called by
+    whatever composes a config (the entry points through guidelab.cli.main, a cluster task, the tests), never on
+    import: importing guidelab.config changes no process-wide state."""
     store = ConfigStore.instance()
     for script in SCRIPTS:
         store.store(group="schema", name=script, node=script_schema(script))
@@ -184,6 +184,3 @@ def check_finite(cfg, prefix: str = "") -> None:
             raise GuidelabError(f"{name}={value:g} is beyond float32's range (3.4e38); give a smaller number")
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
             raise GuidelabError(f"{name}={value} is beyond int64's range (9.2e18); give a smaller number")
-
-
-register()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import _script_module, eps_function
-from guidelab.diffusion import Diffusion, linear_betas
+from guidelab.diffusion import Diffusion, cosine_betas, linear_betas, log_snr
 from guidelab.errors import GuidelabError
 from guidelab.guidance import (
     backward_delta,
@@ -137,6 +137,20 @@ def test_sine_boost_is_one_at_gamma_0_and_t_0_and_follows_the_schedule_between()
     assert k[0] == 1
     assert torch.allclose(k[1], 1 + 0.3 * math.sin(math.pi * 0.5) * var.max() / var[500], rtol=1e-6)
     assert 1 < k[2] < k[1]  # sin falls again towards t = T
+
+
+def test_sine_boost_means_the_same_at_the_same_noise_level_on_every_schedule():
+    """On the cosine schedule the boost is the linear schedule's at the same log-SNR: within its range (<= 1.9 at
+    gamma = 0.3), never the 44-178x that the capped last beta (0.999) made of max(Sigma) over the model's own
+    process."""
+    cosine, t = Diffusion(cosine_betas(1000)), torch.arange(1000)
+    k = sine_boost(cosine, t, 0.3, torch.zeros(1000, 1, 1, 1)).flatten().double()
+    k_linear = sine_boost(PROCESS, t, 0.3, torch.zeros(1000, 1, 1, 1)).flatten().double()
+    assert k.max() <= k_linear.max() + 1e-6 and k.min() >= 1
+    lam_cos, lam_lin = log_snr(cosine.abar), log_snr(PROCESS.abar)
+    for t_cos in (200, 500, 800):  # the linear timestep of the same noise level gets (nearly) the same boost
+        t_lin = int((lam_lin - lam_cos[t_cos]).abs().argmin())
+        assert abs(k[t_cos] - k_linear[t_lin]) < 0.01 * k_linear[t_lin], t_cos
 
 
 def test_cg_ots_is_the_gradient_at_x0_hat_and_reduces_to_plain_log_p_with_its_knobs_off():

@@ -55,6 +55,12 @@ def scheduler_betas(schedule: dict) -> torch.Tensor:
     return (torch.linspace(start, end, T, dtype=torch.float32) ** 2).double()
 
 
+def log_snr(abar: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)), the half log signal-to-noise ratio of x_t (Lu et al.
+    2022, "DPM-Solver", Sec. 2); it falls as t grows."""
+    return 0.5 * (abar.log() - (1 - abar).log())
+
+
 def gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """a[t] in x's dtype (at least float32: the float64 schedule rounded once) on x's device, shaped to broadcast over
     x's (B, C, H, W); a float64 run keeps float64 coefficients."""

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from guidelab.diffusion import Diffusion, gather
+from guidelab.diffusion import Diffusion, gather, log_snr
 from guidelab.guided import EpsFn, Guided
 from guidelab.registry import MISSING, OneOf, Range, Registry, Shared
 
@@ -39,11 +39,6 @@ SAMPLERS = Registry(
     },
 )
 SIGMA_MAX = 80.0  # Karras et al. 2022, Sec. 5: beyond sigma = 80 data in [-1, 1] are lost in the noise
-
-
-def log_snr(abar: torch.Tensor) -> torch.Tensor:
-    """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)) (Lu et al. 2022, Sec. 2)."""
-    return 0.5 * (abar.log() - (1 - abar).log())
 
 
 def timesteps(diffusion: Diffusion, steps: int | None, spacing: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ classifier frozen, no graph kept between steps; their wall time is the classifie
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -13,7 +14,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from guidelab.diffusion import Diffusion
+from guidelab.diffusion import Diffusion, linear_betas, log_snr
 from guidelab.errors import GuidelabError
 from guidelab.guidance.cfg_like import BASE, INTERVAL_TOP, SIGMA
 from guidelab.guidance.core import MODES, Context, in_interval
@@ -207,21 +208,38 @@ def smoothed_guide(classifier, beta: float):
     return classifier.around(smooth) if isinstance(classifier, Counted) else smooth
 
 
+@functools.lru_cache(maxsize=1)
+def _sine_reference() -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-SNR, posterior variance) per timestep of the reference process of `sine_boost`: the linear schedule of Ho
+    et al. 2020 at T = 1000 (guided-diffusion's, which Ma et al. 2023 sample)."""
+    ref = Diffusion(linear_betas(1000))
+    return log_snr(ref.abar), ref.posterior_var
+
+
 def sine_boost(diffusion: Diffusion, t: torch.Tensor, gamma: float, x: torch.Tensor) -> torch.Tensor:
-    """k_t = 1 + gamma sin(pi t / T) max(Sigma) / Sigma_t per sample (1 at t = 0): the classifier term's weight under
-    Ma et al. 2023's sine schedule, which adds gamma sin(pi t / T) max(Sigma) to the DDPM variance Sigma_t that
-    multiplies the gradient in the mean shift mu + Sigma g (Dhariwal & Nichol 2021, Alg. 1); the schedule is read
-    from the authors' released sampler, where max(Sigma) is the largest variance met so far on the way down (here
-    that of the model's T-step process, Sigma_t = its posterior variance beta~_t, the same on every sampler's grid:
-    on a respaced grid this is a proxy for the grid's own variances). Written as a factor on the score, it applies
-    to every sampler's form of the classifier term. gamma = 0: 1."""
+    """k_t = 1 + gamma sin(pi tau / T) max(Sigma) / Sigma_tau per sample (1 at tau = 0): the classifier term's weight
+    under Ma et al. 2023's sine schedule, which adds gamma sin(pi tau / T) max(Sigma) to the DDPM variance Sigma_tau
+    that multiplies the gradient in the mean shift mu + Sigma g (Dhariwal & Nichol 2021, Alg. 1). The schedule is read
+    from the authors' released sampler (max(Sigma): the largest variance met on the way down) on their process, the
+    linear schedule at T = 1000 (Sigma = its posterior variance beta~, whose largest is its last). So that a scale means
+    the same on every schedule, tau is not the model's timestep but the reference process's timestep at the same noise
+    level: the (fractional) tau whose log-SNR equals the model's at t (`_sine_reference`, linear interpolation between
+    the integer timesteps, Sigma_tau likewise), clamped to [0, 999] where the model's noise levels reach beyond the
+    reference's (the cosine schedule's capped last step: sin(pi 999 / 1000) ~ 0 there). On the reference schedule itself
+    tau = t and k_t is the authors' rule; the capped cosine's beta of 0.999 no longer enters max(Sigma) (taken over the
+    model's own process it made the boost 44-178 times the linear schedule's). Written as a factor on the score, it
+    applies to every sampler's form of the classifier term. gamma = 0: 1. Whether the paper's experiments used only this
+    schedule could not be checked offline."""
     if gamma == 0:
         return torch.ones(len(t), 1, 1, 1, device=x.device, dtype=x.dtype)
-    var = diffusion.posterior_var.to(x.device)
-    T = len(var)
-    var_t = var[t].clamp(min=torch.finfo(var.dtype).tiny)
-    k = 1 + gamma * torch.sin(math.pi * t.to(var.dtype) / T) * var.max() / var_t
-    return torch.where(t == 0, torch.ones_like(k), k).view(-1, 1, 1, 1).to(x.dtype)
+    ref_lam, ref_var = _sine_reference()
+    lam = log_snr(diffusion.abar.cpu())[t.cpu()]
+    i = torch.searchsorted(-ref_lam, -lam).clamp(1, len(ref_lam) - 1)  # ref_lam[i - 1] >= lam > ref_lam[i]
+    frac = ((ref_lam[i - 1] - lam) / (ref_lam[i - 1] - ref_lam[i])).clamp(0, 1)
+    tau = torch.where(lam >= ref_lam[0], torch.zeros_like(frac), i - 1 + frac)
+    var_tau = torch.lerp(ref_var[i - 1], ref_var[i], frac).clamp(min=torch.finfo(ref_var.dtype).tiny)
+    k = 1 + gamma * torch.sin(math.pi * tau / len(ref_var)) * ref_var.max() / var_tau
+    return torch.where(tau == 0, torch.ones_like(k), k).view(-1, 1, 1, 1).to(device=x.device, dtype=x.dtype)
 
 
 @MODES.register(

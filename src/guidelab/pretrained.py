@@ -6,8 +6,11 @@ with `unet/` and `scheduler/`, or a bare model directory with `scheduler_config.
 sibling `scheduler/`), or `hub:ORG/NAME` (fetched through huggingface_hub where the network allows). The schedule is
 read from the scheduler config, never assumed: `num_train_timesteps`, `beta_schedule` (linear, scaled_linear,
 squaredcos_cap_v2), `beta_start`, `beta_end`, `prediction_type` (epsilon, v_prediction, sample). The scheduler's
-sampling settings (timestep_spacing, clip_sample, steps_offset, ...) are not read: guidelab's own samplers and their
-keys decide how to sample.
+sampling settings (timestep_spacing, clip_sample, steps_offset, set_alpha_to_one, variance_type, thresholding,
+use_karras_sigmas, ...) are not read: guidelab's own samplers and their keys decide how to sample. The keys of
+diffusers' schedulers that change the noise process itself are refused when set (`UNREAD`: trained_betas,
+rescale_betas_zero_snr, snr_shift_scale, use_flow_sigmas), and so is a scheduler class without a beta schedule (EDM
+sigmas, flow matching: its config holds no `beta_schedule`), rather than read as the default linear betas.
 
 A directory that guidelab exported (`export_diffusers.py`) also holds `guidelab.json`: the data set, class names and
 the null class of a model trained with label dropout (the last class-embedding row), which diffusers' config cannot
@@ -25,6 +28,29 @@ PREFIXES = ("diffusers:", "hub:")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SIDECAR = "guidelab.json"  # what guidelab adds to an exported model: dataset, class names, null class
+# Keys of diffusers' schedulers (DDPMScheduler.__init__ and its relatives, diffusers 0.42) that change the betas or
+# alpha-bar, and are not read: {key: (is it set?, what it is and what to do instead)}.
+UNREAD = {
+    "trained_betas": (
+        lambda v: v is not None,
+        "(an explicit beta list) is not supported; use a model whose scheduler names a beta_schedule",
+    ),
+    "rescale_betas_zero_snr": (
+        bool,
+        "(zero terminal SNR, Lin et al. 2023, 'Common Diffusion Noise Schedules and Sample Steps are Flawed') is not "
+        "supported: it sets the final alpha-bar to 0, and guidelab's samplers form x0 = (x_t - sqrt(1 - abar) eps) / "
+        "sqrt(abar) from the eps prediction, undefined there; use a model trained without it",
+    ),
+    "snr_shift_scale": (
+        lambda v: v not in (None, 1, 1.0),
+        "(CogVideoX's shift of alpha-bar, abar / (s + (1 - s) abar)) is not supported; guidelab reads plain beta "
+        "schedules: use a model whose scheduler has no SNR shift",
+    ),
+    "use_flow_sigmas": (
+        bool,
+        "(a flow-matching model's noise levels) is not supported; guidelab guides DDPM-type models (a beta schedule)",
+    ),
+}
 
 
 def is_reference(value) -> bool:
@@ -94,10 +120,7 @@ def read_schedule(reference: str) -> dict:
     beta_end, prediction_type} (what is not read is listed in the module docstring)."""
     _, path = locate(reference)
     cfg = read_json(path)
-    if cfg.get("trained_betas") is not None:
-        raise GuidelabError(
-            f"{path}: trained_betas (an explicit beta list) is not supported; use a named beta_schedule"
-        )
+    _refuse_unread(path, cfg)
     schedule = {
         "beta_schedule": cfg.get("beta_schedule", "linear"),
         "num_steps": int(cfg.get("num_train_timesteps", 1000)),
@@ -120,6 +143,23 @@ def read_schedule(reference: str) -> dict:
     if schedule["beta_schedule"] == "squaredcos_cap_v2":  # no beta_start / beta_end: the cosine needs none
         schedule["beta_start"] = schedule["beta_end"] = None
     return schedule
+
+
+def _refuse_unread(path: Path, cfg: dict) -> None:
+    """Refuse a scheduler config whose noise process guidelab would misread: a key of `UNREAD` that is set, or a
+    scheduler class without a beta schedule (save_pretrained writes every argument of the class, so a beta scheduler's
+    config always holds `beta_schedule`)."""
+    for key, (is_set, why) in UNREAD.items():
+        value = cfg.get(key)
+        if is_set(value):
+            shown = f"[{len(value)} values]" if isinstance(value, list) else json.dumps(value)
+            raise GuidelabError(f"{path}: {key}={shown} {why}")
+    if "_class_name" in cfg and "beta_schedule" not in cfg:
+        raise GuidelabError(
+            f"{path}: {cfg['_class_name']} defines no beta schedule (noise levels as sigmas or flow matching); "
+            "guidelab reads the beta schedules of DDPM-type schedulers (DDPMScheduler, DDIMScheduler, ...): use such a "
+            "model"
+        )
 
 
 def read_sidecar(unet_dir: Path) -> dict:

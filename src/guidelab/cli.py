@@ -2,7 +2,7 @@
 every value check, for each job of a sweep), runs the task in the Hydra run dir, and turns a GuidelabError into one
 line on stderr and exit status 2. The command line is read through Hydra's public override parser and composed by
 Hydra's compose API, exactly as the run will compose it. A run holds its run dir (guidelab.rundir) from before Hydra
-writes into it until it ends: a second run into the same dir is refused."""
+writes into it until it ends: a second run into the same dir is refused, every rank of a torchrun job alike."""
 
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def main(
     if not INFO_FLAGS & set(sys.argv[1:]):  # --help and --cfg only print: nothing to check, nothing is written
         run_dir = preflight(sys.argv[1:], config_name, protect)
         check_jobs(sys.argv[1:], config_dir, config_name, check)
-        if run_dir is not None:  # held before Hydra writes its .hydra files into it
+        if run_dir is not None:  # held (rank 0) or joined (ranks > 0) before Hydra writes its .hydra files into it
             try:
                 rundir.hold(run_dir)
             except GuidelabError as e:

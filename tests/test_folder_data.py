@@ -285,6 +285,35 @@ def test_labels_by_name_and_by_index():
     assert "[0, 3)" in one_line(err)
 
 
+@pytest.mark.parametrize(
+    "argv, suggestion",
+    [
+        (["labels=[ünï]"], """labels='["ünï"]'"""),  # one shell word: Hydra's lexer refuses the non-ASCII letters
+        (["labels=[sea", "lion]"], """labels='["sea lion"]'"""),  # unquoted, the shell split it at the space
+        (["labels=[cat,sea", "lion]"], """labels='["cat","sea lion"]'"""),
+        (["labels=sea", "lion"], """labels='"sea lion"'"""),  # a word that is no override: split off the value
+        (["labels=ünï"], """labels='"ünï"'"""),
+    ],
+)
+def test_a_class_name_with_a_space_or_beyond_ascii_gets_a_quoting_hint(argv, suggestion):
+    line = check_command_line("sample.py", "ckpt=x.pt", *argv)
+    assert line.startswith("error: ") and f"e.g. {suggestion}" in line, line
+
+
+def test_quoted_class_names_reach_the_labels_as_typed():
+    """What the hint's quoting gives the program (the shell removed the outer quotes): Hydra's strings, which
+    requested_labels finds among a run's class names (e.g. folders named "sea lion" and "ünï")."""
+    names = ["cat", "sea lion", "ünï"]
+    argv = ['labels=["sea lion","ünï"]', 'labels="ünï"']
+    assert check_command_line("sample.py", "ckpt=x.pt", argv[0]) == ""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        listed, single = (compose("sample", [a]).labels for a in argv)
+    assert list(listed) == ["sea lion", "ünï"] and single == "ünï"
+    requested_labels = _script_module("sample.py").requested_labels
+    assert requested_labels(list(listed), 4, 3, names).tolist() == [1, 2, 1, 2]
+    assert requested_labels(single, 2, 3, names).tolist() == [2, 2]
+
+
 def test_the_config_option_and_the_scripts_checks(tmp_path):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train_diffusion", ["dataset=folder"])

@@ -191,6 +191,21 @@ def test_what_the_model_cannot_do_is_refused_in_one_line(tmp_path, pipeline):
         check_pretrained(resolve("cg", 3.0), f"diffusers:{bad}")
 
 
+def test_an_unconditional_model_takes_either_base_of_a_one_prediction_mode(pipeline):
+    """An unconditional model has one prediction: eps(x_t, y) and eps(x_t, null) are both it, so a mode that guides
+    the prediction its `base` names (none, cg, ...) works at either base; a mode that combines two (cfg) is refused."""
+    reference, unet, _ = pipeline
+    assert check_command_line("sample.py", f"ckpt={reference}", "guidance=none") == ""  # default base=cond
+    assert check_command_line("sample.py", f"ckpt={reference}", "guidance=cg", "guidance.base=cond", "scale=2") == ""
+    line = check_command_line("sample.py", f"ckpt={reference}", "guidance=cfg", "scale=3")
+    assert "unconditional" in line and "modes that work with it: " in line and "none (guidance.base" not in line
+    net, _ = load_pretrained(reference, CPU)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([4, 30]), torch.tensor([0, 1])
+    with torch.no_grad():
+        cond, uncond = (make_eps_fn(resolve("none", base=b), net, y)(x, t).eps for b in ("cond", "uncond"))
+        assert torch.equal(cond, unet(x, t).sample) and torch.equal(cond, uncond)
+
+
 def test_the_command_line_refuses_before_hydra_starts(pipeline, monkeypatch):
     reference, _, _ = pipeline
     assert check_command_line("sample.py", f"ckpt={reference}", "guidance=cg", "scale=3") == ""

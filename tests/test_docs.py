@@ -62,6 +62,14 @@ def test_every_documented_command_passes_the_scripts_checks(page, script, args, 
     assert any(why in line for why in expected) or (not expected and line == ""), f"{page}: {script} {args}\n{line}"
 
 
+def test_the_readme_shows_training_on_your_own_images_and_sampling_them():
+    """The front page is where a user looks for their own data: a dataset=folder training and a sampling by class
+    name, both among the checked commands."""
+    readme = [(script, args) for page, script, args in COMMANDS if page == "README.md"]
+    assert any(s == "train_diffusion.py" and "dataset=folder" in a for s, a in readme), readme
+    assert any(s == "sample.py" and any(x.startswith("labels=[") for x in a) for s, a in readme), readme
+
+
 def test_outputs_md_documents_every_column_of_the_results_row():
     text = (REPO / "docs" / "outputs.md").read_text()
     documented = re.findall(r"^\| `(\w+)`", text, re.M)

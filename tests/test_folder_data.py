@@ -285,6 +285,35 @@ def test_labels_by_name_and_by_index():
     assert "[0, 3)" in one_line(err)
 
 
+@pytest.mark.parametrize(
+    "argv, suggestion",
+    [
+        (["labels=[ünï]"], """labels='["ünï"]'"""),  # one shell word: Hydra's lexer refuses the non-ASCII letters
+        (["labels=[sea", "lion]"], """labels='["sea lion"]'"""),  # unquoted, the shell split it at the space
+        (["labels=[cat,sea", "lion]"], """labels='["cat","sea lion"]'"""),
+        (["labels=sea", "lion"], """labels='"sea lion"'"""),  # a word that is no override: split off the value
+        (["labels=ünï"], """labels='"ünï"'"""),
+    ],
+)
+def test_a_class_name_with_a_space_or_beyond_ascii_gets_a_quoting_hint(argv, suggestion):
+    line = check_command_line("sample.py", "ckpt=x.pt", *argv)
+    assert line.startswith("error: ") and f"e.g. {suggestion}" in line, line
+
+
+def test_quoted_class_names_reach_the_labels_as_typed():
+    """What the hint's quoting gives the program (the shell removed the outer quotes): Hydra's strings, which
+    requested_labels finds among a run's class names (e.g. folders named "sea lion" and "ünï")."""
+    names = ["cat", "sea lion", "ünï"]
+    argv = ['labels=["sea lion","ünï"]', 'labels="ünï"']
+    assert check_command_line("sample.py", "ckpt=x.pt", argv[0]) == ""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        listed, single = (compose("sample", [a]).labels for a in argv)
+    assert list(listed) == ["sea lion", "ünï"] and single == "ünï"
+    requested_labels = _script_module("sample.py").requested_labels
+    assert requested_labels(list(listed), 4, 3, names).tolist() == [1, 2, 1, 2]
+    assert requested_labels(single, 2, 3, names).tolist() == [2, 2]
+
+
 def test_the_config_option_and_the_scripts_checks(tmp_path):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train_diffusion", ["dataset=folder"])
@@ -401,3 +430,51 @@ def test_reference_statistics_of_a_folder_are_its_held_out_split_keyed_by_its_fi
     assert metrics.reference_features(key, Flat(), ds, tmp_path / "ref", torch.device("cpu"))[2]
     Image.new("RGB", (9, 9)).save(a / "cat" / "extra.png")  # an edited folder: another key
     assert metrics.reference_key(ds, "test", "flat", tmp_path / "w.pt", None) != key
+
+
+def test_a_16_bit_png_decodes_to_its_high_byte(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16) keeps its gradient: v8 = v16 >> 8, the byte Pillow itself keeps of a
+    16-bit RGB PNG; before, PIL's convert("L") clipped every value above 255 to white. A mode-I TIFF (32-bit integers)
+    is read the same way when its values fit 16 bits, and refused naming the file when they do not."""
+    values = (np.arange(16 * 16, dtype=np.int64).reshape(16, 16) * 257 + np.arange(16) * 7).clip(0, 65535)
+    Image.fromarray(values.astype(np.uint16)).save(tmp_path / "gradient.png")
+    assert Image.open(tmp_path / "gradient.png").mode == "I;16"
+    Image.fromarray(values.astype(np.int32)).save(tmp_path / "gradient.tif")
+    assert Image.open(tmp_path / "gradient.tif").mode == "I"
+    for name in ("gradient.png", "gradient.tif"):
+        for channels in (1, 3):
+            pixels = folder.decode(tmp_path / name, 16, channels)
+            assert pixels.shape == (channels, 16, 16) and pixels.dtype == np.uint8
+            assert all(np.array_equal(plane, values >> 8) for plane in pixels), (name, channels)
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(ValueError, match="outside 0..65535"):
+        folder.decode(tmp_path / "wide.tif", 4, 1)
+
+
+def _broken_links(root: Path) -> list[Path]:
+    """A dangling symlink, a symlink to itself (ELOOP) and a folder link back to its class folder (a cycle)."""
+    (root / "cat" / "gone.png").symlink_to(root / "cat" / "nowhere.png")
+    (root / "dog" / "loop.png").symlink_to(root / "dog" / "loop.png")
+    (root / "fox" / "again").symlink_to(root / "fox")
+    return [root / "cat" / "gone.png", root / "dog" / "loop.png", root / "fox" / "again"]
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["dangling", "self-loop", "folder-cycle"])
+def test_a_broken_symlink_is_one_line_naming_it(tmp_path, kind):
+    root = make_folder(tmp_path / "pets")
+    links = _broken_links(root)
+    for other in links[:kind] + links[kind + 1 :]:
+        other.unlink()
+    assert folder.fingerprint(root, 8, 3)  # the scripts' early check (stat calls only) raises nothing
+    with pytest.raises(GuidelabError) as err:
+        load(root)
+    message = one_line(err)
+    assert str(links[kind]) in message and "symlink" in message and "dataset.skip_bad=true" in message, message
+
+
+def test_skip_bad_skips_and_counts_broken_symlinks(tmp_path, capsys):
+    root = make_folder(tmp_path / "pets")
+    _broken_links(root)
+    data = load(root, skip_bad=True, holdout=0.01)
+    assert len(data.labels) == 3 * (PER_CLASS - 1)  # each image once (one per class held out): no cycle walked
+    assert "skipped 3 unreadable or non-image files" in capsys.readouterr().out

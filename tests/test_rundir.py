@@ -4,16 +4,19 @@ lock of a run that died (however: here SIGKILL) is taken over without anyone rem
 run kept by a resume (a resumed sweep), refused without one. The kills through the real scripts are in
 tests/test_robustness.py."""
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import REPO
 from guidelab import rundir, shards
 from guidelab.errors import GuidelabError
 
@@ -23,8 +26,9 @@ HOLD = (
 )
 
 
-def _holder_process(run_dir):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+def _holder_process(run_dir, env: dict | None = None):
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -53,15 +57,98 @@ def test_a_held_dir_refuses_a_second_holder_and_a_dead_holders_lock_is_taken_ove
     proc.wait()
 
 
-def test_other_ranks_of_a_job_share_the_dir_without_holding_it(tmp_path, monkeypatch):
-    proc = _holder_process(tmp_path / "R")
+def test_a_rank_joins_only_a_dir_its_own_rank_0_holds():
+    """The rule of a rank > 0 (rundir's docstring): held by its job's rank 0 -> join, by anyone else -> stop, by no one
+    yet -> wait (a stale record of a dead run, or of this job's own, decides nothing while the dir is not held)."""
+    job = "TORCHELASTIC_RUN_ID=a MASTER_ADDR=n1 MASTER_PORT=29500 WORLD_SIZE=2"
+    assert rundir.rank_decision(True, {"pid": 1, "job": job}, job) == "join"
+    assert rundir.rank_decision(True, {"pid": 1, "job": job.replace("=a", "=b")}, job) == "stop"
+    assert rundir.rank_decision(True, {"pid": 1, "job": None}, job) == "stop"  # a run of one process
+    assert rundir.rank_decision(True, {"pid": 1}, job) == "stop"  # a record without a job
+    assert rundir.rank_decision(False, {"pid": 1, "job": job}, job) == "wait"
+    assert rundir.rank_decision(False, {}, job) == "wait"
+    environ = {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "a", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    assert rundir.job_id(environ) == job and rundir.job_id({"RANK": "0"}) is None
+
+
+def _job_env(run_id: str, rank: int) -> dict:
+    return {"RANK": str(rank), "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": run_id, "MASTER_ADDR": "127.0.0.1"}
+
+
+@pytest.mark.parametrize("holder_job", ["A", "B", None], ids=["own-rank-0", "another-job", "a-plain-run"])
+def test_a_rank_above_0_joins_its_rank_0_and_stops_for_another_run(tmp_path, monkeypatch, holder_job):
+    proc = _holder_process(tmp_path / "R", _job_env(holder_job, 0) if holder_job else None)
+    for name, value in _job_env("A", 1).items():
+        monkeypatch.setenv(name, value)
     try:
-        monkeypatch.setenv("RANK", "1")
-        rundir.hold(tmp_path / "R")  # rank 1 of the holder's job: no lock taken, nothing refused
+        if holder_job == "A":
+            rundir.hold(tmp_path / "R")  # rank 1 of the holder's job: joins, takes no lock
+            rundir.release(tmp_path / "R")
+        else:
+            with pytest.raises(GuidelabError, match=rf"is in use by another guidelab run \(pid {proc.pid} on "):
+                rundir.hold(tmp_path / "R")
         assert rundir.holder(tmp_path / "R")["pid"] == proc.pid
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_rank_above_0_waits_for_its_rank_0_and_gives_up_in_one_line(tmp_path, monkeypatch):
+    for name, value in _job_env("A", 1).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(rundir, "JOIN_TIMEOUT_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(GuidelabError, match="rank 1 waited 0 s for rank 0 of its job to hold"):
+        rundir.hold(tmp_path / "R")  # nobody holds it: a dead run's lock file is no holder either
+    assert time.monotonic() - started >= 0.3 and not (tmp_path / "R").exists()  # a waiting rank writes nothing
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP], ids=["ENOLCK", "EOPNOTSUPP"])
+def test_a_filesystem_without_locks_is_refused_in_one_line(tmp_path, monkeypatch, code):
+    def flock(fd, how):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(rundir.fcntl, "flock", flock)
+    with pytest.raises(GuidelabError) as err:
+        rundir.hold(tmp_path / "R")
+    message = str(err.value)
+    assert "\n" not in message and f"{tmp_path / 'R'} is on a filesystem without file locks" in message, message
+    assert os.strerror(code) in message and "choose a hydra.run.dir on a filesystem with locks" in message, message
+    assert tmp_path / "R" not in rundir._held
+
+
+@pytest.mark.slow
+def test_the_ranks_of_a_refused_job_all_stop_before_hydra_writes(tmp_path):
+    """rank 0 and rank 1 of a two-process job started into a dir that a plain run holds: both refused in one line,
+    and the holder's dir gets no .hydra files (before, rank 1 went on into Hydra and then waited for rank 0)."""
+    run_dir = tmp_path / "R"
+    holder, ranks = _holder_process(run_dir), []
+    try:
+        ranks += [
+            subprocess.Popen(
+                [sys.executable, str(REPO / "train_diffusion.py"), "experiment=smoke", f"hydra.run.dir={run_dir}"],
+                cwd=tmp_path,
+                env={**os.environ, "HYDRA_FULL_ERROR": "0", "MASTER_PORT": "29999", **_job_env("J", rank)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in (0, 1)
+        ]
+        for proc in ranks:
+            try:
+                _, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            lines = err.strip().splitlines()
+            assert proc.returncode == 2 and lines and lines[-1].startswith("error: "), err[-2000:]
+            assert f"{run_dir} is in use by another guidelab run (pid {holder.pid} on" in lines[-1], lines[-1]
+        assert sorted(p.name for p in run_dir.iterdir()) == [".guidelab.live", ".guidelab.lock"]
+    finally:
+        for proc in [holder, *ranks]:
+            proc.kill()
+            proc.wait()
 
 
 def test_shards_are_reused_only_with_resume_under_the_same_config_and_checked(tmp_path):

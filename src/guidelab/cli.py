@@ -2,12 +2,13 @@
 every value check, for each job of a sweep), runs the task in the Hydra run dir, and turns a GuidelabError into one
 line on stderr and exit status 2. The command line is read through Hydra's public override parser and composed by
 Hydra's compose API, exactly as the run will compose it. A run holds its run dir (guidelab.rundir) from before Hydra
-writes into it until it ends: a second run into the same dir is refused."""
+writes into it until it ends: a second run into the same dir is refused, every rank of a torchrun job alike."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -31,14 +32,67 @@ def fail(message: str) -> None:
 
 
 def parse(argv: list[str]) -> list[Override]:
-    """The overrides of a command line (key=value, ~key; not the flags such as -m or --cfg job, nor their values)."""
+    """The overrides of a command line (key=value, ~key; not the flags such as -m or --cfg job, nor their values). A
+    malformed one, or a word that is neither (the rest of a value the shell split at a space), is refused in one line;
+    where a space or a non-ASCII character is the likely cause, with the quoting that Hydra's grammar accepts."""
     from hydra.errors import OverrideParseException
 
     overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    parser = OverridesParser.create()
     try:
-        return OverridesParser.create().parse_overrides(overrides)
+        parsed = parser.parse_overrides(overrides)
     except OverrideParseException as e:
+        bad = next((o for o in overrides if not _parses(parser, o)), "")
+        words = _with_split_words(argv, bad) if bad else []
+        if len(words) > 1 or any(c.isspace() or not c.isascii() for c in bad):
+            fail(f"malformed override {' '.join(words)}: {one_line(e)}; {_quoting_hint(words)}")
         fail(f"malformed override: {one_line(e)}; write overrides as key=value, e.g. scale=3.0")
+    for i, word in enumerate(argv):
+        if word in overrides or word.startswith("-") or (i and argv[i - 1].startswith("-")):  # a flag or its value
+            continue
+        j = i - 1
+        while j >= 0 and argv[j] not in overrides and not argv[j].startswith("-"):
+            j -= 1  # back over the words split off with this one, to the override they may belong to
+        hint = "write overrides as key=value, e.g. scale=3.0"
+        if j >= 0 and argv[j] in overrides:
+            split = _with_split_words(argv, argv[j])
+            hint = f"if the shell split it off {argv[j]} at a space, {_quoting_hint(split)}"
+        fail(f"{word!r} is neither an override (key=value) nor a flag; {hint}")
+    return parsed
+
+
+def _parses(parser, override: str) -> bool:
+    from hydra.errors import OverrideParseException
+
+    try:
+        parser.parse_overrides([override])
+    except OverrideParseException:
+        return False
+    return True
+
+
+def _with_split_words(argv: list[str], override: str) -> list[str]:
+    """The override and the words after it that are neither overrides nor flags: one value the shell split at spaces."""
+    following = itertools.takewhile(
+        lambda a: "=" not in a and not a.startswith(("-", "~")), argv[argv.index(override) + 1 :]
+    )
+    return [override, *following]
+
+
+def _quoting_hint(words: list[str]) -> str:
+    """How to write a value holding spaces or non-ASCII characters (class names): Hydra reads an unquoted value only
+    of ASCII letters, digits and a few symbols (its override grammar), so each item goes in double quotes for Hydra,
+    and the whole value in single quotes for the shell, which otherwise splits at spaces and drops the quotes."""
+    key, _, value = " ".join(words).partition("=")
+    if value.startswith("["):
+        items = [v.strip().strip("'\"") for v in value.strip("[]").split(",")]
+        quoted = "[" + ",".join(json.dumps(v, ensure_ascii=False) for v in items) + "]"
+    else:
+        quoted = json.dumps(value.strip("'\""), ensure_ascii=False)
+    return (
+        "a value with a space or a non-ASCII character must reach Hydra in double quotes, and the shell must pass "
+        f"it as one word: quote it twice, e.g. {key}='{quoted}'"
+    )
 
 
 def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
@@ -193,7 +247,7 @@ def main(
     if not INFO_FLAGS & set(sys.argv[1:]):  # --help and --cfg only print: nothing to check, nothing is written
         run_dir = preflight(sys.argv[1:], config_name, protect)
         check_jobs(sys.argv[1:], config_dir, config_name, check)
-        if run_dir is not None:  # held before Hydra writes its .hydra files into it
+        if run_dir is not None:  # held (rank 0) or joined (ranks > 0) before Hydra writes its .hydra files into it
             try:
                 rundir.hold(run_dir)
             except GuidelabError as e:

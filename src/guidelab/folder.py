@@ -4,8 +4,14 @@ training part and a seeded held-out part (the evaluators' reference set and the 
 
 Layout: DIR/<class>/<image> (subfolders of a class folder count too). The class names are the sorted names of DIR's
 subfolders; an image is a file whose extension is one of torchvision's IMG_EXTENSIONS (any case); names starting with
-"." (files and folders, at every level) and files directly in DIR are ignored. Any other file in a class folder, and
-an image PIL cannot read, is bad input: a one-line error naming it, or with `skip_bad` skipped and counted.
+"." (files and folders, at every level) and files directly in DIR are ignored. Any other file in a class folder, an
+image PIL cannot read, a dangling symlink, a symlink loop and a folder link back to a folder that holds it are bad
+input: a one-line error naming it, or with `skip_bad` skipped and counted.
+
+Pixels: 16-bit grayscale images (PIL modes I;16*, and I, as which older Pillow opens 16-bit PNGs and which 32-bit
+integer TIFFs are) keep their high byte, v8 = v16 >> 8, as Pillow itself reads 16-bit RGB and gray+alpha PNGs (PIL's
+convert("L") would clip them to white); the PNG specification's rounding (W3C PNG 2003, Sec. 13.12, round(v16 / 257))
+differs by at most 1. Values outside 0..65535 in mode I are refused.
 
 Cache: the decoded uint8 pixels of the whole folder go to CACHE_DIR/<folder>-<root hash>-<size>px-c<channels>-<key>.pt
 (CACHE_DIR: $GUIDELAB_DATA/folders or ~/.cache/guidelab/data/folders, so a read-only folder works and the folder stays
@@ -17,10 +23,12 @@ written only costs a decode. The split is drawn after the cache, so `holdout` an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +40,7 @@ from guidelab.errors import GuidelabError, one_line
 from guidelab.files import atomic_torch, key_digest
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-CACHE_VERSION = 1  # bump when the decoding changes: older cache entries are then ignored
+CACHE_VERSION = 2  # bump when the decoding changes: older cache entries are then ignored (2: 16-bit images)
 LAYOUT = "one subfolder of images per class, e.g. DIR/cat/1.png, DIR/dog/2.jpg"
 SKIP_HINT = "remove it, or pass dataset.skip_bad=true to skip such files"
 
@@ -82,32 +90,61 @@ def class_names(root: Path) -> list[str]:
     return names
 
 
+def _unreadable(path: Path, e: OSError) -> str:
+    """Why a file or link under a class folder cannot be read, for the bad-file list (a one-line message)."""
+    if e.errno == errno.ELOOP:
+        return f"{path} is a symlink loop ({e.strerror}); remove the link, or pass dataset.skip_bad=true to skip it"
+    if isinstance(e, FileNotFoundError) and path.is_symlink():
+        return (
+            f"{path} is a dangling symlink (to {os.readlink(path)}, which does not exist); point it at an image or "
+            f"{SKIP_HINT}"
+        )
+    return f"cannot read {path} ({e.strerror or type(e).__name__}); {SKIP_HINT}"
+
+
 def scan(root: Path) -> tuple[list[str], list[tuple[str, int]], list[str], list[tuple[str, int, int]]]:
-    """The folder's classes, its images as (relative path, class index), its other (non-image) files and the (relative
-    path, size, mtime_ns) of every visible file in a class folder: what the cache key hashes."""
-    names, images, others, stats = class_names(root), [], [], []
+    """The folder's classes, its images as (relative path, class index), one message per bad file (not an image; a
+    dangling symlink, a symlink loop, a folder link back to a folder that holds it) and the (relative path, size,
+    mtime_ns) of every visible file in a class folder (a broken link: size -1, the link's own mtime): what the cache
+    key hashes. A folder is walked once per path from its class folder, never into a folder it is inside of."""
+    names, images, bad, stats = class_names(root), [], [], []
     for label, name in enumerate(names):
-        found, todo = 0, [root / name]
+        found, todo = 0, [(root / name, frozenset({_inode(root)}))]
         while todo:
-            folder = todo.pop()
+            folder, above = todo.pop()
+            above = above | {_inode(folder)}
             for entry in _scandir(folder):
-                rel = str(Path(entry.path).relative_to(root))
-                if entry.is_dir():
-                    todo.append(Path(entry.path))
+                path, rel = Path(entry.path), str(Path(entry.path).relative_to(root))
+                try:
+                    st = entry.stat()  # follows links: a dangling one raises FileNotFoundError, a loop ELOOP
+                except OSError as e:
+                    bad.append(_unreadable(path, e))
+                    stats.append((rel, -1, entry.stat(follow_symlinks=False).st_mtime_ns))
                     continue
-                st = entry.stat()
+                if stat.S_ISDIR(st.st_mode):
+                    if (st.st_dev, st.st_ino) in above:
+                        bad.append(_unreadable(path, OSError(errno.ELOOP, f"it leads back to {path.resolve()}")))
+                        stats.append((rel, -1, entry.stat(follow_symlinks=False).st_mtime_ns))
+                    else:
+                        todo.append((path, above))
+                    continue
                 stats.append((rel, st.st_size, st.st_mtime_ns))
                 if entry.name.lower().endswith(IMG_EXTENSIONS):
                     images.append((rel, label))
                     found += 1
                 else:
-                    others.append(rel)
+                    bad.append(f"{path} is not an image (images end in {', '.join(IMG_EXTENSIONS)}); {SKIP_HINT}")
         if not found:
             raise GuidelabError(
                 f"class folder {root / name} holds no images ({', '.join(IMG_EXTENSIONS)}); add images or remove "
                 "the folder"
             )
-    return names, sorted(images), sorted(others), sorted(stats)
+    return names, sorted(images), sorted(bad), sorted(stats)
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def _key(names: list[str], stats: list, image_size: int, channels: int) -> str:
@@ -127,7 +164,7 @@ def decode(path: Path, image_size: int, channels: int) -> np.ndarray:
     image_size (bilinear, PIL's antialiasing), then the centre square cropped; torchvision's Resize(image_size) and
     CenterCrop(image_size) give the same pixels."""
     with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
+        img = _eight_bit(img).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(image_size * long / short)
@@ -138,6 +175,20 @@ def decode(path: Path, image_size: int, channels: int) -> np.ndarray:
     img = img.crop((left, top, left + image_size, top + image_size))
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (mode I;16, I;16L, I;16B, I;16N or I) as mode L by its high byte, v8 = v16 >> 8 (the
+    rule in the module docstring); any other image as it is."""
+    if img.mode != "I" and not img.mode.startswith("I;16"):
+        return img
+    values = np.asarray(img, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"mode {img.mode} values {values.min()}..{values.max()} outside 0..65535: not a 16-bit image; save it "
+            "as an 8- or 16-bit PNG"
+        )
+    return Image.fromarray((values >> 8).astype(np.uint8), mode="L")
 
 
 def _decode_all(root: Path, images: list[tuple[str, int]], image_size: int, channels: int):
@@ -191,7 +242,7 @@ def _write_cache(cache_dir: Path, prefix: str, entry: dict) -> None:
 def load_folder(root: Path, image_size: int, channels: int, cache_dir: Path) -> dict:
     """Every image of the folder decoded (from the cache when its key matches): {"images": uint8 (N, C, S, S),
     "labels": int64 (N,), "class_names", "paths", "bad": one error message per bad file}."""
-    names, images, others, stats = scan(root)
+    names, images, bad, stats = scan(root)
     key = _key(names, stats, image_size, channels)
     prefix = _cache_prefix(root, image_size, channels)
     cached = _read_cache(cache_dir / f"{prefix}{key}.pt", key)
@@ -199,7 +250,6 @@ def load_folder(root: Path, image_size: int, channels: int, cache_dir: Path) -> 
         return cached
     print(f"decoding {len(images)} images under {root} at {image_size}px (once: cached in {cache_dir})")
     pixels, labels, paths, unreadable = _decode_all(root, images, image_size, channels)
-    bad = [f"{root / rel} is not an image (images end in {', '.join(IMG_EXTENSIONS)}); {SKIP_HINT}" for rel in others]
     entry = {"key": key, "images": pixels, "labels": labels, "class_names": names, "paths": paths}
     _write_cache(cache_dir, prefix, {**entry, "bad": bad + unreadable})
     return {**entry, "bad": bad + unreadable}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -43,10 +44,14 @@ SIGMA_MAX = 80.0  # Karras et al. 2022, Sec. 5: beyond sigma = 80 data in [-1, 1
 
 def timesteps(diffusion: Diffusion, steps: int | None, spacing: str) -> torch.Tensor:
     """The `steps` model timesteps a sampler evaluates (increasing; None = all T); every grid then ends with a step
-    from its lowest timestep to sigma = 0 (abar = 1). Spacings as diffusers' schedulers name them:
-      linspace  round(linspace(0, T - 1, steps)), t = 0 included (DDIMScheduler's linspace);
-      leading   0, T // steps, 2 T // steps, ... (steps_offset 0);
-      trailing  round(T - i T / steps) - 1, t = T - 1 first, the last T / steps - 1;
+    from its lowest timestep to sigma = 0 (abar = 1). Spacings as diffusers' schedulers name them, the first three
+    computed as DDIMScheduler.set_timesteps computes them (diffusers 0.42, steps_offset 0: numpy, float64, rounded
+    half to even), value for value:
+      linspace  round(linspace(0, T - 1, steps)), t = 0 included;
+      leading   0, T // steps, 2 T // steps, ...;
+      trailing  round(arange(T, 0, -T / steps)) - 1, t = T - 1 first, the last T / steps - 1; for some (T, steps)
+                (T = 1000: steps = 61, 103, ...) that float arange holds one value more, ~0, which diffusers keeps as a
+                timestep -1: left out here, so the grid holds `steps` timesteps;
       logsnr    T - 1, then the timesteps nearest to evenly spaced lambda from max(lambda_{T-1}, -log SIGMA_MAX) to
                 lambda_0 (DPM-Solver's logSNR grid, Lu et al. 2022, Sec. 3.3), `steps` distinct ones: with the cosine
                 schedule lambda_{T-1} ~ -10 and evenly spaced targets would fall on few timesteps."""
@@ -56,11 +61,11 @@ def timesteps(diffusion: Diffusion, steps: int | None, spacing: str) -> torch.Te
         return torch.arange(T)
     Range(1, T, "the number of network evaluations of the grid; null = all").check("sampler.steps", steps, {})
     if spacing == "linspace":
-        return torch.linspace(0, T - 1, steps).round().long()
+        return torch.from_numpy(np.linspace(0, T - 1, steps).round().astype(np.int64))
     if spacing == "leading":
         return torch.arange(steps) * (T // steps)
     if spacing == "trailing":
-        return ((T - torch.arange(steps - 1, -1, -1) * T / steps).round() - 1).long()
+        return torch.from_numpy(np.round(np.arange(T, 0, -T / steps)[:steps]).astype(np.int64)[::-1] - 1)
     lam = log_snr(diffusion.abar.cpu())
     targets = torch.linspace(max(float(lam[-1]), -math.log(SIGMA_MAX)), float(lam[0]), steps - 1, dtype=lam.dtype)
     keep = [T - 1]

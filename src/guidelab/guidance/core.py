@@ -149,18 +149,21 @@ def resolve_config(cfg) -> GuidanceSpec:
 def check_model(spec: GuidanceSpec, unet) -> None:
     """Refuse a mode that asks the diffusion model for a prediction it cannot make (`GuidanceSpec.uses`): the
     unconditional one of a class-conditional model without a null class, or the conditional one of an unconditional
-    model (guidelab's UNets have both; a diffusers model may have either or neither). The error lists the modes that
-    work with the model."""
+    model (guidelab's UNets have both; a diffusers model may have either or neither). An unconditional model (no
+    class input) has one prediction, which eps(x_t, y) and eps(x_t, null) both are: a mode that guides the one
+    prediction its `base` names takes it at either base; a mode that combines two (CFG) still needs two. The error
+    lists the modes that work with the model."""
     conditional = getattr(unet, "conditional", True)
     can = {"uncond": not conditional or getattr(unet, "null_class", None) is not None, "cond": conditional}
-    if all(can[u] for u in spec.uses):
+    if all(can[u] for u in spec.uses) or (spec.entry.traits["uses"] == "base" and not conditional):
         return
     works = []
     for name, entry in MODES.items():
         uses = entry.traits["uses"]
         if uses == "base":
             default = entry.params["base"].default
-            works += [name] if can[default] else [f"{name} (guidance.base={'cond' if can['cond'] else 'uncond'})"]
+            either = can[default] or not conditional
+            works += [name] if either else [f"{name} (guidance.base={'cond' if can['cond'] else 'uncond'})"]
         elif all(can[u] for u in uses):
             works.append(name)
     if not can["cond"]:

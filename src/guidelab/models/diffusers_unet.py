@@ -13,16 +13,14 @@ from guidelab.conditions import drop_labels
 from guidelab.diffusion import gather
 from guidelab.errors import GuidelabError, one_line
 from guidelab.models.layers import select_blocks
-from guidelab.pretrained import import_diffusers, locate, read_json, read_schedule, read_sidecar
+from guidelab.pretrained import import_diffusers, locate, read_schedule, read_sidecar
 
 
 def load_model(reference: str):
     """The UNet2DModel of a reference (eval mode, frozen), its scheduler's schedule and guidelab.json's facts."""
     diffusers = import_diffusers()
-    unet_dir, _ = locate(reference)
+    unet_dir, _ = locate(reference, weights=True)  # checks its config first (a damaged one is named as such)
     schedule = read_schedule(reference)
-    if (unet_dir / "config.json").is_file():
-        read_json(unet_dir / "config.json")  # a damaged config is named as such
     try:
         model = diffusers.UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:

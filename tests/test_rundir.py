@@ -1,5 +1,6 @@
 """One run per run dir (guidelab.rundir): a held dir refuses a second holder in one line naming the first, and the
-lock of a run that died (however: here SIGKILL) is taken over without anyone removing it. A sampling run's shards
+lock of a run that died (however: here SIGKILL) is taken over without anyone removing it; a second sampling command
+into a held dir is told who holds it. A sampling run's shards
 (guidelab.shards): reused only with resume=true under the same config, checked, and removed at the end; a finished
 run kept by a resume (a resumed sweep), refused without one. The kills through the real scripts are in
 tests/test_robustness.py."""
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import check_command_line
 from guidelab import rundir, shards
 from guidelab.errors import GuidelabError
 
@@ -115,6 +117,26 @@ def test_a_finished_run_is_kept_by_a_resume_and_refused_without_one(tmp_path):
         shards.written(tmp_path, {**key, "scale": 4.0}, True, labels)
     with pytest.raises(GuidelabError, match="is not this run's finished samples"):
         shards.written(tmp_path, key, True, labels[::-1])
+
+
+def test_a_second_run_into_a_dir_that_is_drawing_names_the_holder(tmp_path):
+    """While a sampling run draws, its dir holds shards (and at the end samples.npz): a second command into the dir
+    is told who holds it, not that an interrupted run left shards behind."""
+    run_dir = tmp_path / "R"
+    proc = _holder_process(run_dir)
+    try:
+        shards.save(run_dir, 0, np.zeros((1, 2, 2, 1), np.uint8), np.arange(1), dict.fromkeys(shards.COUNTS, 1.0))
+        for resume in ("false", "true"):
+            line = check_command_line("sample.py", f"hydra.run.dir={run_dir}", f"resume={resume}")
+            assert f"is in use by another guidelab run (pid {proc.pid} on " in line, line
+        np.savez(run_dir / "samples.npz", images=np.zeros((1, 2, 2, 1), np.uint8), labels=np.arange(1))
+        line = check_command_line("sample.py", f"hydra.run.dir={run_dir}")
+        assert f"(pid {proc.pid} on " in line, line
+    finally:
+        proc.kill()
+        proc.wait()
+    line = check_command_line("sample.py", f"hydra.run.dir={run_dir}")  # the holder is gone: what it left is named
+    assert "already holds samples.npz" in line, line
 
 
 def test_a_damaged_job_record_is_refused_naming_it(tmp_path):

@@ -72,14 +72,7 @@ def hold(run_dir: str | Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        h = holder(path)
-        who = (
-            f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}: {h.get('command', '?')}"
-        )
-        raise GuidelabError(
-            f"{run_dir} is in use by another guidelab run ({who}); wait for it to end or stop it, or choose another "
-            "hydra.run.dir"
-        ) from None
+        raise _in_use(run_dir) from None
     record = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -89,6 +82,32 @@ def hold(run_dir: str | Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     _held[path] = fd
+
+
+def _in_use(run_dir: str | Path) -> GuidelabError:
+    """The one-line refusal of a run dir that another process holds, naming the holder."""
+    h = holder(run_dir)
+    who = f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}: {h.get('command', '?')}"
+    return GuidelabError(
+        f"{run_dir} is in use by another guidelab run ({who}); wait for it to end or stop it, or choose another "
+        "hydra.run.dir"
+    )
+
+
+def refuse_held(run_dir: str | Path) -> None:
+    """Refuse in one line naming the holder if another process holds the run dir now, taking nothing: what the dir
+    holds (shards, samples.npz, checkpoints) is then that run's work in progress, not a finished or killed run's. The
+    test takes a shared flock for an instant (a run starting at that very instant may be refused as if held)."""
+    path = Path(run_dir) / LOCK_NAME
+    if not path.is_file() or Path(run_dir).resolve() in _held or int(os.environ.get("RANK", "0")) != 0:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(run_dir) from None
+    finally:
+        os.close(fd)
 
 
 def release(run_dir: str | Path) -> None:

@@ -8,7 +8,6 @@ cost (evaluations counted, wall seconds), into one samples.npz.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +92,7 @@ def run(cfg, spec: GuidanceSpec, nets: Networks, run_dir: Path, device: torch.de
         nets.unet.net = torch.compile(nets.unet.net, backend=cfg.compile_backend, dynamic=False, mode=mode)
     y_all = labels_of(cfg, nets)
     y_np = y_all.numpy().astype(np.int64)
-    key = shards.job_key(cfg, nets.paths)
+    key = shards.job_key(cfg, nets.paths, device.type)
     done = shards.written(run_dir, key, cfg.resume, y_np)
     drawn = draw_all(cfg, spec, nets, y_all, key, run_dir, device) if done is None else None
     dist.cleanup()
@@ -102,11 +101,7 @@ def run(cfg, spec: GuidanceSpec, nets: Networks, run_dir: Path, device: torch.de
     if done is not None:
         return Drawn(done[0], y_np, done[1], done[2], kept=True)
     images, counts, seconds = drawn
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".samples.tmp.npz"
-    np.savez(tmp, images=images, labels=y_np)
-    os.replace(tmp, run_dir / "samples.npz")
-    shards.close(run_dir, counts, seconds)  # the batches go; what they cost stays, for a resumed sweep
+    shards.finish(run_dir, images, y_np, counts, seconds)  # the batches go; what they cost stays, for a resume
     return Drawn(images, y_np, counts, seconds)
 
 
@@ -116,7 +111,7 @@ def draw_all(cfg, spec, nets, y_all: torch.Tensor, key: dict, run_dir: Path, dev
     world, rank, is_main = dist.world_size(), dist.rank(), dist.is_main()
     starts = list(range(0, len(y_all), cfg.batch_size))
     reuse = shards.start(run_dir, key, cfg.resume)  # resume=true: the finished batches
-    dist.barrier()  # every rank has read the shards before any rank writes one
+    dist.barrier()  # every rank has read the shards (and rank 0 written job.json) before any rank writes one
     if reuse and is_main:
         print(
             f"resume: {len(reuse)} of {len(starts)} batches were drawn before; "

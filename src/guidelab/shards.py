@@ -5,7 +5,9 @@ run's (on the same device and software).
 
 RUN/shards/job.json (written by rank 0 alone, atomically) records what decides the images (`job_key`: the config keys
 of IMAGES and the files the networks were read from): a resume under another config, or after a network it reads was
-replaced at the same path, is refused naming what changed; nothing drawn before is reused for other images. At the end
+replaced at the same path, is refused naming what changed; nothing drawn before is reused for other images. Refused,
+not redrawn: the dir holds another job's work (a finished samples.npz, scored rows), which a silent redraw would
+overwrite; the user chooses (another hydra.run.dir, or delete shards/ and samples.npz). At the end
 samples.npz is written, then job.json's "finished" record (what the batches cost, samples.npz's digest), then the
 batches are removed: a kill at any point leaves a run dir that a resume completes (before the record the batches are
 still there and are reused; after it samples.npz is kept). A resumed sweep (resume=auto or true) so keeps a finished

@@ -30,6 +30,8 @@ ORDER = [
     "sampling",
     "metrics",
     "networks",
+    "drawing",
+    "results",
     "train",
     "report",
     "config",

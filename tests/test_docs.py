@@ -1,6 +1,6 @@
 """The docs are true where they show commands and tables: every `python <script>.py ...` line of README.md and docs/
 passes the script's own command-line checks as typed (group options, keys, types, value checks of every sweep job),
-and the results row documented in docs/outputs.md is the report's."""
+and the results row documented in docs/outputs.md is the schema's (guidelab.results.ROW)."""
 
 import re
 import shlex
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, check_command_line
-from guidelab.report import ROW
+from guidelab.results import ROW, doc_table
 
 SCRIPTS = ("train_diffusion.py", "train_classifier.py", "sample.py")
 # Commands whose check needs something this machine lacks on purpose: the documented error is the expected outcome.
@@ -70,8 +70,14 @@ def test_the_readme_shows_training_on_your_own_images_and_sampling_them():
     assert any(s == "sample.py" and any(x.startswith("labels=[") for x in a) for s, a in readme), readme
 
 
-def test_outputs_md_documents_every_column_of_the_results_row():
+def test_outputs_md_shows_the_results_row_as_the_schema_defines_it():
+    """docs/outputs.md's results-row table is the schema's, line for line (names, where shown, texts): the schema is
+    the source; `python -m guidelab.results` prints the table to paste."""
     text = (REPO / "docs" / "outputs.md").read_text()
-    documented = re.findall(r"^\| `(\w+)`", text, re.M)
-    assert documented == [c.name for c in ROW]
+    start = text.index("| column | csv / md | what |")
+    shown = text[start:].split("\n\n")[0].strip()
+    assert shown == doc_table(), (
+        "docs/outputs.md's results row differs from the schema: paste `python -m guidelab.results`"
+    )
+    assert re.findall(r"^\| `(\w+)`", shown, re.M) == [c.name for c in ROW]
     assert Path(REPO / "README.md").read_text().count("\n") <= 200  # the front door stays short

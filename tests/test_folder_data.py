@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import CONFIGS, _script_module, assert_one_line_error, check_command_line, run_script
+from conftest import CONFIGS, assert_one_line_error, check_command_line, run_script
 from guidelab import folder
 from guidelab.data import data_key, dataset_shape, load_dataset
 from guidelab.errors import GuidelabError
@@ -270,7 +270,8 @@ def test_shape_and_data_key_read_no_image(tmp_path, monkeypatch):
 
 
 def test_labels_by_name_and_by_index():
-    requested_labels = _script_module("sample.py").requested_labels
+    from guidelab.conditions import requested_labels
+
     assert requested_labels(["dog", "fox"], 5, 3, CLASSES).tolist() == [1, 2, 1, 2, 1]
     assert requested_labels(["cat", 2], 4, 3, CLASSES).tolist() == [0, 2, 0, 2]
     assert requested_labels("fox", 2, 3, CLASSES).tolist() == [2, 2]
@@ -309,7 +310,8 @@ def test_quoted_class_names_reach_the_labels_as_typed():
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         listed, single = (compose("sample", [a]).labels for a in argv)
     assert list(listed) == ["sea lion", "ünï"] and single == "ünï"
-    requested_labels = _script_module("sample.py").requested_labels
+    from guidelab.conditions import requested_labels
+
     assert requested_labels(list(listed), 4, 3, names).tolist() == [1, 2, 1, 2]
     assert requested_labels(single, 2, 3, names).tolist() == [2, 2]
 

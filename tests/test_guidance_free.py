@@ -15,8 +15,9 @@ from guidelab.conditions import drop_labels
 from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.errors import GuidelabError
 from guidelab.files import atomic_torch
-from guidelab.losses import gft_loss, gft_mix, mg_loss, mg_target, trained_guidance, trained_label
+from guidelab.losses import gft_loss, gft_mix, mg_loss, mg_target, trained_guidance
 from guidelab.models import build_unet
+from guidelab.results import trained_label
 
 TINY = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "unet_tiny.yaml"))  # as an older run recorded it
 script = _script_module("train_diffusion.py")

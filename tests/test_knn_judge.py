@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import check_command_line, run_script
-from guidelab import metrics, report
+from guidelab import metrics, report, results
 from guidelab.errors import GuidelabError
 
 MNIST5K_K10 = 0.942  # measured: `python -m guidelab.metrics mnist5k 10` (500 real test digits, 4,500 to vote)
@@ -121,10 +121,10 @@ def test_the_held_out_accuracy_is_cached_and_reused(tmp_path, monkeypatch):
 
 
 def test_the_report_shows_the_third_judge():
-    assert report.COLUMNS["accuracy_knn"].md and "k-NN in pixel space" in report.COLUMNS["accuracy_knn"].doc
-    assert report.COLUMNS["knn_test_acc"].header == ""  # in results.csv
+    assert results.COLUMNS["accuracy_knn"].md and "k-NN in pixel space" in results.COLUMNS["accuracy_knn"].doc
+    assert results.COLUMNS["knn_test_acc"].header == ""  # in results.csv
     rows = [
-        report.make_row(guidance="cfg", scale=s, accuracy=0.9, accuracy_knn=a, knn_test_acc=0.942)
+        results.make_row(guidance="cfg", scale=s, accuracy=0.9, accuracy_knn=a, knn_test_acc=0.942)
         for s, a in ((1.0, 0.7), (3.0, 0.8))
     ]
     md = report.markdown(rows)

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guidelab.report import _file_name, _series, best_rows, comparison_figure, make_row, markdown, variant_panels
+from guidelab.report import best_rows, markdown
+from guidelab.report.figures import comparison_figure, file_name, variant_panels
+from guidelab.report.rows import series
+from guidelab.results import make_row
 
 
 def _row(guidance, s, fid, acc, options=None):
@@ -34,7 +37,7 @@ def test_cfg_with_options_is_a_variant_panel_not_an_anchor(tmp_path):
     width, height = Image.open(path).size
     assert width < 2 * height
     assert variant_panels(plain, tmp_path / "none") == []
-    assert list(_series(plain + scheduled)) == ["cfg", "cfg options=schedule=linear"]
+    assert list(series(plain + scheduled)) == ["cfg", "cfg options=schedule=linear"]
 
 
 def test_a_model_guidance_networks_rows_are_their_own_series_always_named():
@@ -43,9 +46,9 @@ def test_a_model_guidance_networks_rows_are_their_own_series_always_named():
     the two networks (here p_uncond) does not split or rename the plain network's series."""
     plain = [{**_row("none", 1, 9.0, 0.8), "p_uncond": 0.1}]
     mg = [{**_row("none", 1, 7.0, 0.95), "trained": "mg w=0.5", "p_uncond": 0.2}]
-    assert list(_series(plain + mg)) == ["none", "none trained=mg w=0.5"]
-    assert list(_series(mg)) == ["none trained=mg w=0.5"]
-    assert _file_name("none trained=mg w=0.5") != _file_name("none")
+    assert list(series(plain + mg)) == ["none", "none trained=mg w=0.5"]
+    assert list(series(mg)) == ["none trained=mg w=0.5"]
+    assert file_name("none trained=mg w=0.5") != file_name("none")
 
 
 def test_the_comparison_figure_widens_for_a_long_series_label(tmp_path):
@@ -64,10 +67,10 @@ def test_the_comparison_figure_widens_for_a_long_series_label(tmp_path):
 
 def test_series_labels_become_flat_file_names():
     assert (
-        _file_name("autoguidance options=guide=runs/a/checkpoints/0000500.pt")
+        file_name("autoguidance options=guide=runs/a/checkpoints/0000500.pt")
         == "autoguidance_optionsguideruns_a_checkpoints_0000500.pt"
     )
-    assert "/" not in _file_name("cfg steps=25 x/y") and " " not in _file_name("a b")
+    assert "/" not in file_name("cfg steps=25 x/y") and " " not in file_name("a b")
 
 
 def test_best_rows_and_the_flag_where_the_two_evaluators_disagree():

@@ -1,8 +1,10 @@
 """One run per run dir (guidelab.rundir): a held dir refuses a second holder in one line naming the first, and the
-lock of a run that died (however: here SIGKILL) is taken over without anyone removing it. A sampling run's shards
-(guidelab.shards): reused only with resume=true under the same config, checked, and removed at the end; a finished
-run kept by a resume (a resumed sweep), refused without one. The kills through the real scripts are in
-tests/test_robustness.py."""
+lock of a run that died (however: here SIGKILL) is taken over without anyone removing it; a second sampling command
+into a held dir is told who holds it. A sampling run's shards (guidelab.shards): reused only with resume=true under
+the same config and networks (the job key: an allow-list of config keys and the files read), checked, written to
+job.json by rank 0 alone, and removed at the end; a finished run kept by a resume (a resumed sweep), refused without
+one; a kill between samples.npz and its record resumable. The kills through the real scripts are in
+tests/test_robustness.py and tests/test_resume.py."""
 
 import errno
 import os
@@ -14,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
-from conftest import REPO
+from conftest import CONFIGS, REPO, check_command_line
 from guidelab import rundir, shards
 from guidelab.errors import GuidelabError
 
@@ -151,17 +153,74 @@ def test_the_ranks_of_a_refused_job_all_stop_before_hydra_writes(tmp_path):
             proc.wait()
 
 
+def _sampling_cfg(*overrides: str):
+    """sample.py's composed config (every key it has), with `overrides`."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="sample", overrides=list(overrides))
+
+
+def _key(*overrides: str, paths: dict | None = None, device: str = "cpu") -> dict:
+    return shards.job_key(_sampling_cfg(*overrides), paths or {}, device)
+
+
+COUNTS = {"nfe": 40, "classifier_nfe": 0, "classifier_seconds": None, "seconds": 1.5}
+
+
+def test_the_job_key_holds_exactly_the_keys_that_decide_the_images(tmp_path):
+    """An allow-list: the judges, metrics, the k-NN judge's k, progress, logger, runs_root, resume and the unused
+    classifier_ckpt leave the key alone; every key of shards.IMAGES, the number drawn and the device change it."""
+    base = _key()
+    assert set(base) == set(shards.IMAGES) | {"num_samples", "device"}  # no network used: no files
+    for same in [
+        "evaluator_ckpt=/runs/E/last.pt",
+        "metrics.k=5",
+        "eval.knn_k=3",
+        "progress=false",
+        "logger=wandb",
+        "runs_root=elsewhere",
+        "resume=auto",
+        "classifier_ckpt=/runs/C/last.pt",  # guidance=cfg reads no classifier: only `paths` names what is read
+        "eval.num_samples=7",  # eval=false draws num_samples
+    ]:
+        assert _key(same) == base, same
+    for other in ["scale=4", "schedule=linear", "sampler.steps=7", "labels=[1]", "batch_size=3", "seed=1"]:
+        assert _key(other) != base, other
+    assert _key("compile=true") != base and _key("guidance=cg") != base
+    assert _key("eval.enabled=true", "eval.num_samples=100") == _key("num_samples=100")  # the same 100 samples
+    assert _key(device="cuda") != base
+
+
+def test_the_job_key_changes_when_a_network_is_replaced_at_the_same_path(tmp_path):
+    """A checkpoint file, or a file of a diffusers model dir, rewritten in place names another job: a run drawn
+    with the old network is refused naming it, never reused."""
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"weights one")
+    model = tmp_path / "ddpm"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "scheduler_config.json").write_text("{}")
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights one")
+    paths = {"ckpt": str(ckpt), "guide_ckpt": f"diffusers:{model}", "evaluator_ckpt": str(ckpt)}
+    key = _key(paths=paths)
+    assert key["ckpt"]["files"][0]["size"] == len(b"weights one") and "evaluator_ckpt" not in key  # judges: no
+    assert len(key["guide_ckpt"]["files"]) == 3  # the model dir's files, its scheduler config among them
+    labels = np.arange(4)
+    shards.start(tmp_path, key, resume=False)
+    shards.save(tmp_path, 0, np.zeros((4, 2, 2, 1), np.uint8), labels, COUNTS)
+    ckpt.write_bytes(b"other weights, more bytes")  # another checkpoint at the same path
+    replaced = _key(paths=paths)
+    assert replaced != key and replaced["ckpt"]["path"] == key["ckpt"]["path"]
+    with pytest.raises(GuidelabError, match=rf"ckpt \(its file was replaced at {ckpt}\)"):
+        shards.start(tmp_path, replaced, resume=True)
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(b"other weights, more bytes")
+    assert _key(paths=paths)["guide_ckpt"] != replaced["guide_ckpt"]
+
+
 def test_shards_are_reused_only_with_resume_under_the_same_config_and_checked(tmp_path):
-    cfg = OmegaConf.create(
-        {"ckpt": "latest", "scale": 3.0, "progress": True, "evaluator_ckpt": None, "eval": {"knn_k": 10}}
-    )
-    key = shards.job_key(cfg, {"ckpt": "/runs/A/last.pt", "classifier_ckpt": "/runs/C/last.pt"})
-    assert key == {"ckpt": "/runs/A/last.pt", "scale": 3.0, "eval": {}}  # latest resolved; the judges left out
+    key = _key()
     assert shards.start(tmp_path, key, resume=False) == {}  # nothing yet: a fresh run
     images, labels = np.zeros((4, 8, 8, 1), np.uint8), np.arange(4)
-    shards.save(
-        tmp_path, 3, images, labels, {"nfe": 40, "classifier_nfe": 0, "classifier_seconds": None, "seconds": 1.5}
-    )
+    shards.save(tmp_path, 3, images, labels, COUNTS)
     with pytest.raises(
         GuidelabError, match="holds 1 finished batches of an interrupted sampling run; pass resume=true"
     ):
@@ -171,19 +230,13 @@ def test_shards_are_reused_only_with_resume_under_the_same_config_and_checked(tm
     (found,) = shards.start(tmp_path, key, resume=True).items()
     assert found[0] == 3
     got, counts = shards.load(found[1], labels)
-    assert np.array_equal(got, images) and counts == {
-        "nfe": 40,
-        "classifier_nfe": 0,
-        "classifier_seconds": None,
-        "seconds": 1.5,
-    }
+    assert np.array_equal(got, images) and counts == COUNTS
     with pytest.raises(GuidelabError, match="holds other labels than this run asks for"):
         shards.load(found[1], labels + 1)
     found[1].write_bytes(found[1].read_bytes()[:50])
     with pytest.raises(GuidelabError, match="is damaged .*delete it and resume again"):
         shards.load(found[1], labels)
-    counts = [{"nfe": 40, "classifier_nfe": 0, "classifier_seconds": None}]
-    shards.close(tmp_path, counts, 1.5)
+    shards.finish(tmp_path, images, labels, [COUNTS], 1.5)
     assert [p.name for p in (tmp_path / "shards").iterdir()] == ["job.json"]  # the batches are gone
 
 
@@ -192,8 +245,7 @@ def test_a_finished_run_is_kept_by_a_resume_and_refused_without_one(tmp_path):
     assert shards.written(tmp_path, key, "auto", np.arange(4)) is None  # nothing written yet
     shards.start(tmp_path, key, resume=False)
     images, labels = np.ones((4, 8, 8, 1), np.uint8), np.arange(4)
-    np.savez(tmp_path / "samples.npz", images=images, labels=labels)
-    shards.close(tmp_path, [{"nfe": 40}], 2.5)
+    shards.finish(tmp_path, images, labels, [{"nfe": 40}], 2.5)
     got, counts, seconds = shards.written(tmp_path, key, "auto", labels)
     assert np.array_equal(got, images) and counts == [{"nfe": 40}] and seconds == 2.5
     with pytest.raises(GuidelabError, match="already holds samples.npz; pass resume=auto to keep it"):
@@ -202,6 +254,59 @@ def test_a_finished_run_is_kept_by_a_resume_and_refused_without_one(tmp_path):
         shards.written(tmp_path, {**key, "scale": 4.0}, True, labels)
     with pytest.raises(GuidelabError, match="is not this run's finished samples"):
         shards.written(tmp_path, key, True, labels[::-1])
+    np.savez(tmp_path / "samples.npz", images=images + 1, labels=labels)  # not the file job.json records
+    with pytest.raises(GuidelabError, match="is not this run's finished samples"):
+        shards.written(tmp_path, key, True, labels)
+
+
+def test_only_rank_0_writes_the_job_record(tmp_path, monkeypatch):
+    """The ranks of a job share its run dir: rank 1 reads job.json, never writes it."""
+    monkeypatch.setenv("RANK", "1")
+    assert shards.start(tmp_path, {"scale": 3.0}, resume=False) == {}
+    assert not (tmp_path / "shards" / "job.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    shards.start(tmp_path, {"scale": 3.0}, resume=False)
+    assert (tmp_path / "shards" / "job.json").is_file()
+
+
+@pytest.mark.parametrize("resume", [True, "auto"])
+def test_a_kill_between_samples_and_its_finished_record_leaves_a_resumable_dir(tmp_path, resume):
+    """Killed after samples.npz was written but before job.json recorded the run finished: a resume is not refused
+    (it once was, for ever: "is not this run's finished samples"); it reuses every batch, still in RUN/shards, and
+    writes the same samples.npz."""
+    key, labels = {"scale": 3.0}, np.arange(8)
+    images = np.arange(8 * 4, dtype=np.uint8).reshape(8, 2, 2, 1)
+    shards.start(tmp_path, key, resume=False)
+    for b in (0, 1):
+        shards.save(tmp_path, b, images[4 * b : 4 * b + 4], labels[4 * b : 4 * b + 4], COUNTS)
+    np.savez(tmp_path / "samples.npz", images=images, labels=labels)  # then the kill: no "finished" record
+    assert shards.written(tmp_path, key, resume, labels) is None  # not kept: drawn from the shards
+    reuse = shards.start(tmp_path, key, resume)
+    assert sorted(reuse) == [0, 1]
+    drawn = np.concatenate([shards.load(reuse[b], labels[4 * b : 4 * b + 4])[0] for b in (0, 1)])
+    shards.finish(tmp_path, drawn, labels, [COUNTS], 3.0)
+    got, _, seconds = shards.written(tmp_path, key, resume, labels)
+    assert np.array_equal(got, images) and seconds == 3.0
+
+
+def test_a_second_run_into_a_dir_that_is_drawing_names_the_holder(tmp_path):
+    """While a sampling run draws, its dir holds shards (and at the end samples.npz): a second command into the dir
+    is told who holds it, not that an interrupted run left shards behind."""
+    run_dir = tmp_path / "R"
+    proc = _holder_process(run_dir)
+    try:
+        shards.save(run_dir, 0, np.zeros((1, 2, 2, 1), np.uint8), np.arange(1), COUNTS)
+        for resume in ("false", "true"):
+            line = check_command_line("sample.py", f"hydra.run.dir={run_dir}", f"resume={resume}")
+            assert f"is in use by another guidelab run (pid {proc.pid} on " in line, line
+        np.savez(run_dir / "samples.npz", images=np.zeros((1, 2, 2, 1), np.uint8), labels=np.arange(1))
+        line = check_command_line("sample.py", f"hydra.run.dir={run_dir}")
+        assert f"(pid {proc.pid} on " in line, line
+    finally:
+        proc.kill()
+        proc.wait()
+    line = check_command_line("sample.py", f"hydra.run.dir={run_dir}")  # the holder is gone: what it left is named
+    assert "already holds samples.npz" in line, line
 
 
 def test_a_damaged_job_record_is_refused_naming_it(tmp_path):

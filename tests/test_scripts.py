@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import run_script
 from guidelab.diffusion import Diffusion, linear_betas
 from guidelab.guidance import MODES, in_interval
-from guidelab.report import HEADER
+from guidelab.results import HEADER
 from guidelab.sampling import SAMPLERS, timesteps
 
 

@@ -137,6 +137,10 @@ def preflight(argv: list[str], config_name: str, protect: str) -> Path | None:
                 fail(str(e))
     if run_dir and not multirun:
         run_dir = Path(run_dir)
+        try:  # a dir another run holds: what it holds is that run's work in progress, whatever the checks below say
+            rundir.refuse_held(run_dir)
+        except GuidelabError as e:
+            fail(str(e))
         resume = "resume" in values and str(values["resume"].value()).lower() in ("true", "auto")
         if protect == "checkpoints" and not resume:
             try:

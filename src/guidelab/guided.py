@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 
 class Guided(NamedTuple):
@@ -90,21 +92,34 @@ def measured_flops(fn: Callable, *args, **kwargs) -> int:
     """The floating-point operations of `fn(*args, **kwargs)` as torch.utils.flop_counter counts them: every matmul,
     convolution and attention of the forward passes and of the backward passes taken inside (a classifier's input
     gradient, cg_x0's pass back through the UNet), so that a guided step's cost counts what each method really runs.
-    The counter's per-module breakdown is switched off: its module hooks cannot follow torch.autograd.grad on a leaf
-    input (the guidance gradients), and only the total is wanted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    class _Global:  # stands in for the module tracker: every count goes to "Global", which holds the total
-        parents = {"Global"}
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            return None
-
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _Global()
-    with counter:
+    The total of FlopCounterMode, by `FlopCount` (FlopCounterMode itself cannot count these runs: see there)."""
+    with FlopCount() as count:
         fn(*args, **kwargs)
-    return counter.get_total_flops()
+    return count.total
+
+
+class FlopCount(TorchDispatchMode):
+    """FlopCounterMode's total, without its per-module breakdown: a dispatch mode that adds torch.utils.flop_counter's
+    formula (`flop_registry`) of every operator that runs inside it, forward and backward, after offering each
+    operator its decomposition first, as FlopCounterMode does. FlopCounterMode always tracks modules, and its module
+    tracker hooks every module's inputs for the backward pass, which torch.autograd.grad on a leaf input (the guidance
+    gradients w.r.t. x_t) refuses ("A leaf node was passed to _will_engine_execute_node"); only the total is wanted.
+    TorchDispatchMode is torch's extension point for modes (torch.utils._python_dispatch, the base class of
+    FlopCounterMode's own mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.ops.prim.device.default:  # an operator the registry has no formula for may decompose
+            with self:  # into operators it has: its parts are counted (FlopCounterMode's rule)
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out

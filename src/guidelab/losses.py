@@ -131,11 +131,3 @@ def trained_guidance(config: dict) -> tuple[str, float | None]:
     if kind == "mg":
         return kind, 1 / (1 - float(train["mg_w"]))
     return kind, None if kind == "gft" else 1.0
-
-
-def trained_label(config: dict) -> str | None:
-    """The results row's `trained` column for a checkpoint's embedded config: None for L_simple, "mg w=W" for model
-    guidance at train.mg_w = W (its one pass is CFG at s = 1 / (1 - W)), "gft" for guidance-free training. It keeps a
-    model-guidance network's guidance=none rows apart from a plain network's in a merged report."""
-    kind, _ = trained_guidance(config)
-    return None if kind == "none" else f"mg w={float(config['train']['mg_w']):g}" if kind == "mg" else kind

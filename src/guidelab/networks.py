@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -176,6 +177,31 @@ def check_compatible(a: dict, a_name: str, b: dict, b_name: str, schedule: bool 
         )
 
 
+JUDGE_KEYS = {"evaluator_ckpt": "", "second_evaluator_ckpt": "_2"}  # config key: its columns' suffix in the row
+
+
+class Judge(NamedTuple):
+    """An evaluator that judges the samples: a clean classifier of another family than every guiding network."""
+
+    net: torch.nn.Module  # the classifier, EMA weights, eval mode
+    config: dict  # its checkpoint's training config (classifier, dataset, data_info)
+    metrics: dict  # its checkpoint's held-out metrics on real data (test_acc)
+    path: str  # its checkpoint (`latest` resolved)
+    suffix: str  # its results-row columns' suffix: "" for the primary (evaluator_ckpt), "_2" for the second opinion
+
+    @property
+    def name(self) -> str:
+        return self.config["classifier"]["name"]
+
+    @property
+    def arch(self) -> str:
+        return self.config["classifier"]["arch"]
+
+    @property
+    def primary(self) -> bool:
+        return self.suffix == ""
+
+
 @dataclass
 class Networks:
     unet: Counted
@@ -185,7 +211,7 @@ class Networks:
     classifier_arch: str | None = None  # its family (classifier.arch): no judge may share it
     classifier_metrics: dict = field(default_factory=dict)  # its held-out accuracy (per quarter of t if noisy)
     guide: Counted | None = None
-    evaluators: list = field(default_factory=list)  # (network, its checkpoint's config and metrics): primary first
+    judges: list[Judge] = field(default_factory=list)  # the evaluators asked for: the primary first
     paths: dict = field(default_factory=dict)  # config key -> the checkpoint path used (`latest` resolved)
     data_info: dict = field(default_factory=dict)  # the classes sampled: the UNet's, or its partners' if it has none
 
@@ -233,11 +259,21 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
             net, cls_ckpt = _partner(paths["classifier_ckpt"], role, unet_ckpt, device)
             nets.classifier, nets.classifier_metrics = Counted(net), cls_ckpt["metrics"]
             nets.classifier_arch = cls_ckpt["config"]["classifier"].get("arch", "unet_encoder")
+    nets.judges = _judges(cfg, nets, unet_ckpt, device)
+    info = unet_ckpt["config"]["data_info"]
+    nets.data_info = dict(unet_ckpt["config"].get("partner_data_info", info) if info["num_classes"] is None else info)
+    return nets
+
+
+def _judges(cfg, nets: Networks, unet_ckpt: dict, device: torch.device) -> list[Judge]:
+    """The evaluators asked for (evaluator_ckpt, then second_evaluator_ckpt), each checked to be a network of its own,
+    of another family than the classifier that guides and than the other judge; their paths go into `nets.paths`."""
     guide_arch = nets.classifier_arch if nets.classifier_arch != "unet_encoder" else None  # an off-the-shelf guide
-    for key in ("evaluator_ckpt", "second_evaluator_ckpt"):
+    judges, paths = [], nets.paths
+    for key, suffix in JUDGE_KEYS.items():
         if not cfg[key]:
             continue
-        unlike = tuple(a for a in (guide_arch, *(c["classifier"]["arch"] for _, c, _ in nets.evaluators)) if a)
+        unlike = tuple(a for a in (guide_arch, *(j.arch for j in judges)) if a)
         paths[key] = resolve(key, cfg[key], cfg.runs_root, "evaluator", unet_ckpt["config"], unlike)
         used = [paths.get("classifier_ckpt")] + ([paths["evaluator_ckpt"]] if key == "second_evaluator_ckpt" else [])
         if paths[key] in used:
@@ -246,22 +282,20 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
                 "be a network of its own"
             )
         net, ev_ckpt = _partner(paths[key], "evaluator", unet_ckpt, device)
-        arch = ev_ckpt["config"]["classifier"]["arch"]
-        if arch == guide_arch:
+        judge = Judge(net, ev_ckpt["config"], ev_ckpt["metrics"], paths[key], suffix)
+        if judge.arch == guide_arch:
             raise GuidelabError(
-                f"{key} is a {arch} like the classifier that guides (classifier_ckpt); a judge must be of another "
-                "family than every guiding network, or it reads what the guide wrote (e.g. classifier=evaluator_vgg "
-                "and classifier=evaluator_mixer judge a ResNet guide)"
+                f"{key} is a {judge.arch} like the classifier that guides (classifier_ckpt); a judge must be of "
+                "another family than every guiding network, or it reads what the guide wrote (e.g. "
+                "classifier=evaluator_vgg and classifier=evaluator_mixer judge a ResNet guide)"
             )
-        if nets.evaluators and arch == nets.evaluators[0][1]["classifier"]["arch"]:
+        if judges and judge.arch == judges[0].arch:
             raise GuidelabError(
-                f"second_evaluator_ckpt is a {arch} like the primary evaluator; the second opinion "
+                f"second_evaluator_ckpt is a {judge.arch} like the primary evaluator; the second opinion "
                 "must be of another family (train one with classifier=evaluator_vgg seed=1)"
             )
-        nets.evaluators.append((net, ev_ckpt["config"], ev_ckpt["metrics"]))
-    info = unet_ckpt["config"]["data_info"]
-    nets.data_info = dict(unet_ckpt["config"].get("partner_data_info", info) if info["num_classes"] is None else info)
-    return nets
+        judges.append(judge)
+    return judges
 
 
 def _partner(path: str, role: str, unet_ckpt: dict, device: torch.device):

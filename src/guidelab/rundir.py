@@ -200,6 +200,22 @@ def join(run_dir: str | Path) -> None:
         time.sleep(POLL_S)
 
 
+def refuse_held(run_dir: str | Path) -> None:
+    """Refuse in one line naming the holder if another process holds the run dir now, taking nothing: what the dir
+    holds (shards, samples.npz, checkpoints) is then that run's work in progress, not a finished or killed run's. The
+    test takes a shared flock for an instant (a run starting at that very instant may be refused as if held)."""
+    path = Path(run_dir) / LOCK_NAME
+    if not path.is_file() or Path(run_dir).resolve() in _held or int(os.environ.get("RANK", "0")) != 0:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, path)
+    except BlockingIOError:
+        raise _in_use(run_dir, holder(run_dir)) from None
+    finally:
+        os.close(fd)
+
+
 def release(run_dir: str | Path) -> None:
     """Give the run dir back before the process ends (a sweep's job is done; the next job holds its own dir)."""
     for fd in _held.pop(Path(run_dir).resolve(), ()):  # .guidelab.live first: a later holder's record is complete

@@ -197,7 +197,7 @@ def test_the_job_key_changes_when_a_network_is_replaced_at_the_same_path(tmp_pat
     ckpt.write_bytes(b"weights one")
     model = tmp_path / "ddpm"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 8}')
     (model / "scheduler_config.json").write_text("{}")
     (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights one")
     paths = {"ckpt": str(ckpt), "guide_ckpt": f"diffusers:{model}", "evaluator_ckpt": str(ckpt)}

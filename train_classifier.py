@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from guidelab.augment import random_affine
 from guidelab.cli import main
-from guidelab.data import ImageData, dataset_shape, random_affine
+from guidelab.data import ImageData, dataset_shape
 from guidelab.models import build_classifier, check_buildable
 from guidelab.registry import OneOf, Range
 from guidelab.schedules import process

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 21's study: classifier guidance as the literature since 2022 makes it, against CFG and its one-pass rivals, on
+# The study of classifier guidance as the literature since 2022 makes it, against CFG and its one-pass rivals, on
 # the Fashion-MNIST 16x16 setting of scripts/cg_vs_cfg.sh (the same UNet, classifiers and judges: point OUT at a
 # finished cg_vs_cfg run to reuse them). Trains the entropy-constrained and the robust noisy classifier, then sweeps
 # every method; each sweep's results.csv holds the accuracy by three judges, FID, NFE and seconds per sample.

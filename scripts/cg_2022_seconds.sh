@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 21's compute axis in wall seconds, measured alone: one point of each method of scripts/cg_2022.sh (its
+# The CG-of-2022 study's compute axis in wall seconds, measured alone: one point of each method of scripts/cg_2022.sh (its
 # networks: point OUT at the same dir), 200 samples in one batch of 200, 25 DDIM steps, read by the VGG judge only
 # (eval=false: no FID; the judge runs after the timed loop). Run it with nothing else on the machine: the study's own
 # seconds were measured with several jobs sharing the cores.

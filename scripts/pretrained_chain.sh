@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 20's offline chain: guide a model guidelab did not train. A diffusers UNet2DModel is trained unconditionally on
+# The offline chain: guide a model guidelab did not train. A diffusers UNet2DModel is trained unconditionally on
 # the demo digits, exported with save_pretrained (sidecar removed, so nothing guidelab-specific is left), loaded back
 # as an off-the-shelf model (ckpt=diffusers:DIR), and steered by a noisy classifier trained on its own schedule, read
 # by the demo's judges (a ResNet and a VGG, neither of the classifier's family, the same commands as `make demo`).

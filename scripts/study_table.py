@@ -9,7 +9,7 @@ import csv
 import sys
 
 FAMILY = {"evaluator": "ResNet", "evaluator_vgg": "VGG", "evaluator_mixer": "Mixer"}  # the judges' config names
-FLAG = 0.03  # judges further apart than this are flagged (issue 21: "flag rows where they disagree by more than 3")
+FLAG = 0.03  # judges further apart than this are flagged (rows where they disagree by more than 3 points)
 
 
 def _f(value: str, digits: int) -> str:

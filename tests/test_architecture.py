@@ -24,6 +24,7 @@ ORDER = [
     "shards",
     "folder",
     "data",
+    "augment",
     "models",
     "guided",
     "guidance",
@@ -66,9 +67,9 @@ def test_every_module_imports_only_modules_below_it():
                     assert ORDER.index(_unit(name)) < ORDER.index(me), f"{path.name} imports {name}"
 
 
-def test_no_module_over_500_lines_and_no_function_over_80():
-    """The package stays readable in one sitting per file: modules under 500 lines, functions under 80 (the entry
-    scripts too)."""
+def test_no_module_over_400_lines_and_no_function_over_60():
+    """The package stays readable in one sitting per file: modules of at most 400 lines, functions of at most 60 (the
+    entry scripts too), and sample.py, the script users read first, at most 150 lines."""
     files = [
         *PACKAGE.rglob("*.py"),
         *(
@@ -78,10 +79,10 @@ def test_no_module_over_500_lines_and_no_function_over_80():
     ]
     for path in files:
         text = path.read_text()
-        assert len(text.splitlines()) <= 500, path.name
+        assert len(text.splitlines()) <= (150 if path.name == "sample.py" else 400), path.name
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                assert node.end_lineno - node.lineno + 1 <= 80, f"{path.name}: {node.name}"
+                assert node.end_lineno - node.lineno + 1 <= 60, f"{path.name}: {node.name}"
 
 
 def test_the_slowest_first_order_names_real_files_once():

@@ -28,6 +28,7 @@ from guidelab.guidance import (
     scheduled_weight,
     tangential_uncond,
     time_noise,
+    tweedie_bound,
     x0_classifier_score,
     zero_star_scale,
 )
@@ -35,6 +36,11 @@ from guidelab.guided import noise_level
 
 PROCESS = Diffusion(linear_betas(1000))
 ABAR = PROCESS.abar
+
+
+def _bounded(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A classifier gradient as the classifier modes apply it: projected by `tweedie_bound` at the step's abar_t."""
+    return tweedie_bound(grad, ABAR[t].view(-1, *[1] * (grad.dim() - 1)).to(grad.dtype))
 
 
 class ToyUNet(torch.nn.Module):
@@ -108,23 +114,23 @@ def test_classifier_score_is_the_gradient_of_log_softmax():
 
 def test_cg_guides_the_unconditional_prediction_and_a_small_step_raises_log_p():
     unet, clf, (x, t, y) = ToyUNet(), ToyClassifier(), _inputs()
-    out = eps_function("cg", unet, y, 2.0, classifier=clf)(x, t)
+    out = eps_function("cg", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
     assert torch.equal(out.eps, unet(x, t, torch.full_like(y, 3)))  # base=uncond by default
     assert not any(p.requires_grad for p in clf.parameters())  # frozen classifier
     assert not x.requires_grad and out.score.grad_fn is None  # no graph kept
     logp = lambda z: F.log_softmax(clf(z, t), -1)[torch.arange(len(y)), y]
     assert (logp(x + 1e-2 * out.score) > logp(x)).all()
-    cond = eps_function("cg", unet, y, 2.0, classifier=clf, base="cond")(x, t)
+    cond = eps_function("cg", unet, y, 2.0, classifier=clf, diffusion=PROCESS, base="cond")(x, t)
     assert torch.equal(cond.eps, unet(x, t, y))
-    assert torch.allclose(cond.score, 2.0 * classifier_score(clf, x, t, y))
+    assert torch.allclose(cond.score, 2.0 * _bounded(classifier_score(clf, x, t, y), t))
 
 
 def test_cg_scale_zero_has_no_classifier_term_and_cfg_cg_uses_both_scales():
     unet, clf, (x, t, y) = ToyUNet(), ToyClassifier(), _inputs()
-    assert eps_function("cg", unet, y, 0.0, classifier=clf)(x, t).score is None
-    out = eps_function("cfg_cg", unet, y, 3.0, classifier=clf, classifier_scale=0.5)(x, t)
+    assert eps_function("cg", unet, y, 0.0, classifier=clf, diffusion=PROCESS)(x, t).score is None
+    out = eps_function("cfg_cg", unet, y, 3.0, classifier=clf, diffusion=PROCESS, classifier_scale=0.5)(x, t)
     assert torch.allclose(out.eps, eps_function("cfg", unet, y, 3.0)(x, t).eps)
-    assert torch.allclose(out.score, 0.5 * classifier_score(clf, x, t, y))
+    assert torch.allclose(out.score, 0.5 * _bounded(classifier_score(clf, x, t, y), t))
 
 
 @pytest.mark.parametrize(
@@ -228,7 +234,7 @@ def test_interval_guides_exactly_the_samples_inside_it():
     cfg, cond = eps_function("cfg", unet, y, 3.0)(x, t).eps, unet(x, t, y)
     assert torch.allclose(eps[inside], cfg[inside]) and torch.equal(eps[~inside], cond[~inside])
     out = eps_function("cg_interval", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
-    cg = eps_function("cg", unet, y, 2.0, classifier=clf)(x, t)
+    cg = eps_function("cg", unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
     assert torch.equal(out.eps, cg.eps)
     assert torch.allclose(out.score[inside], cg.score[inside]) and (out.score[~inside] == 0).all()
     full = eps_function(
@@ -819,5 +825,5 @@ def test_the_classifier_terms_are_timed_on_a_counted_classifier_and_nothing_else
         assert clf.seconds == 0 and clf.rows == 0, mode
         eps_function(mode, unet, y, 2.0, classifier=clf, diffusion=PROCESS)(x, t)
         assert clf.seconds > 0 and clf.rows == len(x), mode
-    out = eps_function("cg", unet, y, 2.0, classifier=ToyClassifier())(x, t)  # not Counted: guides, times nothing
+    out = eps_function("cg", unet, y, 2.0, classifier=ToyClassifier(), diffusion=PROCESS)(x, t)  # times nothing
     assert out.score is not None

@@ -1,8 +1,7 @@
-"""Issue 21's classifier-guidance methods and feedback guidance on constructed networks: each reduces to the mode it
-extends where its knobs are off, its gradient matches a finite difference, and its defining property holds
-(entropy-driven scale, calibrated log-probability, softplus smoothing, sine schedule, backward guidance,
-self-recurrence, the feedback scale and its log-posterior update), plus the classifier-training options (entropy
-constraint, PGD on x_t)."""
+"""The classifier-guidance methods of 2022-2025 and feedback guidance on constructed networks: each reduces to the mode
+it extends where its knobs are off, its gradient matches a finite difference, and its defining property holds (entropy-
+driven scale, calibrated log-probability, softplus smoothing, sine schedule, backward guidance, self-recurrence, the
+feedback scale and its log-posterior update), plus the classifier-training options (entropy constraint, PGD on x_t)."""
 
 import math
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import _script_module, eps_function
-from guidelab.diffusion import Diffusion, cosine_betas, linear_betas, log_snr
+from guidelab.diffusion import Diffusion, cosine_betas, gather, linear_betas, log_snr
 from guidelab.errors import GuidelabError
 from guidelab.guidance import (
     backward_delta,
@@ -23,6 +22,7 @@ from guidelab.guidance import (
     log_posterior_step,
     sine_boost,
     softplus_copy,
+    tweedie_bound,
     x0_classifier_score,
 )
 from guidelab.guided import Guided
@@ -169,7 +169,8 @@ def test_cg_ots_is_the_gradient_at_x0_hat_and_reduces_to_plain_log_p_with_its_kn
         e = e.view_as(x0)
         zero = torch.zeros_like(t)
         fd.view(len(x0), -1)[:, idx] = (log_p(clf64(x0 + e, zero), y) - log_p(clf64(x0 - e, zero), y)) / 2e-6
-    assert torch.allclose(out.score.double(), 2.0 * fd, atol=1e-4)
+    bounded = tweedie_bound(fd, PROCESS.abar[t].view(-1, 1, 1, 1))  # projected as a Bayes classifier's gradient
+    assert torch.allclose(out.score.double(), 2.0 * bounded, atol=1e-4)
     assert all(p.grad is None for p in unet.parameters())
 
 
@@ -178,6 +179,7 @@ def test_cg_ots_calibration_and_schedule_enter_as_their_formulas():
     out = eps_function("cg_ots", unet, y, 2.0, classifier=clf, diffusion=PROCESS, tau1=1.0, tau2=0.5, gamma=0.3)(x, t)
     x0 = PROCESS.predict_x0(x, t, unet(x, t, torch.full_like(y, 3))).clamp(-1, 1).requires_grad_(True)
     (grad,) = torch.autograd.grad(calibrated_log_p(clf(x0, torch.zeros_like(t)), y, 1.0, 0.5).sum(), x0)
+    grad = tweedie_bound(grad, gather(PROCESS.abar, t, x))
     assert torch.allclose(out.score, 2.0 * sine_boost(PROCESS, t, 0.3, x) * grad, atol=1e-6)
 
 
@@ -205,14 +207,27 @@ def test_cg_universal_without_backward_steps_is_cg_x0_and_with_them_moves_x0_by_
     kw = dict(classifier=clf, diffusion=PROCESS)
     forward = eps_function("cg_x0", unet, y, 2.0, **kw)(x, t)
     plain = eps_function("cg_universal", unet, y, 2.0, backward_steps=0, **kw)(x, t)
-    assert torch.equal(plain.eps, forward.eps) and torch.equal(plain.score, forward.score)
+    assert torch.equal(plain.eps, forward.eps) and torch.equal(plain.score, forward.score) and plain.x0_shift is None
     both = eps_function("cg_universal", unet, y, 2.0, backward_steps=3, backward_lr=0.05, **kw)(x, t)
     abar = PROCESS.abar[t].view(-1, 1, 1, 1).float()
     guided_eps = forward.eps - (1 - abar).sqrt() * forward.score
     delta = backward_delta(clf, PROCESS.predict_x0(x, t, guided_eps), y, 3, 0.05)
-    # the eps-form samplers' correction eps - sqrt(1 - abar) score gives x0_hat(forward-guided eps) + Delta*
-    x0 = PROCESS.predict_x0(x, t, both.eps - (1 - abar).sqrt() * both.score)
-    assert torch.allclose(x0, PROCESS.predict_x0(x, t, guided_eps) + delta, atol=1e-4)
+    assert torch.equal(both.score, forward.score) and torch.allclose(both.x0_shift, delta, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m", "heun"])
+def test_every_sampler_moves_its_data_prediction_by_exactly_the_backward_delta(name):
+    """Universal guidance's backward step is x0_hat + Delta* in every sampler. Handed to DDPM as a score, its mean shift
+    Sigma score applied only a fraction (1 - abar') sqrt(abar) / ((1 - abar) sqrt(abar')) of the step c0 Delta* (none
+    at the last step); as `x0_shift` the posterior mean is that of x0_hat + Delta*."""
+    delta, x0_model = torch.full((2, 1, 2, 2), 0.3), torch.full((2, 1, 2, 2), -0.2)
+
+    def eps_fn(x, t):  # a model whose data prediction is x0_model wherever it is asked, and a backward step Delta*
+        return Guided(PROCESS.eps_from_x0(x, t, x0_model), x0_shift=delta)
+
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = sample(name, eps_fn, PROCESS, noise, 3, "linspace", False, torch.Generator().manual_seed(1))
+    assert torch.allclose(out, x0_model + delta, atol=1e-5), name  # the last step lands on x0_hat + Delta*
 
 
 def test_self_recurrence_renoises_to_the_step_level_and_keeps_a_point_mass_exact():

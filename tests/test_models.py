@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 from omegaconf import OmegaConf
 
-from guidelab.data import random_affine
+from guidelab.augment import random_affine
 from guidelab.errors import GuidelabError
 from guidelab.models import CLASSIFIERS, NoisyClassifier, UNet, build_classifier, build_unet
 from guidelab.models.layers import timestep_embedding

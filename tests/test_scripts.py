@@ -255,7 +255,7 @@ def test_every_guidance_mode_composes_with_dpm_solver_from_the_command_line(smok
 
 @pytest.mark.slow
 def test_the_2023_2026_modes_run_with_every_sampler_and_a_schedule(smoke_runs, tmp_path):
-    """Issue 12's methods through `sample.py -m` with each sampler: two network passes per step (a doubled batch, or
+    """The guidance variants through `sample.py -m` with each sampler: two network passes per step (a doubled batch, or
     the conditional and the perturbed pass), and a weight schedule on CFG."""
     sweep = tmp_path / "sweep"
     modes = ["icg", "tsg", "tcfg", "mambo", "cads", "pag", "seg", "fdg"]
@@ -352,7 +352,7 @@ def test_an_off_the_shelf_resnet_guides_and_latest_finds_judges_of_the_two_other
 
 @pytest.mark.slow
 def test_the_2022_cg_methods_run_from_the_command_line_with_their_costs(smoke_runs, tmp_path):
-    """Issue 21's CG modes on the clean classifier (cg_ots: one UNet pass and one classifier gradient per step, no
+    """The clean-classifier CG modes (cg_ots: one UNet pass and one classifier gradient per step, no
     backward through the UNet; cg_universal with 2 backward steps: 1 + 2 classifier passes per sample and step), with
     DDIM's self-recurrence (each step done twice: twice the network evaluations), and FBG (a doubled batch)."""
     nfe, gflops = set(), {}

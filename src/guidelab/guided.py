@@ -25,6 +25,8 @@ class Guided(NamedTuple):
     score: torch.Tensor | None = None  # s * grad_x log p(y | x_t) (cg_x0: of log p(y | x0_hat(x_t))), applied by the
     # sampler in its own form (DDPM: mean shift, Dhariwal & Nichol 2021 Alg. 1; others: eps correction, Alg. 2)
     x0: torch.Tensor | None = None  # data prediction replacing the one implied by eps (CFG++); None = from eps
+    x0_shift: torch.Tensor | None = None  # a displacement of the data prediction, added after clipping and after the
+    # score in every sampler (universal guidance's backward step, Bansal et al. 2023, Sec. 3.2)
 
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], Guided]

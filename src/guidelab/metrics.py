@@ -1,9 +1,9 @@
 """Sample metrics: FID, IS and improved precision and recall, by torch-fidelity's feature-level functions (on
 features extracted here once), and class accuracy, in one of two feature spaces:
 
-  evaluator   an evaluator (models/evaluator.py: a ResNet or a VGG, never of the guidance networks' family): its
-              pooled features for FID / P-R, its softmax for IS. Works offline; numbers are NOT comparable with
-              literature FIDs (tables say which features and which evaluator were used).
+  evaluator   an evaluator (models/evaluator.py: a ResNet, a VGG or an MLP-Mixer, never of a guiding network's
+              family): its pooled features for FID / P-R, its softmax for IS. Works offline; numbers are NOT
+              comparable with literature FIDs (tables say which features and which evaluator were used).
   inception   the standard TF-Inception v3 (2048-d pool features, logits for IS) via torch-fidelity, from a local
               weights file (metrics.inception_weights=FILE or the torch hub cache); never downloaded here.
 
@@ -230,6 +230,17 @@ def reference_features(
     return Features(entry["features"], entry["logits"]), path, reused
 
 
+def evaluator_settings(cache_dir: str | Path) -> dict:
+    """The `metrics` settings of sample.yaml's defaults, in the evaluator's features, with the reference cache in
+    `cache_dir`: what a script that judges samples outside sample.py passes to `evaluate_samples`."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {"features": "evaluator", "inception_weights": None, "reference_split": "test", "reference_num": None}
+        | {"k": 3, "is_splits": 10, "cache_dir": str(cache_dir)}
+    )
+
+
 def evaluate_samples(
     images: np.ndarray,
     labels: np.ndarray,
@@ -360,7 +371,7 @@ def knn_train_set(dataset: dict, device: torch.device) -> tuple[torch.Tensor, to
 def knn_judge(
     images: np.ndarray, labels: np.ndarray, dataset: dict, k: int, cache_dir: str | Path, device: torch.device
 ) -> dict:
-    """The third opinion, which no gradient can push (issue 21): a k-NN vote among the real training images of the
+    """The third opinion, which no gradient can push: a k-NN vote among the real training images of the
     run's data (knn_train_set) has no weights, so no guiding network shares anything with it and no sample can be
     steered along its gradient. Returns accuracy_knn (overall and per class) on the samples' requested labels and
     knn_test_acc, its accuracy on the real test split (cached: knn_test_accuracy)."""

@@ -207,7 +207,7 @@ class Networks:
     unet: Counted
     diffusion: Diffusion  # the model's own T-step process
     train_config: dict  # the UNet's training config (dataset, data_info, model, diffusion)
-    classifier: Counted | None = None  # the noisy classifier, or the clean one of guidance=cg_x0
+    classifier: Counted | None = None  # the noisy classifier, or the clean one of cg_x0, cg_ots, cg_universal
     classifier_arch: str | None = None  # its family (classifier.arch): no judge may share it
     classifier_metrics: dict = field(default_factory=dict)  # its held-out accuracy (per quarter of t if noisy)
     guide: Counted | None = None

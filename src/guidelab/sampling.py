@@ -84,7 +84,8 @@ def _x0_and_eps(
     `eps_correction` the classifier term then enters as eps - sqrt(1 - abar_t) score (Dhariwal & Nichol 2021, Alg. 2),
     and x_0 follows the corrected eps unclipped: the order of guided-diffusion's `condition_score`, which corrects
     the eps of the clipped prediction and never clips again. Clipping after the correction instead would undo part of
-    the classifier's push (measured in docs/results.md: CG's best accuracy 0.90 against 0.99 on the demo)."""
+    the classifier's push (measured in docs/results.md: CG's best accuracy 0.90 against 0.99 on the demo). A given
+    `x0_shift` is then added to x_0, and eps follows it (in every sampler, DDPM's posterior mean included)."""
     eps = out.eps
     if out.x0 is not None:
         x0 = out.x0.clamp(-1, 1) if clip_x0 else out.x0
@@ -96,7 +97,19 @@ def _x0_and_eps(
     if out.score is not None and eps_correction:
         eps = eps - gather((1 - diffusion.abar).sqrt(), t, x) * out.score
         x0 = diffusion.predict_x0(x, t, eps)
+    if out.x0_shift is not None:
+        x0 = x0 + out.x0_shift
+        eps = diffusion.eps_from_x0(x, t, x0)
     return x0, eps
+
+
+def _guided_shift(diffusion: Diffusion, x: torch.Tensor, t: torch.Tensor, out: Guided, clip_x0: bool):
+    """(x_0, eps, the displacement of x_0 that the guidance terms made): `_x0_and_eps` of `out`, and the difference
+    from the data prediction of its eps (or x0) alone; None where `out` has no score and no x0_shift."""
+    x0, eps = _x0_and_eps(diffusion, x, t, out, clip_x0)
+    if out.score is None and out.x0_shift is None:
+        return x0, eps, None
+    return x0, eps, x0 - _x0_and_eps(diffusion, x, t, Guided(out.eps, x0=out.x0), clip_x0)[0]
 
 
 def _steps(d: Diffusion, x: torch.Tensor, progress: bool, desc: str):
@@ -239,15 +252,29 @@ def heun(
     """Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models"), Alg. 1: deterministic
     Heun steps of the probability-flow ODE dx/dsigma = eps in x = x_t / sqrt(abar), sigma = sqrt((1 - abar) / abar).
     Each step is Euler's, x' = x0 + sigma' eps (DDIM in these variables), then, unless sigma' = 0, corrected with the
-    slope at x': x' += (sigma' - sigma) (eps' - eps) / 2. A grid of n timesteps costs 2 n - 1 network evaluations."""
+    slope at x': x' += (sigma' - sigma) (eps' - eps) / 2. A grid of n timesteps costs 2 n - 1 network evaluations.
+
+    Guidance terms that displace the data prediction (a classifier's score, an x0_shift) are held constant over the
+    step, as DDIM's update holds the data prediction constant: the displacement of the step's first evaluation is
+    added to the second evaluation's data prediction in place of that evaluation's own (whose classifier pass goes
+    unused). The trapezoid's correction, which is first order in the difference of the two slopes, thus corrects the
+    model's own prediction only. Averaging the two classifier terms instead multiplies their difference by
+    (sigma - sigma') / (2 sigma') in x / sqrt(abar'), 125 at the first step of a 10-step logsnr grid on the cosine
+    schedule (sigma from 2e4 to 80): the two noise levels' learned gradients differ, and every sample was wrecked
+    (docs/results.md, "Classifier guidance on every schedule")."""
     d, x = process, noise
     sigma, model_t = ((1 - d.abar) / d.abar).sqrt(), d.model_t.to(x.device)
     for i, t, t_model in _steps(d, x, progress, "heun"):
-        x0, eps = _x0_and_eps(d, x, t, eps_fn(x, t_model), clip_x0)
+        x0, eps, shift = _guided_shift(d, x, t, eps_fn(x, t_model), clip_x0)
         abar_next = gather(d.abar_prev, t, x)
         x_next = abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
         if i > 0:
-            _, eps_next = _x0_and_eps(d, x_next, t - 1, eps_fn(x_next, model_t[t - 1]), clip_x0)
+            out = eps_fn(x_next, model_t[t - 1])
+            if shift is None:
+                _, eps_next = _x0_and_eps(d, x_next, t - 1, out, clip_x0)
+            else:  # the step's displacement, held: the second classifier term is not used
+                x0_next, _ = _x0_and_eps(d, x_next, t - 1, Guided(out.eps, x0=out.x0), clip_x0)
+                eps_next = d.eps_from_x0(x_next, t - 1, x0_next + shift)
             slope_change = (gather(sigma, t - 1, x) - gather(sigma, t, x)) * (eps_next - eps) / 2
             x_next = x_next + abar_next.sqrt() * slope_change
         x = x_next

@@ -270,19 +270,39 @@ def _stopped(run, stop: StopRequest, loss: torch.Tensor, run_dir: Path) -> None:
     )
 
 
+def _step(run: _Run, task: Task, x0: torch.Tensor, y: torch.Tensor, autocast) -> tuple:
+    """One optimizer step on the batch (x0, y): (loss, the task's stats, the gradient norm before clipping)."""
+    with autocast:
+        loss, stats = task.loss(run.net, x0, y)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    run.ema.update(run.model, run.step)
+    return loss, stats, grad_norm
+
+
+def _setup(cfg) -> torch.device:
+    """The run's device and process group; the global batch checked against the ranks."""
+    device, world = dist.setup(dist.select_device(cfg.device)), dist.world_size()
+    if cfg.train.batch_size % world:
+        raise GuidelabError(
+            f"train.batch_size {cfg.train.batch_size} is the global batch and must divide evenly over the "
+            f"{world} ranks; pick a multiple of {world}"
+        )
+    return device
+
+
 def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., Task]) -> dict:
     """Train what `make_task(cfg, data, device)` describes (kind "diffusion" or "classifier", as the checkpoint records)
     as `cfg` says."""
     run_dir = Path(run_dir)
     validate(cfg)
     tc = cfg.train
-    device = dist.setup(dist.select_device(cfg.device))
+    device = _setup(cfg)
     world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
-    if tc.batch_size % world:
-        raise GuidelabError(
-            f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over the "
-            f"{world} ranks; pick a multiple of {world}"
-        )
     found = _start(cfg, run_dir, kind)
     require_logger(cfg.logger)
     check_output_dir(run_dir, tc.min_free_gb)
@@ -312,15 +332,7 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
             if data.hflip:
                 flip = torch.rand(len(y), device=device) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            with autocast:
-                loss, stats = task.loss(run.net, x0, y)
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
-            run.opt.step()
-            run.sched.step()
-            run.step += 1
-            run.ema.update(run.model, run.step)
+            loss, stats, grad_norm = _step(run, task, x0, y, autocast)
             seen += len(y) * world
             bar.update(1)
             if run.step % tc.log_every == 0 or run.step == tc.steps:
@@ -337,10 +349,15 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
     finally:
         stop.restore()
     bar.close()
+    return _finish(run, run_dir)
+
+
+def _finish(run: _Run, run_dir: Path) -> dict:
+    """The final evaluation and checkpoint; the logger and the process group closed."""
     final = run.evaluate()
     run.save(final)
     run.logger.close()
     dist.cleanup()
-    if main:
+    if dist.is_main():
         print(f"done: {run_dir / 'checkpoints' / 'last.pt'} (step {run.step})")
     return final

@@ -29,6 +29,7 @@ from guidelab.guidance.classifier import (
     sine_boost,
     smoothed_guide,
     softplus_copy,
+    tweedie_bound,
     x0_classifier_score,
 )
 from guidelab.guidance.core import (
@@ -86,6 +87,7 @@ __all__ = [
     "sine_boost",
     "smoothed_guide",
     "softplus_copy",
+    "tweedie_bound",
     "x0_classifier_score",
     "anneal_condition",
     "attention_perturbed",

@@ -137,19 +137,8 @@ class UNet(nn.Module):
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedder(channels, emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim)  # last row: the null (unconditional) label
-        self.encoder = Encoder(
-            in_channels,
-            image_size,
-            channels,
-            channel_mult,
-            num_res_blocks,
-            attn_resolutions,
-            dropout,
-            num_heads,
-            emb_dim,
-            use_scale_shift_norm,
-        )
-
+        levels = (channels, channel_mult, num_res_blocks, attn_resolutions, dropout, num_heads, emb_dim)
+        self.encoder = Encoder(in_channels, image_size, *levels, use_scale_shift_norm)
         skip_channels = list(self.encoder.skip_channels)
         ch = self.encoder.out_channels
         self.up = nn.ModuleList()  # per level, from the lowest resolution up: num_res_blocks + 1 blocks

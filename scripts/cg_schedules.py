@@ -20,7 +20,8 @@ import torch
 
 from guidelab import guidance, networks, sampling
 from guidelab.images import to_uint8
-from guidelab.metrics import evaluate_samples, evaluator_settings, knn_judge
+from guidelab.knn import knn_judge
+from guidelab.metrics import evaluate_samples, evaluator_settings
 from guidelab.schedules import process
 
 GRIDS = [  # (sampler, steps, spacing): the default, the grids that start at t = T - 1, leading, and DDPM

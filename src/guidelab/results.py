@@ -18,8 +18,9 @@ from guidelab import sampling
 from guidelab.drawing import Drawn, flops_per_sample
 from guidelab.files import atomic_text
 from guidelab.guidance import GuidanceSpec
+from guidelab.knn import knn_judge
 from guidelab.losses import trained_guidance
-from guidelab.metrics import EvaluatorFeatures, class_accuracy, evaluate_samples, extract, knn_judge
+from guidelab.metrics import EvaluatorFeatures, class_accuracy, evaluate_samples, extract
 from guidelab.networks import Judge, Networks
 
 

@@ -166,6 +166,16 @@ def _key(*overrides: str, paths: dict | None = None, device: str = "cpu") -> dic
 COUNTS = {"nfe": 40, "classifier_nfe": 0, "classifier_seconds": None, "seconds": 1.5}
 
 
+def test_every_key_of_sample_py_is_sorted_into_images_or_not():
+    """The allow-list cannot miss a new key by oversight: each key of sample.py's config is in exactly one of
+    shards.IMAGES (decides the images), shards.READS (a network whose files are keyed) and shards.NOT_IMAGES (with why
+    not)."""
+    keys = set(_sampling_cfg().keys())
+    places = [set(shards.IMAGES), set(shards.READS), set(shards.NOT_IMAGES)]
+    assert keys == set().union(*places), sorted(keys ^ set().union(*places))
+    assert sum(len(p) for p in places) == len(keys)  # no key in two places
+
+
 def test_the_job_key_holds_exactly_the_keys_that_decide_the_images(tmp_path):
     """An allow-list: the judges, metrics, the k-NN judge's k, progress, logger, runs_root, resume and the unused
     classifier_ckpt leave the key alone; every key of shards.IMAGES, the number drawn and the device change it."""

@@ -44,6 +44,20 @@ IMAGES = {
 }
 # The networks whose weights decide the images, keyed by what they were read from (the judges' are not).
 READS = ("ckpt", "classifier_ckpt", "guide_ckpt")
+# Every other key of sample.py's config, and why it does not decide the images: a new key must be put in IMAGES or
+# here (tests/test_rundir.py checks that each key is in exactly one place), so that none is left out by oversight.
+NOT_IMAGES = {
+    "logger": "where the numbers are logged",
+    "evaluator_ckpt": "a judge reads the images, draws none",
+    "second_evaluator_ckpt": "likewise",
+    "runs_root": "where `latest` looks (the networks found are keyed by READS)",
+    "num_samples": "keyed as the number drawn (eval.num_samples under eval=true)",
+    "eval": "judging; its num_samples is keyed as the number drawn",
+    "metrics": "judging",
+    "resume": "whether finished work is reused",
+    "device": "keyed as the device type drawn on (cpu, cuda)",
+    "progress": "the progress bar",
+}
 COUNTS = ("nfe", "classifier_nfe", "classifier_seconds", "seconds")  # what each shard adds to the results row
 
 

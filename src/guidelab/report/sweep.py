@@ -10,6 +10,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from guidelab.errors import GuidelabError
+from guidelab.files import atomic_text
 from guidelab.report.figures import comparison_figure, plots, scale_grids
 from guidelab.report.rows import collect
 from guidelab.report.tables import csv_rows, markdown, write_csv
@@ -21,7 +22,7 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, wandb_run=None) -> str:
     rows = collect(sweep_dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "results.csv")
-    (out_dir / "results.md").write_text((md := markdown(rows)) + "\n")
+    atomic_text(out_dir / "results.md", (md := markdown(rows)) + "\n")
     figures = plots(rows, out_dir) + scale_grids(rows, out_dir)
     comparison_figure(rows, out_dir / "comparison.png")
     if wandb_run is not None:

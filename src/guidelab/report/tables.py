@@ -4,9 +4,11 @@ value, under a note naming the feature space and the judges, and each series at 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from guidelab.files import atomic_text
 from guidelab.report.rows import best_rows
 from guidelab.results import COLUMNS, HEADER, ROW, TABLE
 
@@ -24,8 +26,10 @@ def csv_rows(rows: list[dict]) -> list[list[str]]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([HEADER] + csv_rows(rows))
+    """results.csv, written atomically (a report run again over a sweep never leaves half a table)."""
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([HEADER] + csv_rows(rows))
+    atomic_text(path, text.getvalue())
 
 
 def _features_note(rows: list[dict]) -> str:

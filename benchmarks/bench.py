@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from guidelab import sampling
-from guidelab.diffusion import Diffusion, scheduler_betas
+from guidelab.diffusion import Diffusion, linear_betas, scheduler_betas
 from guidelab.dist import select_device
 from guidelab.guidance import make_eps_fn, resolve
 from guidelab.models import NoisyClassifier, UNet, build_classifier, build_unet
@@ -149,10 +149,10 @@ def sampling_figures(unet: UNet, classifier: NoisyClassifier, case: Case, device
     x = torch.randn(case.batch, case.channels, case.size, case.size, device=device)
     t = torch.randint(0, 1000, (case.batch,), device=device)
     y = torch.randint(0, 10, (case.batch,), device=device)
-    out = {}
+    out, diffusion = {}, Diffusion(linear_betas(1000)).to(device)  # CG projects its gradient at the step's abar_t
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for mode in ("none", "cfg", "cg"):
-            eps_fn = make_eps_fn(resolve(mode, 3.0), unet, y, classifier)
+            eps_fn = make_eps_fn(resolve(mode, 3.0), unet, y, classifier, diffusion)
             seconds = _timed(lambda fn=eps_fn: fn(x, t), device, iters, warmup=max(2, iters // 5))
             out[f"{mode}_img_steps_s"] = case.batch / seconds
     out["cg_over_none_cost"] = out["none_img_steps_s"] / out["cg_img_steps_s"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
-from guidelab.diffusion import Diffusion, cosine_betas, gather
+from guidelab.diffusion import Diffusion, cosine_betas, gather, linear_betas
 from guidelab.guidance import make_eps_fn, resolve, tweedie_bound
 from guidelab.guided import Guided
 from guidelab.sampling import sample
@@ -21,13 +21,15 @@ SIZE = 8  # mnist5k digits at 8x8: a diffusers model, a classifier and a judge t
 
 
 # ---------------------------------------------------------------- the projection
-def test_tweedie_bound_keeps_a_gradient_within_it_and_clips_each_component_beyond():
-    abar = torch.tensor([0.5, 1e-6]).view(2, 1)
-    bound = 2 * abar.sqrt() / (1 - abar)  # 2.83 and 2.0e-3
-    grad = torch.tensor([[1.0, -2.0, 3.0], [1e-3, -5e-3, 1.0]])
+def test_tweedie_bound_keeps_a_gradient_within_it_and_shrinks_one_beyond_along_its_direction():
+    abar = torch.tensor([0.5, 0.5, 1e-6]).view(3, 1)
+    bound = 2 * abar.sqrt() / (1 - abar)  # 2.83, 2.83 and 2.0e-3
+    grad = torch.tensor([[1.0, -2.0, 2.5], [1.0, -2.0, 5.66], [1e-3, -5e-3, 1.0]])
     out = tweedie_bound(grad, abar)
-    assert torch.equal(out[0, :2], grad[0, :2]) and out[0, 2] == bound[0, 0]  # within: itself; beyond: the bound
-    assert out[1, 0] == grad[1, 0] and out[1, 1] == -bound[1, 0] and out[1, 2] == bound[1, 0]
+    assert torch.equal(out[0], grad[0])  # within the bound: itself
+    for i in (1, 2):  # beyond: the same direction, its largest component at the bound, none beyond it
+        assert torch.allclose(out[i] / out[i].norm(), grad[i] / grad[i].norm())
+        assert torch.isclose(out[i].abs().max(), bound[i, 0]) and (out[i].abs() <= bound[i, 0] * (1 + 1e-6)).all()
 
 
 def _bayes_log_p(x: torch.Tensor, abar: float, points: torch.Tensor, y: int) -> torch.Tensor:
@@ -82,7 +84,7 @@ def test_the_classifier_term_is_the_projected_gradient_at_the_capped_end_of_the_
 def test_heun_uses_the_guidance_displacement_of_a_steps_first_evaluation_only():
     """The second evaluation's classifier term is not used (its trapezoid would multiply the two terms' difference by
     (sigma - sigma') / (2 sigma')): Heun's samples do not change whatever it is, and they do change with the first."""
-    process = Diffusion(cosine_betas(1000))
+    process = Diffusion(linear_betas(1000))  # `leading`: every step starts below sigma_max, every step is Heun's
     calls = []
 
     def eps_fn_with(second_score):
@@ -98,7 +100,7 @@ def test_heun_uses_the_guidance_displacement_of_a_steps_first_evaluation_only():
     runs = []
     for second in (0.01, -5.0, 100.0):
         calls.clear()
-        runs.append(sample("heun", eps_fn_with(second), process, noise, 6, "logsnr", clip_x0=False))
+        runs.append(sample("heun", eps_fn_with(second), process, noise, 6, "leading", clip_x0=False))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     unguided = sample(
         "heun",
@@ -106,7 +108,7 @@ def test_heun_uses_the_guidance_displacement_of_a_steps_first_evaluation_only():
         process,
         noise,
         6,
-        "logsnr",
+        "leading",
         clip_x0=False,
     )
     assert not torch.allclose(unguided, runs[0], atol=1e-3)

@@ -1,7 +1,8 @@
 """The classifier-guidance methods of 2022-2025 and feedback guidance on constructed networks: each reduces to the mode
-it extends where its knobs are off, its gradient matches a finite difference, and its defining property holds (entropy-
-driven scale, calibrated log-probability, softplus smoothing, sine schedule, backward guidance, self-recurrence, the
-feedback scale and its log-posterior update), plus the classifier-training options (entropy constraint, PGD on x_t)."""
+it extends where its knobs are off, its gradient matches a finite difference, and its defining property holds
+(entropy-driven scale, calibrated log-probability, softplus smoothing, sine schedule, backward guidance,
+self-recurrence, the feedback scale and its log-posterior update), plus the classifier-training options (entropy
+constraint, PGD on x_t)."""
 
 import math
 

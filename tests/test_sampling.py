@@ -11,7 +11,7 @@ from guidelab.errors import GuidelabError
 from guidelab.guidance import MODES
 from guidelab.guided import Guided
 from guidelab.models import build_classifier, build_unet
-from guidelab.sampling import SAMPLERS, SPACINGS, sample, timesteps
+from guidelab.sampling import SAMPLERS, SIGMA_MAX, SPACINGS, sample, timesteps
 
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
@@ -249,10 +249,11 @@ def test_every_sampler_runs_every_guidance_mode(sampler, mode):
 
 
 def test_heun_is_karras_algorithm_1():
-    """Heun on this VP model equals Karras et al. 2022, Alg. 1 written in their variables (sigma(t) = t, s(t) = 1:
-    x = x_t / sqrt(abar), D the denoiser) on the same sigma grid, for Gaussian data whose denoiser is exact:
-    D(x; sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu). (Linear schedule: the cosine one's first sigma, 2e4, amplifies
-    the float32 rounding of the oracle's eps to 1e-3 in x_0, in every sampler alike.)"""
+    """Heun on this VP model equals Karras et al. 2022, Alg. 1 written in their variables (sigma(t) = t, s(t) = 1: x =
+    x_t / sqrt(abar), D the denoiser) on the same sigma grid, for Gaussian data whose denoiser is exact: D(x; sigma) =
+    mu + s^2 / (s^2 + sigma^2) (x - mu); a step from above their sigma_max = 80 (the logsnr grid's first, from t = T - 1
+    at sigma = 158, entering their schedule) is its Euler step alone. (Linear schedule: the cosine one's first sigma,
+    2e4, amplifies the float32 rounding of the oracle's eps to 1e-3 in x_0, in every sampler alike.)"""
     mu, s = 0.5, 0.2
     d, oracle, noise, _ = gaussian_setup("linear", mu, s)
     grid = timesteps(d, 8, "logsnr")
@@ -262,7 +263,7 @@ def test_heun_is_karras_algorithm_1():
     for sigma, sigma_next in zip(sigmas, sigmas[1:]):
         slope = (x - denoise(x, sigma)) / sigma
         x_next = x + (sigma_next - sigma) * slope
-        if sigma_next != 0:
+        if sigma_next != 0 and not (sigma == sigmas[0] and sigma > SIGMA_MAX):  # the entry step: Euler alone
             x_next = x + (sigma_next - sigma) * (slope + (x_next - denoise(x_next, sigma_next)) / sigma_next) / 2
         x = x_next
     ours = sample("heun", oracle, d, noise, 8, "logsnr", clip_x0=False)
@@ -287,13 +288,17 @@ def test_heun_is_ddim_where_the_slope_does_not_change_and_second_order_where_it_
     assert error["heun", 10] / error["heun", 20] > 3 and error["ddim", 10] / error["ddim", 20] < 2.5, error
 
 
-def test_heun_costs_two_evaluations_per_step_but_the_last():
+def test_heun_costs_two_evaluations_per_step_but_the_last_and_one_beyond_sigma_max():
     d = Diffusion(linear_betas(1000))
     calls = []
     eps_fn = lambda x, t: calls.append(int(t[0])) or Guided(0.3 * x)
-    sample("heun", eps_fn, d, torch.zeros(2, 1, 1, 1), 7, "logsnr")
-    grid = timesteps(d, 7, "logsnr").flip(0).tolist()
+    sample("heun", eps_fn, d, torch.zeros(2, 1, 1, 1), 7, "leading")  # every step starts below sigma = 80
+    grid = timesteps(d, 7, "leading").flip(0).tolist()
     assert len(calls) == 2 * 7 - 1 and calls == [grid[0]] + [g for g in grid[1:] for _ in (0, 1)]
+    calls.clear()
+    sample("heun", eps_fn, d, torch.zeros(2, 1, 1, 1), 7, "logsnr")  # its first step, from t = 999, starts at 158
+    grid = timesteps(d, 7, "logsnr").flip(0).tolist()
+    assert len(calls) == 2 * 7 - 2 and calls == grid[:2] + [g for g in grid[2:] for _ in (0, 1)]
 
 
 def test_the_classifier_correction_comes_after_the_clip_and_is_not_clipped_again():

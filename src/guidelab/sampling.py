@@ -252,23 +252,30 @@ def heun(
     """Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models"), Alg. 1: deterministic
     Heun steps of the probability-flow ODE dx/dsigma = eps in x = x_t / sqrt(abar), sigma = sqrt((1 - abar) / abar).
     Each step is Euler's, x' = x0 + sigma' eps (DDIM in these variables), then, unless sigma' = 0, corrected with the
-    slope at x': x' += (sigma' - sigma) (eps' - eps) / 2. A grid of n timesteps costs 2 n - 1 network evaluations.
+    slope at x': x' += (sigma' - sigma) (eps' - eps) / 2. A grid of n timesteps costs 2 n - 1 network evaluations
+    (2 n - 2 where its first step starts above SIGMA_MAX, as every grid from t = T - 1 does).
+
+    The correction is (sigma' - sigma) (eps' - eps) / 2 = (sigma / sigma' - 1) (D' - D) / 2 in the data predictions D of
+    the two evaluations: it extrapolates their difference by half the step's sigma ratio, which Karras et al.'s
+    schedules bound (they start at sigma_max = 80, SIGMA_MAX). A grid's first step, where it starts above SIGMA_MAX
+    (from t = T - 1: sigma = 158 on the linear schedule, 2e4 on the capped cosine one), enters that schedule from
+    outside it and is taken as the Euler step alone: there the correction extrapolated D' - D by 125, and an
+    eps-prediction model's D at abar = 2.4e-9 (recovered from eps with the factor 1 / sqrt(abar) = 2e4) turned every
+    unguided cosine-schedule sample into noise (FID 177 against DDIM's 10; docs/results.md, "Classifier guidance on
+    every schedule").
 
     Guidance terms that displace the data prediction (a classifier's score, an x0_shift) are held constant over the
-    step, as DDIM's update holds the data prediction constant: the displacement of the step's first evaluation is
-    added to the second evaluation's data prediction in place of that evaluation's own (whose classifier pass goes
-    unused). The trapezoid's correction, which is first order in the difference of the two slopes, thus corrects the
-    model's own prediction only. Averaging the two classifier terms instead multiplies their difference by
-    (sigma - sigma') / (2 sigma') in x / sqrt(abar'), 125 at the first step of a 10-step logsnr grid on the cosine
-    schedule (sigma from 2e4 to 80): the two noise levels' learned gradients differ, and every sample was wrecked
-    (docs/results.md, "Classifier guidance on every schedule")."""
+    step, as DDIM's update holds the data prediction constant: the displacement of the step's first evaluation is added
+    to the second evaluation's data prediction in place of that evaluation's own (whose classifier pass goes unused), so
+    that the correction extrapolates the model's own change only, not the difference of two noise levels' classifier
+    terms."""
     d, x = process, noise
     sigma, model_t = ((1 - d.abar) / d.abar).sqrt(), d.model_t.to(x.device)
     for i, t, t_model in _steps(d, x, progress, "heun"):
         x0, eps, shift = _guided_shift(d, x, t, eps_fn(x, t_model), clip_x0)
         abar_next = gather(d.abar_prev, t, x)
         x_next = abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
-        if i > 0:
+        if i > 0 and not (i == d.num_steps - 1 and float(sigma[i]) > SIGMA_MAX):  # the entry step: Euler alone
             out = eps_fn(x_next, model_t[t - 1])
             if shift is None:
                 _, eps_next = _x0_and_eps(d, x_next, t - 1, out, clip_x0)

@@ -1,7 +1,7 @@
 """Classifier guidance on every schedule: one table of (model, sampler, grid) -> accuracy and FID, read by the ResNet
 judge (FID in its features against the real test split) and by the k-NN judge, for docs/results.md.
 
-    python scripts/cg_schedules.py OUT [--scales 3 10] [--num 200]
+    python scripts/cg_schedules.py OUT [--scales 3 10] [--num 200] [--unguided]
 
 OUT holds what scripts/cg_schedules.sh trains: lin/{diffusion,classifier} (guidelab's UNet, linear schedule, eps),
 cos/{diffusion,classifier} (guidelab's UNet, cosine, eps), vcos/ + vcos_classifier/ (a diffusers UNet2DModel trained
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 10.0])
     parser.add_argument("--num", type=int, default=200)
+    parser.add_argument("--unguided", action="store_true", help="only the unguided runs, on every grid")
     args = parser.parse_args()
     out, cpu = args.out.resolve(), torch.device("cpu")
     judge, _ = networks.load(out / "evaluator/checkpoints/last.pt", "classifier", cpu)
@@ -67,6 +68,7 @@ def main() -> None:
         clf, _ = networks.load(out / classifier, "classifier", cpu)
         diffusion = process(record["config"]["diffusion"])
         runs = [("none", 1.0, GRIDS[0])] + [("cg", s, grid) for s in args.scales for grid in GRIDS]
+        runs = [("none", 1.0, grid) for grid in GRIDS] if args.unguided else runs
         for mode, scale, (sampler, steps, spacing) in runs:
             spec = guidance.resolve(mode, scale, base="uncond")
             t0 = time.perf_counter()

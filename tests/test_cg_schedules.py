@@ -4,6 +4,7 @@ UNet2DModel trained by a plain diffusers loop (v-prediction, squaredcos_cap_v2, 
 alpha-bar is 2.4e-9), a noisy classifier trained on its schedule by train_classifier.py, CG under every sampler and
 grid, judged by an evaluator of another family (a ResNet)."""
 
+import functools
 import json
 import os
 import sys
@@ -147,6 +148,7 @@ def cosine_v_model(tmp_path_factory):
     return root
 
 
+@functools.cache  # the unguided run serves every test of the module
 def _judged(root, mode: str, scale: float, sampler: str, steps: int, spacing: str, **params) -> tuple[float, float]:
     """(accuracy, FID) of 100 samples, both read by the ResNet judge (FID in its features, against the real test
     split); the same noise for every run."""

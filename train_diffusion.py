@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from guidelab.attributes import check_defined, statistics
 from guidelab.cli import main
 from guidelab.data import ImageData, dataset_shape
 from guidelab.diffusion import Diffusion
@@ -61,6 +62,10 @@ def check_guidance_free(cfg) -> None:
     check_mg_w(tc.get("mg_w", 0.0))
     if kind == "none":
         return
+    if mc.get("attributes"):
+        raise GuidelabError(
+            f"train.guidance_free={kind} trains class-only networks; with model.attributes use train.guidance_free=none"
+        )
     if not mc.get("conditional", True) or not mc.get("p_uncond", 0) > 0:
         raise GuidelabError(
             f"train.guidance_free={kind} trains the null class by label dropout: it needs a class-conditional model "
@@ -143,6 +148,11 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
         return {"_image": path}
 
     model = network(cfg, channels, num_classes)
+    if getattr(
+        model, "attributes", ()
+    ):  # the training set's statistics normalise the attributes, saved with the weights
+        stats = statistics(data.attributes, model.attributes)
+        model.attr_stats.copy_(torch.tensor([[stats[n][k] for n in model.attributes] for k in ("mean", "std")]))
     return Task(model, training_loss(cfg, diffusion, model), evaluate)
 
 
@@ -152,6 +162,8 @@ def check(cfg) -> None:
     check_guidance_free(cfg)
     preview_guidance(cfg)  # the preview grids' CFG scale
     channels, class_names = dataset_shape(cfg.dataset)  # dataset=folder: its root and class folders, read now
+    if cfg.model.get("attributes"):
+        check_defined(cfg.dataset, f"model.attributes={list(cfg.model.attributes)}")
     check_buildable("model", cfg.model, lambda: network(cfg, channels, len(class_names)))
 
 

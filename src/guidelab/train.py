@@ -23,6 +23,8 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from guidelab import checkpoint, dist
+from guidelab.attributes import measured, statistics
+from guidelab.conditions import ATTRIBUTES, rows
 from guidelab.data import ImageData, load_from_config
 from guidelab.errors import GuidelabError
 from guidelab.log import Logger, require_logger
@@ -56,9 +58,27 @@ class EMA:
             b_ema.copy_(b)
 
 
+def conditioned_on(cfg) -> tuple[str, ...]:
+    """The measured attributes the trained network takes or predicts (model.attributes, classifier.attributes)."""
+    group = cfg.get("model") or cfg.get("classifier") or {}
+    return tuple(group.get("attributes") or ())
+
+
 def load_data(cfg, split: str) -> ImageData:
-    """One split of the configured dataset, every key of its config passed on (a set's own keys included)."""
-    return load_from_config(OmegaConf.to_container(cfg.dataset), split, seed=cfg.seed)
+    """One split of the configured dataset, every key of its config passed on (a set's own keys included), with its
+    measured attributes where the network is conditioned on them (`conditioned_on`)."""
+    dataset = OmegaConf.to_container(cfg.dataset)
+    data = load_from_config(dataset, split, seed=cfg.seed)
+    if conditioned_on(cfg):
+        data.attributes = measured(data, dataset, split)
+    return data
+
+
+def conditions(data: ImageData) -> torch.Tensor:
+    """What the network is trained on besides the image: the labels, or condition rows with the attributes."""
+    if data.attributes is None:
+        return data.labels
+    return rows(data.labels, dict(zip(ATTRIBUTES, data.attributes.T)))
 
 
 # ---------------------------------------------------------------- the loop
@@ -309,10 +329,13 @@ def train(cfg, kind: str, run_dir: str | os.PathLike, make_task: Callable[..., T
     torch.manual_seed(cfg.seed + rank)  # ranks draw different noise; DDP broadcasts rank 0's initial weights
     data = load_data(cfg, "train")
     task = make_task(cfg, data, device)
-    config = {**OmegaConf.to_container(cfg, resolve=True), "data_info": data.info}
+    info = (
+        data.info if data.attributes is None else {**data.info, "attributes": statistics(data.attributes, ATTRIBUTES)}
+    )
+    config = {**OmegaConf.to_container(cfg, resolve=True), "data_info": info}
     if "diffusion" in cfg:  # the schedule in diffusers' terms: a pretrained model's is read once, here
         config["schedule"] = schedule_signature(cfg.diffusion)
-    images, labels = data.images.to(device), data.labels.to(device)  # small data sets live on the device
+    images, labels = data.images.to(device), conditions(data).to(device)  # small data sets live on the device
     run = _build(cfg, kind, run_dir, task, config, device, len(labels))
     if found is not None:
         run.step, order = checkpoint.restore(*found, config, run.modules, run.data_gen, device, cfg.seed)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from guidelab.conditions import drop_labels
+from guidelab.conditions import drop_labels, labels_of
 from guidelab.diffusion import gather
 from guidelab.errors import GuidelabError, one_line
 from guidelab.models.layers import select_blocks
@@ -79,13 +79,14 @@ class DiffusersUNet(nn.Module):
             raise GuidelabError(f"a {prediction_type} model needs its schedule's alpha-bar to give eps")
         self.register_buffer("abar", None if abar is None else abar.to(torch.float64), persistent=False)
         self._hooks: dict[str, Callable] = {}
+        self.attributes = ()  # a class input at most: no measured attributes
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """In training mode, each label replaced by null_class with probability p_uncond (`conditions.drop_labels`)."""
         return drop_labels(y, self.p_uncond, self.null_class) if self.training else y
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        labels = self.drop_labels(y) if self.conditional else None
+        labels = self.drop_labels(labels_of(y)) if self.conditional else None  # condition rows: their class alone
         out = self.model(x, t, class_labels=labels, return_dict=False)[0]
         out = out[:, : self.in_channels] if out.shape[1] != self.in_channels else out
         if self.prediction_type == "epsilon":

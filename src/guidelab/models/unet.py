@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guidelab.conditions import drop_labels
+from guidelab.conditions import ATTRIBUTES, columns, drop_fields, labels_of
 from guidelab.errors import GuidelabError
 from guidelab.models.layers import (
     AttentionBlock,
@@ -98,6 +98,17 @@ class Encoder(nn.Module):
         return self.mid(h, emb), skips
 
 
+def check_attributes(attributes) -> tuple[str, ...]:
+    """model.attributes: names of guidelab.morpho's measurements, each once."""
+    names = tuple(attributes)
+    for name in names:
+        if name not in ATTRIBUTES:
+            raise GuidelabError(f"model.attributes: unknown attribute {name!r}; measured ones: {', '.join(ATTRIBUTES)}")
+    if len(set(names)) < len(names):
+        raise GuidelabError(f"model.attributes lists an attribute twice: {list(names)}; list each once")
+    return names
+
+
 class Perturbation(NamedTuple):
     """What `UNet.perturbed` changes besides attention: functions applied inside the forward pass (None = nothing)."""
 
@@ -128,6 +139,8 @@ class UNet(nn.Module):
         p_uncond: float = 0.1,  # training-time probability of replacing a label by the null label (CFG)
         use_scale_shift_norm: bool = False,  # ADM AdaGN; False keeps DDPM's additive embedding and 35.7M params
         beta_embed: bool = False,  # GFT's beta input (train.guidance_free=gft); False: none, as every older checkpoint
+        attributes: tuple = (),  # measured attributes it is conditioned on besides the class, e.g. [thickness,slant]
+        p_field: float = 0.1,  # training-time probability of dropping each field alone (with attributes)
     ):
         super().__init__()
         Range(0, 1, "the label-dropout rate; 0.1 in Ho & Salimans 2022").check("model.p_uncond", p_uncond, {})
@@ -164,10 +177,32 @@ class UNet(nn.Module):
         if beta_embed:
             self.beta_embed = TimestepEmbedder(channels, emb_dim)
             zero_module(self.beta_embed.mlp[-1])
+        self.attributes = check_attributes(attributes)
+        Range(0, 1, "each field's own dropout rate").check("model.p_field", p_field, {})
+        self.p_field = p_field
+        if self.attributes:  # built after everything else: a class-only network draws the same weights as before
+            self.attr_embed = nn.ModuleList(TimestepEmbedder(channels, emb_dim) for _ in self.attributes)
+            self.attr_null = nn.Parameter(torch.zeros(len(self.attributes), emb_dim))  # each attribute's learned null
+            # the training set's mean and SD of each attribute (set by train_diffusion.py, saved with the weights)
+            self.register_buffer(
+                "attr_stats", torch.stack([torch.zeros(len(self.attributes)), torch.ones(len(self.attributes))])
+            )
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """In training mode, each label replaced by null_class with probability p_uncond (`conditions.drop_labels`)."""
-        return drop_labels(y, self.p_uncond, self.null_class) if self.training else y
+        """In training mode, the condition dropped to its null (`conditions.drop_fields`): plain labels each with
+        probability p_uncond; condition rows field by field with p_field, then whole rows with p_uncond."""
+        return drop_fields(y, self.p_uncond, self.null_class, self.p_field) if self.training else y
+
+    def attribute_embedding(self, y: torch.Tensor) -> torch.Tensor:
+        """The sum of the attributes' embeddings: each value normalised by the training set's statistics, scaled into
+        the sinusoidal features' range (100 v + 500: 0.01 SD resolves, requests far outside the data still embed),
+        and its learned null where the row leaves it free (NaN; plain labels leave every attribute free)."""
+        values = columns(y, self.attributes)
+        mean, std = self.attr_stats
+        features = 500 + 100 * torch.nan_to_num((values - mean) / std)
+        embs = torch.stack([embed(features[:, i]) for i, embed in enumerate(self.attr_embed)], dim=1)
+        free = torch.isnan(values).unsqueeze(-1)
+        return torch.where(free, self.attr_null.to(embs.dtype), embs).sum(dim=1)
 
     def attention_blocks(self, names=None) -> dict[str, AttentionBlock]:
         """The self-attention blocks by module path (e.g. encoder.mid.1), what `perturbed(attention=...)` can reach:
@@ -199,13 +234,17 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, beta: torch.Tensor | float | None = None
     ) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) timesteps (int or float), y (B,) int64 in [0, num_classes] -> eps (B, C, H, W).
+        """x (B, C, H, W), t (B,) timesteps (int or float), y (B,) int64 in [0, num_classes] or condition rows
+        (B, F) (`conditions.rows`: the class and the attributes it knows are read) -> eps (B, C, H, W).
         `beta` (B,) or a number in (0, 1]: GFT's temperature, for a network built with beta_embed (None = 1)."""
-        labels = self.drop_labels(y)
+        conds = self.drop_labels(y)
+        labels = labels_of(conds)
         class_emb = self.class_embed(labels)
         if self._perturb.class_embedding is not None:
             class_emb = self._perturb.class_embedding(labels, class_emb)
         emb = self.time_embed(t, self._perturb.time_features) + class_emb
+        if self.attributes:
+            emb = emb + self.attribute_embedding(conds)
         if self.beta_embed is not None:
             beta = torch.as_tensor(1.0 if beta is None else beta, dtype=torch.float32, device=x.device)
             emb = emb + self.beta_embed(1000 * beta.expand(x.shape[0]))

@@ -33,6 +33,7 @@ ORDER = [
     "sampling",
     "metrics",
     "knn",
+    "measured",
     "networks",
     "drawing",
     "results",

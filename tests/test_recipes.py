@@ -112,8 +112,9 @@ def test_a_data_set_is_one_registered_loader():
 
 
 def test_every_label_dropout_draws_through_conditions():
-    """One null mechanism: every function named drop_labels outside guidelab/conditions.py delegates to it, and no
-    other module draws a dropout mask of its own (torch.rand(...) < p_uncond)."""
+    """One null mechanism: every function named drop_labels outside guidelab/conditions.py delegates to it (to
+    drop_labels, or to drop_fields, which drops plain labels through drop_labels), and no other module draws a
+    dropout mask of its own (torch.rand(...) < p_uncond)."""
     package = Path(config.__file__).parent
     for path in package.rglob("*.py"):
         if path.name == "conditions.py":
@@ -122,5 +123,6 @@ def test_every_label_dropout_draws_through_conditions():
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name == "drop_labels":
                 calls = [c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
-                assert "drop_labels" in calls, f"{path.name}: drop_labels does not delegate to conditions"
-        assert "< p_uncond" not in path.read_text() and "< self.p_uncond" not in path.read_text(), path.name
+                assert {"drop_labels", "drop_fields"} & set(calls), f"{path.name}: drop_labels does not delegate"
+        text = path.read_text()
+        assert not any(f"< {p}" in text for p in ("p_uncond", "self.p_uncond", "p_field", "self.p_field")), path.name

@@ -53,7 +53,7 @@ def requested_labels(
 
 
 # ---------------------------------------------------------------- condition rows: a class and measured attributes
-FIELDS = ("class", "area", "length", "thickness", "slant", "width", "height")  # a row's columns, in this order
+FIELDS = ("label", "area", "length", "thickness", "slant", "width", "height")  # a row's columns, in this order
 ATTRIBUTES = FIELDS[1:]  # guidelab.morpho's measurements (Castro et al. 2019, Sec. 3), in pixels of a 28 px canvas
 
 
@@ -100,7 +100,7 @@ def asked(y: torch.Tensor, null_class: int | None) -> tuple[str, ...]:
     """The fields a batch asks for, read from its first row (every row of a run asks the same fields): the class
     unless it is the null class, and every attribute whose column is not NaN."""
     first = y[:1] if y.dim() == 1 else y[0]
-    fields = () if null_class is not None and int(first[0]) == null_class else ("class",)
+    fields = () if null_class is not None and int(first[0]) == null_class else ("label",)
     return fields + tuple(f for i, f in enumerate(FIELDS) if i and y.dim() == 2 and not torch.isnan(first[i]))
 
 
@@ -146,7 +146,7 @@ def requested(
     Without attributes: `requested_labels` (plain labels, as every class-only run). With `attrs` {name: value or
     list}: condition rows, one for every combination of the class list and each attribute's values (the class
     varying fastest), sample i taking combination i % n; `labels=any` leaves the class free (its null).
-    `negative` {field: value} ("class" or an attribute) is the NOT of the request: rows holding only those fields,
+    `negative` {field: value} ("label" or an attribute) is the NOT of the request: rows holding only those fields,
     which the guidance steers away from (a negative prompt)."""
     attrs, negative = dict(attrs or {}), dict(negative or {})
     if not attrs and not negative and labels != "any":
@@ -164,10 +164,10 @@ def requested(
     y = rows(torch.tensor(columns_[0]), {n: torch.tensor(c) for n, c in zip(attrs, columns_[1:])})
     if not negative:
         return y, None
-    not_class = negative.pop("class", None)
-    values = {n: _values(n, v, "not") for n, v in negative.items()}
+    not_class = negative.pop("label", None)
+    values = {n: _values(n, v, "negative") for n, v in negative.items()}
     if any(len(v) > 1 for v in values.values()):
-        raise GuidelabError("not.<attribute> takes one value per field (what to steer away from), e.g. not.slant=0.5")
+        raise GuidelabError("negative.<field> takes one value (what to steer away from), e.g. negative.slant=0.5")
     null = num_classes if not_class is None else int(requested_labels(not_class, 1, num_classes, class_names, where))
     away = rows(torch.full((num_samples,), null), {n: torch.full((num_samples,), v[0]) for n, v in values.items()})
     return y, away

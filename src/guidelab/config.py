@@ -24,6 +24,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from guidelab.conditions import FIELDS
 from guidelab.data import DATASETS, DatasetSpec, dataset_info
 from guidelab.errors import GuidelabError
 from guidelab.guidance import MODES
@@ -36,6 +37,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's
 
 
 NULL_TYPES = {"labels": Any, "reference_num": Optional[int]}  # keys whose default is null; other nulls: Optional[str]
+NULL_TYPES |= {name: Any for name in FIELDS}  # attrs.*, negative.*, weights.*: numbers, lists, a class
 ANY_TYPES = {"resume": Any}  # keys of more than one type: resume is true, false or auto (checked by check_resume)
 
 

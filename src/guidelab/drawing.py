@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from guidelab import dist, guidance, networks, sampling, shards
-from guidelab.conditions import requested_labels
+from guidelab.conditions import labels_of, requested
 from guidelab.errors import GuidelabError
 from guidelab.guidance import GuidanceSpec
 from guidelab.guided import measured_flops
@@ -38,6 +38,7 @@ class Drawn:
     counts: list[dict]  # each rank's evaluations: nfe, classifier_nfe, classifier_seconds (shards.COUNTS)
     seconds: float  # wall seconds of the sampling loop (a reused batch adds the seconds it took when drawn)
     kept: bool = False  # a finished run's samples.npz, kept by a resume (not drawn again)
+    request: tuple = (None, None)  # the conditions asked of each sample and their NOT (`request_of`)
 
 
 def check(cfg) -> GuidanceSpec:
@@ -75,12 +76,20 @@ def check(cfg) -> GuidanceSpec:
     return spec
 
 
-def labels_of(cfg, nets: Networks) -> torch.Tensor:
-    """The class of every sample the run draws (eval.num_samples of them with eval=true, else num_samples)."""
+def request_of(cfg, nets: Networks) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The condition of every sample the run draws (eval.num_samples of them with eval=true, else num_samples): plain
+    labels, or condition rows where attributes or labels=any are asked; and the request's NOT (None without)."""
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
     class_names = nets.train_config["data_info"].get("class_names")  # labels=[cat,dog] by name
     wanted = cfg.eval.num_samples if cfg.eval.enabled else cfg.num_samples
-    return requested_labels(labels, wanted, nets.num_classes, class_names, nets.paths["ckpt"])
+    attrs, negative = (_given(cfg.get(key)) for key in ("attrs", "negative"))
+    return requested(labels, attrs, wanted, nets.num_classes, class_names, nets.paths["ckpt"], negative)
+
+
+def _given(node) -> dict:
+    """The keys of a config block (attrs, not, weights) that are set, as plain values."""
+    values = OmegaConf.to_container(node) if OmegaConf.is_config(node) else dict(node or {})
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def run(cfg, spec: GuidanceSpec, nets: Networks, run_dir: Path, device: torch.device) -> Drawn | None:
@@ -90,24 +99,26 @@ def run(cfg, spec: GuidanceSpec, nets: Networks, run_dir: Path, device: torch.de
     if cfg.compile:  # CUDA graphs on CUDA: every step of a batch has the same shapes
         mode = "reduce-overhead" if device.type == "cuda" and cfg.compile_backend == "inductor" else None
         nets.unet.net = torch.compile(nets.unet.net, backend=cfg.compile_backend, dynamic=False, mode=mode)
-    y_all = labels_of(cfg, nets)
-    y_np = y_all.numpy().astype(np.int64)
+    y_all, negative = request_of(cfg, nets)
+    y_np = labels_of(y_all).numpy().astype(np.int64)
     key = shards.job_key(cfg, nets.paths, device.type)
     done = shards.written(run_dir, key, cfg.resume, y_np)
-    drawn = draw_all(cfg, spec, nets, y_all, key, run_dir, device) if done is None else None
+    drawn = draw_all(cfg, spec, nets, (y_all, negative), key, run_dir, device) if done is None else None
     dist.cleanup()
     if not dist.is_main():  # rank 0 gathered every rank's batches
         return None
     if done is not None:
-        return Drawn(done[0], y_np, done[1], done[2], kept=True)
+        return Drawn(done[0], y_np, done[1], done[2], kept=True, request=(y_all, negative))
     images, counts, seconds = drawn
     shards.finish(run_dir, images, y_np, counts, seconds)  # the batches go; what they cost stays, for a resume
-    return Drawn(images, y_np, counts, seconds)
+    return Drawn(images, y_np, counts, seconds, request=(y_all, negative))
 
 
-def draw_all(cfg, spec, nets, y_all: torch.Tensor, key: dict, run_dir: Path, device: torch.device):
+def draw_all(cfg, spec, nets, request: tuple, key: dict, run_dir: Path, device: torch.device):
     """Every batch of the run, this rank's share drawn (or reused from RUN/shards after a kill) and gathered on rank
-    0: (images in batch order, each rank's evaluation counts, seconds), None on the other ranks."""
+    0: (images in batch order, each rank's evaluation counts, seconds), None on the other ranks. `request`: the
+    conditions and the NOT of every sample (`request_of`)."""
+    y_all, negative = request
     world, rank, is_main = dist.world_size(), dist.rank(), dist.is_main()
     starts = list(range(0, len(y_all), cfg.batch_size))
     reuse = shards.start(run_dir, key, cfg.resume)  # resume=true: the finished batches
@@ -126,15 +137,17 @@ def draw_all(cfg, spec, nets, y_all: torch.Tensor, key: dict, run_dir: Path, dev
         disable=not (cfg.progress and is_main),
     ):
         y_cpu = y_all[starts[b] : starts[b] + cfg.batch_size]
+        labels = labels_of(y_cpu).numpy()
         if b in reuse:
-            images, counts = shards.load(reuse[b], y_cpu.numpy())
+            images, counts = shards.load(reuse[b], labels)
             mine.append((b, images))
             drawn_before.append(counts)
             continue
         before, tb = nets.evaluations(), time.perf_counter()
-        mine.append((b, draw(cfg, spec, nets, y_cpu.to(device), b, sampler, device)))
+        away = None if negative is None else negative[starts[b] : starts[b] + cfg.batch_size].to(device)
+        mine.append((b, draw(cfg, spec, nets, y_cpu.to(device), b, sampler, device, away)))
         cost = {k: None if v is None else v - before[k] for k, v in nets.evaluations().items()}
-        shards.save(run_dir, b, mine[-1][1], y_cpu.numpy(), cost | {"seconds": time.perf_counter() - tb})
+        shards.save(run_dir, b, mine[-1][1], labels, cost | {"seconds": time.perf_counter() - tb})
     counts = nets.evaluations()  # this run's draws, plus what the reused batches cost when they were drawn
     for c in drawn_before:
         counts = {k: v if c[k] is None else (v or 0) + c[k] for k, v in counts.items()}
@@ -148,21 +161,28 @@ def draw_all(cfg, spec, nets, y_all: torch.Tensor, key: dict, run_dir: Path, dev
     return images, [g[1] for g in gathered], seconds
 
 
-def draw(cfg, spec, nets, y: torch.Tensor, b: int, sampler: dict, device: torch.device) -> np.ndarray:
-    """Batch b's samples (uint8 NHWC) for the labels y: its noise from seed * 1000003 + b, the guidance, the sampler."""
+def draw(cfg, spec, nets, y: torch.Tensor, b: int, sampler: dict, device: torch.device, negative=None) -> np.ndarray:
+    """Batch b's samples (uint8 NHWC) for the conditions y (and their NOT): its noise from seed * 1000003 + b, the
+    guidance, the sampler."""
     unet = nets.unet
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
     noise = torch.randn((len(y), unet.in_channels, unet.image_size, unet.image_size), device=device, generator=gen)
-    eps_fn = guidance.make_eps_fn(spec, unet, y, nets.classifier, nets.diffusion, nets.guide)
+    weights = _given(cfg.get("weights"))
+    regressor = getattr(nets, "regressor", None)
+    eps_fn = guidance.make_eps_fn(
+        spec, unet, y, nets.classifier, nets.diffusion, nets.guide, negative, weights, regressor
+    )
     s = cfg.sampler
     return to_uint8(
         sampling.sample(s.name, eps_fn, nets.diffusion, noise, s.steps, s.spacing, s.clip_x0, gen, **sampler)
     )
 
 
-def flops_per_sample(cfg, spec, nets, y_all: torch.Tensor, device: torch.device) -> float:
-    """The FLOPs of one sample (`measured_flops`), counted on a separate run of the first 4 requested labels through
-    the same guidance and sampler (after the counted run: its NFE and seconds are untouched)."""
+def flops_per_sample(cfg, spec, nets, request: tuple, device: torch.device) -> float:
+    """The FLOPs of one sample (`measured_flops`), counted on a separate run of the first 4 requested conditions (and
+    their NOT) through the same guidance and sampler (after the counted run: its NFE and seconds are untouched)."""
+    y_all, negative = request
     y = y_all[:4].to(device)
+    away = None if negative is None else negative[:4].to(device)
     sampler = sampling.SAMPLERS.own(cfg.sampler)
-    return measured_flops(draw, cfg, spec, nets, y, 0, sampler, device) / len(y)
+    return measured_flops(draw, cfg, spec, nets, y, 0, sampler, device, away) / len(y)

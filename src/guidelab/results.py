@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from guidelab import sampling
+from guidelab import measured, sampling
+from guidelab.conditions import ATTRIBUTES, asked
 from guidelab.drawing import Drawn, flops_per_sample
 from guidelab.files import atomic_text
 from guidelab.guidance import GuidanceSpec
@@ -77,6 +78,31 @@ ROW = (
     Column("disagreement", "accuracy - accuracy_2", md=True),
     Column("accuracy_knn", "the third judge's accuracy: a k-NN in pixel space on the real training images", md=True),
     Column("knn_test_acc", "its held-out accuracy on the real test split"),
+    Column(
+        "request",
+        "the fields asked of every sample (label and the measured attributes), then each field of the NOT after a '-'",
+        md=True,
+    ),
+    *(
+        Column(f"{a}_{kind}", doc, md=True)
+        for a in ATTRIBUTES
+        for kind, doc in (
+            (
+                "mae",
+                f"mean absolute error between the {a} requested and the {a} measured on the image (guidelab.morpho)",
+            ),
+            ("slope", f"least-squares slope of the measured {a} against the requested one (1 = followed)"),
+        )
+    ),
+    Column(
+        "joint_success",
+        "share of samples that meet every attribute asked within guidelab.measured.TOLERANCE and, where the label is "
+        "asked, are read as it by the primary evaluator",
+        md=True,
+    ),
+    Column(
+        "free_spread", "SD of the attributes left free over their SD in the training data (collapse: << 1)", md=True
+    ),
     Column("num_samples", "samples in the set"),
     Column("seconds", "wall seconds of the sampling loop (all ranks)"),
     Column("seconds_per_sample", "seconds / num_samples", md=True),
@@ -202,9 +228,33 @@ def fill(cfg, spec: GuidanceSpec, nets: Networks, drawn: Drawn, device: torch.de
             (values if k in COLUMNS else details)[k] = v
     if len(nets.judges) == 2:
         values["disagreement"] = values["accuracy"] - values["accuracy_2"]
+    if drawn.request[0] is not None and drawn.request[0].dim() == 2:  # a conditioned request: read back on the image
+        columns_, details["attributes"] = attribute_verdict(nets, drawn, device)
+        values |= columns_
     row = make_row(**values)
-    row["gflops_per_sample"] = flops_per_sample(cfg, spec, nets, torch.from_numpy(drawn.labels), device) / 1e9
+    row["gflops_per_sample"] = flops_per_sample(cfg, spec, nets, drawn.request, device) / 1e9
     return row, details
+
+
+def attribute_verdict(nets: Networks, drawn: Drawn, device: torch.device) -> tuple[dict, dict]:
+    """`measured.verdict` of a conditioned run: the training data's attribute statistics from the UNet's checkpoint
+    (or the regressor's), the class read by the primary evaluator; with no label asked, no accuracy is reported (every
+    judge would be scored against the null class)."""
+    y, negative = drawn.request
+    null = nets.num_classes
+    stats = nets.train_config["data_info"].get("attributes")
+    if stats is None and getattr(nets, "regressor", None) is not None:
+        stats = (getattr(nets, "regressor_config", None) or {}).get("data_info", {}).get("attributes")
+    primary = next((j for j in nets.judges if j.primary), None)
+    predicted = None
+    if primary is not None:
+        predicted = extract(EvaluatorFeatures(primary.net), drawn.images, device).logits.argmax(1).cpu().numpy()
+    cols, details = measured.verdict(drawn.images, y, null, stats, predicted)
+    if negative is not None:
+        cols["request"] += " " + " ".join(f"-{f}" for f in asked(negative, null))
+    if "label" not in asked(y, null):
+        cols |= dict.fromkeys(("accuracy", "accuracy_2", "accuracy_knn", "disagreement"))
+    return cols, details
 
 
 def write_metrics(path: Path, row: dict, details: dict) -> None:

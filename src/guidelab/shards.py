@@ -37,13 +37,16 @@ IMAGES = {
     "schedule": "the CFG weight over t",
     "sampler": "the sampler, its steps, grid, clip_x0 and its own keys",
     "labels": "the class asked of each sample",
+    "attrs": "the attributes asked of each sample",
+    "negative": "what the guidance steers away from",
+    "weights": "each field's weight in a composed mode",
     "batch_size": "which samples batch b holds, and its noise seed seed * 1000003 + b",
     "seed": "every batch's noise",
     "compile": "a compiled UNet may round otherwise than the eager one",
     "compile_backend": "likewise",
 }
 # The networks whose weights decide the images, keyed by what they were read from (the judges' are not).
-READS = ("ckpt", "classifier_ckpt", "guide_ckpt")
+READS = ("ckpt", "classifier_ckpt", "guide_ckpt", "regressor_ckpt")
 # Every other key of sample.py's config, and why it does not decide the images: a new key must be put in IMAGES or
 # here (tests/test_rundir.py checks that each key is in exactly one place), so that none is left out by oversight.
 NOT_IMAGES = {

@@ -23,15 +23,12 @@ from guidelab.guidance.cfg_like import (
 from guidelab.guidance.classifier import (
     backward_delta,
     calibrated_log_p,
-    classifier_score,
-    entropy_factor,
-    log_p,
     sine_boost,
     smoothed_guide,
     softplus_copy,
-    tweedie_bound,
     x0_classifier_score,
 )
+from guidelab.guidance.composed import composed_combine
 from guidelab.guidance.core import (
     MODES,
     SCHEDULE,
@@ -46,6 +43,7 @@ from guidelab.guidance.core import (
     scheduled_weight,
 )
 from guidelab.guidance.feedback import fbg_scale, log_posterior_step
+from guidelab.guidance.gradients import classifier_score, entropy_factor, log_p, tweedie_bound
 from guidelab.guidance.perturbation import (
     anneal_condition,
     attention_perturbed,
@@ -77,6 +75,7 @@ __all__ = [
     "rescale_combine",
     "tangential_uncond",
     "zero_star_scale",
+    "composed_combine",
     "fbg_scale",
     "log_posterior_step",
     "backward_delta",

@@ -137,14 +137,14 @@ def frequency_combine(
 
 
 # ---------------------------------------------------------------- the modes: builders of eps-functions
-@MODES.register(scale=None, w=False, base=BASE, uses="base")
+@MODES.register(scale=None, w=False, base=BASE, uses="base", attributes=True)
 def _none(ctx: Context, base: str = "cond") -> EpsFn:
     """eps(x_t, y) (base=cond, the conditional model) or eps(x_t, null) (base=uncond): no guidance."""
     labels = ctx.base_labels(base)
     return lambda x, t: Guided(ctx.unet(x, t, labels))
 
 
-@MODES.register()
+@MODES.register(attributes=True)
 def _cfg(ctx: Context) -> EpsFn:
     """eps_u + s (eps_c - eps_u), cond and uncond as one doubled batch (Ho & Salimans 2022, Eq. 6)."""
     return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale_at(t)))
@@ -186,7 +186,7 @@ def _cfg_rescale(ctx: Context, phi: float = 0.7, space: str = "x0") -> EpsFn:
     return eps_fn
 
 
-@MODES.register(needs=("diffusion",), sigma_lo=SIGMA, sigma_hi=INTERVAL_TOP)
+@MODES.register(needs=("diffusion",), sigma_lo=SIGMA, sigma_hi=INTERVAL_TOP, attributes=True)
 def _cfg_interval(ctx: Context, sigma_lo: float = 0.28, sigma_hi: float = 5.42) -> EpsFn:
     """CFG where sigma in (sigma_lo, sigma_hi], the conditional prediction elsewhere (Kynkaanniemi et al. 2024;
     defaults: their ImageNet-512 interval)."""

@@ -12,24 +12,20 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
+from guidelab.conditions import asked, columns, keep, labels_of
 from guidelab.diffusion import Diffusion, linear_betas, log_snr
 from guidelab.errors import GuidelabError
+from guidelab.guidance.attributes import regressor_grad
 from guidelab.guidance.cfg_like import BASE, INTERVAL_TOP, SIGMA
 from guidelab.guidance.core import MODES, Context, in_interval
+from guidelab.guidance.gradients import classifier_grad, entropy_factor, log_p, tweedie_bound
 from guidelab.guided import Counted, EpsFn, Guided
 from guidelab.registry import Range
 
 CLASSIFIER_SCALE = Range(0, math.inf, "the classifier gradient's weight (Dhariwal & Nichol's s; 0 = off)")
 # the traits of the modes guided by a clean classifier on x0_hat, with a base prediction and Dhariwal & Nichol's s
 ON_X0 = dict(needs=("clean_classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base")
-
-
-def log_p(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[y] per sample, in float32 at least (half-precision logits are upcast, double kept)."""
-    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    return log_probs[torch.arange(len(y), device=y.device), y]
 
 
 def calibrated_log_p(logits: torch.Tensor, y: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0) -> torch.Tensor:
@@ -42,32 +38,6 @@ def calibrated_log_p(logits: torch.Tensor, y: torch.Tensor, tau1: float = 1.0, t
         return log_p(logits * tau1 if tau1 != 1 else logits, y)
     f = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return tau1 * f[torch.arange(len(y), device=y.device), y] - torch.logsumexp(tau2 * f, dim=-1)
-
-
-def entropy_factor(logits: torch.Tensor) -> torch.Tensor:
-    """log(C) / H(p) per sample, p = softmax(logits), as a (B, 1, ..) tensor for x-shaped terms: the entropy-driven
-    scale of Zheng et al. 2022 ("Entropy-driven Sampling and Training Scheme for Conditional Diffusion Generation",
-    ECCV, Sec. 3.2: s_t = s log(C) / H(p_phi(. | x_t)), as in the authors' released sampler). It is 1 where the
-    classifier knows nothing (uniform p) and grows as p sharpens, so the guidance keeps pushing where the classifier's
-    own gradient fades. H is floored at 1e-8 nats (a one-hot p would give an infinite scale)."""
-    logp = F.log_softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    entropy = (-(logp.exp() * logp).sum(-1)).clamp(min=1e-8)
-    return (math.log(logits.shape[-1]) / entropy).view(-1, 1, 1, 1)
-
-
-def classifier_grad(classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, objective=log_p):
-    """(grad_x objective(classifier(x, t), y), the logits), the gradient with respect to x only, no graph kept."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = classifier(x, t)
-        (grad,) = torch.autograd.grad(objective(logits, y).sum(), x)
-    return grad, logits.detach()
-
-
-def classifier_score(classifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """grad_{x_t} log p_phi(y | x_t, t) (Dhariwal & Nichol 2021, Sec. 4.1). The gradient is taken with respect to x_t
-    only (the classifier's parameters are frozen by `make_eps_fn`) and no graph outlives the call."""
-    return classifier_grad(classifier, x_t, t, y)[0]
 
 
 def x0_classifier_score(
@@ -103,42 +73,14 @@ def x0_classifier_score(
     return eps.detach(), grad
 
 
-DATA_RANGE = 2.0  # max - min of a pixel of the data in [-1, 1]: how far two posterior means of a pixel can differ
-
-
-def tweedie_bound(grad: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
-    """A classifier's gradient grad_{x_t} log p(y | x_t) brought within what a Bayes-optimal classifier's can be: each
-    sample's gradient, where a component exceeds DATA_RANGE sqrt(abar_t) / (1 - abar_t), is shrunk as a whole (its
-    direction kept) until none does; within the bound it is itself.
-
-    The bound: Tweedie's formula (Robbins 1956; Efron 2011, "Tweedie's Formula and Selection Bias", Eq. 2.8) gives the
-    posterior mean of x0 from the score of the noised data, E[x0 | x_t] = (x_t + (1 - abar_t) grad log p_t(x_t)) /
-    sqrt(abar_t), and with p(y | x_t) = p_t(x_t | y) p(y) / p_t(x_t) the classifier's gradient is a difference of two
-    posterior means: grad_{x_t} log p(y | x_t) = sqrt(abar_t) / (1 - abar_t) (E[x0 | x_t, y] - E[x0 | x_t]). For data in
-    [-1, 1] each pixel of that difference lies within +-DATA_RANGE, so each component of the gradient within
-    +-DATA_RANGE sqrt(abar_t) / (1 - abar_t); a Bayes classifier comes close to it (tests/test_cg_schedules.py).
-    Classifier guidance applies exactly this difference: Dhariwal & Nichol 2021's eps correction (Alg. 2) moves the data
-    prediction by (1 - abar_t) / sqrt(abar_t) s grad, s times the implied difference, in every eps-form sampler.
-
-    Why: a learned classifier's gradient need not vanish as sqrt(abar_t) where x_t holds no signal. At the capped last
-    step of the cosine schedule (abar = 2.4e-9, where the linspace and trailing grids start) a noisy classifier's
-    gradient measured 1e-2 per pixel, 100 times the bound, from t = 990 to 957 about the same: its length there is
-    untrained, and the eps correction moved x0 by some 200 data ranges, saturating every sample into one pattern per
-    class (docs/results.md, "Classifier guidance on every schedule"). Shrinking keeps what the classifier points at and
-    removes only the length no classifier can mean; clipping each component to the bound instead (the nearest point of
-    the allowed box) turns such a gradient into one at the bound in every pixel, a saturated pattern that s = 10 still
-    carried into the samples. DDPM's mean shift (Alg. 1) applies the same shrunk gradient."""
-    bound = DATA_RANGE * abar_t.sqrt() / (1 - abar_t)
-    excess = (grad.abs() / bound).flatten(1).amax(1).clamp(min=1)  # 1 where the gradient is within the bound
-    return grad / excess.view(-1, *[1] * (grad.dim() - 1))
-
-
 def classifier_term(
     ctx: Context, x: torch.Tensor, t: torch.Tensor, scale: float, entropy_scale: bool = False
 ) -> torch.Tensor | None:
     """s * grad_x log p_phi(y | x_t) of the noisy classifier, its gradient within `tweedie_bound` (None at s = 0:
     no classifier pass); with `entropy_scale`, s per sample times log(C) / H(p_phi(. | x_t)) (`entropy_factor`, Zheng
-    et al. 2022)."""
+    et al. 2022). A request with attributes, labels=any or a NOT composes its guides instead (`guide_terms`)."""
+    if ctx.y.dim() == 2 or ctx.negative is not None or ctx.regressor is not None:
+        return guide_terms(ctx, x, t, scale, entropy_scale)
     if scale == 0:
         return None
     with ctx.timed():
@@ -147,8 +89,38 @@ def classifier_term(
         return scale * grad * entropy_factor(logits) if entropy_scale else scale * grad
 
 
+def guide_terms(
+    ctx: Context, x: torch.Tensor, t: torch.Tensor, scale: float, entropy_scale: bool = False
+) -> torch.Tensor | None:
+    """Classifier guidance toward a composed condition, a product of experts: p(c_1, ..., c_n | x_t) taken as
+    prod_i p(c_i | x_t)^(w_i), whose score is sum_i w_i grad log p(c_i | x_t): the classifier's log-softmax for the
+    label (Dhariwal & Nichol 2021) and the regressor's Gaussian log-likelihood for each attribute (`regressor_grad`),
+    each gradient within `tweedie_bound` (the bound holds for any condition c). NOT subtracts its fields' terms (a
+    factor p(n_j | x_t)^(-w_j)). w_i is weights.<field>, else `scale`; with `entropy_scale` the class term's weight is
+    multiplied by the classifier's entropy factor. The guides' wall time counts as the classifier's."""
+    abar_t, terms = ctx.abar_t(x, t), []
+    away = asked(ctx.negative, ctx.unet.null_class) if ctx.negative is not None else ()
+    with ctx.timed():
+        for rows_, sign, fields in ((ctx.y, 1, ctx.fields), (ctx.negative, -1, away)):
+            for name in fields:
+                weight = sign * ctx.weight(name, scale)
+                if weight == 0:
+                    continue
+                if name == "label":
+                    grad, logits = classifier_grad(ctx.classifier, x, t, labels_of(rows_))
+                    weight = weight * entropy_factor(logits) if entropy_scale and sign > 0 else weight
+                else:
+                    only = keep(rows_, [name], ctx.unet.null_class)
+                    grad = regressor_grad(ctx.regressor, x, t, columns(only, ctx.regressor.attributes))[0]
+                terms.append(weight * tweedie_bound(grad, abar_t))
+    return sum(terms) if terms else None
+
+
 # ---------------------------------------------------------------- the modes
-@MODES.register(needs=("classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base")
+GUIDES = dict(attributes=True, guides=("classifier", "regressor"))  # the modes that compose guides (`guide_terms`)
+
+
+@MODES.register(needs=("classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base", **GUIDES)
 def _cg(ctx: Context, base: str = "uncond", entropy_scale: bool = False) -> EpsFn:
     """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x_t)
     (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2); entropy_scale=true scales s per sample by log(C) / H(p_phi(. | x_t))
@@ -178,7 +150,7 @@ def _cg_x0(ctx: Context, base: str = "uncond", entropy_scale: bool = False) -> E
     return eps_fn
 
 
-@MODES.register(needs=("classifier", "diffusion"), classifier_scale=Range(0, math.inf, "0 = plain CFG"))
+@MODES.register(needs=("classifier", "diffusion"), classifier_scale=Range(0, math.inf, "0 = plain CFG"), **GUIDES)
 def _cfg_cg(ctx: Context, classifier_scale: float = 1.0) -> EpsFn:
     """Both at once: the CFG prediction at `scale` plus the classifier term at `classifier_scale`."""
     return lambda x, t: Guided(ctx.cfg(x, t, ctx.scale_at(t)), classifier_term(ctx, x, t, classifier_scale))
@@ -192,6 +164,7 @@ def _cfg_cg(ctx: Context, classifier_scale: float = 1.0) -> EpsFn:
     sigma_lo=SIGMA,
     sigma_hi=INTERVAL_TOP,
     uses="base",
+    **GUIDES,
 )
 def _cg_interval(
     ctx: Context, base: str = "uncond", sigma_lo: float = 0.28, sigma_hi: float = 5.42, entropy_scale: bool = False

@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from guidelab.conditions import asked, labels_of, null_like
 from guidelab.diffusion import Diffusion, gather
 from guidelab.errors import GuidelabError
 from guidelab.guided import EpsFn, noise_level, timed
 from guidelab.registry import Entry, OneOf, Range, Registry
 
 CFG_SCALE = Range(0, math.inf, "0 = unconditional, 1 = conditional, > 1 guided (w = s - 1)")
-MODES = Registry("guidance", fixed=("ctx",), needs=(), scale=CFG_SCALE, w=True, uses=("uncond", "cond"))
+MODES = Registry(
+    "guidance", fixed=("ctx",), needs=(), scale=CFG_SCALE, w=True, uses=("uncond", "cond"), attributes=False, guides=()
+)
 # needs: classifier (noisy), clean_classifier (clean, called at t = 0; same slot), guide, diffusion
+# attributes: whether the mode takes condition rows (measured attributes, labels=any, NOT); guides: the guides whose
+# log-likelihood terms it sums, a field each (classifier: the class; regressor: its attributes)
 # uses: the diffusion model's predictions the mode asks for: "uncond" (the null class: a model trained with label
 # dropout; an unconditional model is one), "cond" (a class input); "base": the one its `base` key names; (): either
 SCHEDULE = OneOf(("constant", "linear", "cosine"), "how the CFG weight w = s - 1 varies over t (Wang et al. 2024)")
@@ -190,6 +195,30 @@ class Context:
     diffusion: Diffusion | None = None  # the model's T-step process (x0-space and interval modes need it)
     guide: torch.nn.Module | None = None  # the weaker model of autoguidance
     schedule: str = "constant"  # how the CFG weight w = s - 1 varies over t (`scheduled_weight`)
+    negative: torch.Tensor | None = None  # the NOT of the request (condition rows), or None
+    weights: Mapping[str, float] = field(default_factory=dict)  # composed modes: a field's own weight (else scale)
+    regressor: torch.nn.Module | None = None  # the noisy attribute regressor of CG on attributes
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The class of each sample (plain labels, or column 0 of condition rows): what a classifier scores."""
+        return labels_of(self.y)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields the request asks for (`conditions.asked`): "label" unless labels=any, and each attribute."""
+        return asked(self.y, getattr(self.unet, "null_class", None))
+
+    def weight(self, name: str, default: float | None = None) -> float:
+        """A field's weight in a composed mode: weights.<field> where given, else `default` (the run's scale)."""
+        value = self.weights.get(name)
+        return (self.scale if default is None else default) if value is None else float(value)
+
+    @property
+    def away(self) -> torch.Tensor:
+        """What CFG's second prediction conditions on: the NOT of the request (a negative prompt, eps(x_t, not) in
+        place of eps_u, as negative prompts are applied in Stable Diffusion's pipelines), else the null."""
+        return self.null if self.negative is None else self.negative
 
     def scale_at(self, t: torch.Tensor) -> float:
         """s at the model timesteps t: the run's scale, or under a weight schedule 1 + `scheduled_weight`(s - 1, t / T)
@@ -203,7 +232,7 @@ class Context:
         """The null labels; an unconditional model (no null class, no class input) ignores labels, so y serves."""
         if self.unet.null_class is None:
             return self.y
-        return torch.full_like(self.y, self.unet.null_class)
+        return null_like(self.y, self.unet.null_class)
 
     def abar_t(self, x, t) -> torch.Tensor:
         return gather(self.diffusion.abar, t, x)
@@ -215,8 +244,9 @@ class Context:
         return self.diffusion.eps_from_x0(x, t, x0)
 
     def pair(self, x, t, other: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps(x_t, other), eps_c) from one doubled batch (cond first); `other` defaults to the null class (eps_u)."""
-        other = self.null if other is None else other
+        """(eps(x_t, other), eps_c) from one doubled batch (cond first); `other` defaults to the null (eps_u), or the
+        request's NOT where it has one (`away`)."""
+        other = self.away if other is None else other
         eps_cond, eps_other = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, other])).chunk(2)
         return eps_other, eps_cond
 
@@ -231,8 +261,8 @@ class Context:
         return cfg_combine(eps_pert, eps_c, scale)
 
     def cfg(self, x, t, scale: float) -> torch.Tensor:
-        if scale == 0:  # exactly the unconditional model: one pass instead of two
-            return self.unet(x, t, self.null)
+        if scale == 0:  # exactly the unconditional model (or the NOT's): one pass instead of two
+            return self.unet(x, t, self.away)
         if scale == 1:  # exactly the conditional model
             return self.unet(x, t, self.y)
         return cfg_combine(*self.pair(x, t), scale)
@@ -241,22 +271,66 @@ class Context:
         return self.y if base == "cond" else self.null
 
     def timed(self):
-        """A block whose wall time counts as the classifier's (`Counted.seconds`): the guidance gradients."""
-        return timed(self.classifier, self.y.device)
+        """A block whose wall time counts as the classifier's (`Counted.seconds`; without one, the regressor's): the
+        guidance gradients."""
+        return timed(self.classifier if self.classifier is not None else self.regressor, self.y.device)
+
+
+def check_request(spec: GuidanceSpec, unet, y: torch.Tensor, negative=None, regressor=None) -> None:
+    """Refuse a request the mode cannot reach, naming the field: every field asked (and every field of the NOT) must
+    be conditioned on by the diffusion model's prediction the mode uses (its class input, `model.attributes`) or
+    scored by one of the mode's guides (the classifier: the class; the regressor: its attributes)."""
+    rows = y.dim() == 2 or negative is not None
+    if not rows:
+        return
+    if not spec.entry.traits["attributes"]:
+        takes = ", ".join(n for n, e in MODES.items() if e.traits["attributes"])
+        raise GuidelabError(
+            f"guidance={spec.name} takes a class label only; attributes, labels=any and negative.* work with {takes}"
+        )
+    null = getattr(unet, "null_class", None)
+    wanted = set(asked(y, null)) | (set(asked(negative, null)) if negative is not None else set())
+    model = ("label", *getattr(unet, "attributes", ())) if "cond" in spec.uses else ()
+    guides = {"classifier": ("label",), "regressor": tuple(getattr(regressor, "attributes", ()))}
+    reach = {f: "the diffusion model" for f in model}
+    for kind in spec.entry.traits["guides"]:
+        reach.update({f: f"the {kind}" for f in guides[kind] if f not in reach})
+    missing = sorted(wanted - set(reach))
+    if missing:
+        how = "; ".join(f"{f}: {v}" for f, v in sorted(reach.items())) or "nothing"
+        raise GuidelabError(
+            f"guidance={spec.name} cannot steer {', '.join(missing)}: the diffusion model was not trained on it"
+            f"{' and no guide scores it' if spec.entry.traits['guides'] else ''} (reached: {how}); train "
+            f"model.attributes=[{','.join(missing)}] or use guidance=cg with regressor_ckpt=a regressor of it"
+        )
 
 
 def make_eps_fn(
-    spec: GuidanceSpec, unet, y: torch.Tensor, classifier=None, diffusion: Diffusion | None = None, guide=None
+    spec: GuidanceSpec,
+    unet,
+    y: torch.Tensor,
+    classifier=None,
+    diffusion: Diffusion | None = None,
+    guide=None,
+    negative: torch.Tensor | None = None,
+    weights: Mapping | None = None,
+    regressor=None,
 ) -> EpsFn:
     """The eps-function of the resolved guidance `spec` for labels y: `diffusion` is the model's own T-step process
     (eps-functions get the model's timesteps), `classifier` the noisy or clean one, `guide` autoguidance's. A
-    non-constant schedule gives the mode s = 1 + `scheduled_weight`(s - 1, t / T) at every call (`Context.scale_at`)."""
+    non-constant schedule gives the mode s = 1 + `scheduled_weight`(s - 1, t / T) at every call (`Context.scale_at`).
+    y may be condition rows (guidelab.conditions), `negative` the request's NOT, `weights` the composed modes' weight
+    per field, `regressor` CG's attribute guide (`check_request` refuses a field the mode cannot reach)."""
     check_model(spec, unet)
+    check_request(spec, unet, y, negative, regressor)
     given = {"classifier": classifier, "clean_classifier": classifier, "guide": guide, "diffusion": diffusion}
     for need in spec.needs:
         if given[need] is None:
             raise GuidelabError(f"guidance={spec.name} needs {NEEDS[need]}")
     if classifier is not None and {"classifier", "clean_classifier"} & set(spec.needs):
         classifier.requires_grad_(False)
-    ctx = Context(unet, y, spec.scale, classifier, diffusion, guide, spec.schedule)
+    if regressor is not None:
+        regressor.requires_grad_(False)
+    weights = dict(weights or {})
+    ctx = Context(unet, y, spec.scale, classifier, diffusion, guide, spec.schedule, negative, weights, regressor)
     return spec.entry.fn(ctx, **spec.params)

@@ -1,0 +1,58 @@
+"""The judge of attribute requests: every sample measured on the image (guidelab.morpho), nothing trained, no gradient
+reaches it. Per attribute asked: the mean absolute error between the value requested and the value measured, and the
+slope of measured against requested (1 = the request is followed across its range, 0 = ignored); the share of samples
+that meet every field of the request within the stated tolerances (joint success); and the spread of the attributes
+left free, against the training data's (a collapse shows there)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from guidelab.conditions import ATTRIBUTES, asked, columns, labels_of
+
+# How close a measured value must come to the request to count as met, in the units of guidelab.morpho (pixels of a
+# 28 px canvas, px^2 for the area, radians for the slant): thickness within 0.5 px is the study's goal; the others are
+# about a tenth of each attribute's spread over the real digits (docs/results.md, "Attributes").
+TOLERANCE = {"area": 15.0, "length": 3.0, "thickness": 0.5, "slant": 0.1, "width": 1.0, "height": 1.0}
+
+
+def slope(requested: np.ndarray, measured: np.ndarray) -> float | None:
+    """The least-squares slope of measured against requested values (None where every request is the same)."""
+    ok = np.isfinite(measured)
+    if ok.sum() < 2 or np.ptp(requested[ok]) == 0:
+        return None
+    return float(np.polyfit(requested[ok], measured[ok], 1)[0])
+
+
+def verdict(
+    images: np.ndarray, y: torch.Tensor, null_class: int, stats: dict | None = None, predicted: np.ndarray | None = None
+) -> tuple[dict, dict]:
+    """(columns, details) of a conditioned run: images uint8 NHWC, y its condition rows, `stats` the training data's
+    attribute statistics (the spread of free attributes is read against their SD; None: not reported), `predicted`
+    the primary evaluator's class for each sample (joint success asks the class of it where the label is asked; None:
+    the attributes alone). A sample whose attribute cannot be measured (no ink) misses that attribute."""
+    from guidelab import morpho
+
+    fields = asked(y, null_class)
+    found = morpho.measure(images[..., 0] if images.ndim == 4 else images)
+    cols, details, met = {}, {"tolerance": {}}, np.ones(len(images), dtype=bool)
+    for name in (f for f in fields if f != "label"):
+        want = columns(y, [name])[:, 0].cpu().numpy().astype(np.float64)
+        got = found[name]
+        error = np.abs(got - want)
+        cols[f"{name}_mae"] = float(np.nanmean(error)) if np.isfinite(error).any() else None
+        cols[f"{name}_slope"] = slope(want, got)
+        met &= np.nan_to_num(error, nan=np.inf) <= TOLERANCE[name]
+        details["tolerance"][name] = TOLERANCE[name]
+        details[f"{name}_unmeasured"] = int((~np.isfinite(got)).sum())
+    if "label" in fields and predicted is not None:
+        met &= predicted == labels_of(y).cpu().numpy()
+    cols["joint_success"] = float(met.mean())
+    free = [a for a in ATTRIBUTES if a not in fields]
+    if stats:
+        ratios = [np.nanstd(found[a]) / stats[a]["std"] for a in free if a in stats]
+        cols["free_spread"] = float(np.mean(ratios)) if ratios else None
+    cols["request"] = " ".join(fields)
+    details["measured_mean"] = {a: float(np.nanmean(found[a])) for a in ATTRIBUTES}
+    return cols, details

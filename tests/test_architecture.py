@@ -12,6 +12,7 @@ ORDER = [
     "files",
     "registry",
     "conditions",
+    "morpho",
     "pretrained",
     "diffusion",
     "schedules",

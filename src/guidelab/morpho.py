@@ -3,9 +3,10 @@ Diagnostics for Representation Learning", arXiv 1809.10780, Sec. 3): area, strok
 width and height. The judge of attribute requests: not differentiable, nothing trained.
 
 The pipeline follows the reference code (github.com/dccastro/Morpho-MNIST, morphomnist/morpho.py and measure.py,
-read offline through the code index; the rules are re-implemented here, not copied), with two choices of its own:
-1. upsample to a 112 x 112 canvas (the reference's scale 4 at 28 px) as skimage.transform.pyramid_expand(order=3)
-   does (an order-3 spline zoom, then a Gaussian of sigma = scale / 3), cast to 0..255 integers by truncation;
+read offline through the code index; the rules are re-implemented here, not copied), except where marked:
+1. upsample to a 112 x 112 canvas (the reference's scale 4 at 28 px; other sizes: see _upsample) as
+   skimage.transform.pyramid_expand(order=3) does (an order-3 spline zoom, then a Gaussian of sigma = scale / 3),
+   cast to 0..255 integers by truncation;
 2. ink = upsampled grey value >= 128 (an earlier version of the reference; its released version binarises at half
    of each image's own range, see THRESHOLD);
 3. the ink's skeleton by skimage.morphology.skeletonize (the reference: medial_axis, see _skeleton) and its
@@ -13,6 +14,9 @@ read offline through the code index; the rules are re-implemented here, not copi
 4. area = ink pixels; length = the skeleton's length; thickness = 2 x the mean distance on the skeleton; slant =
    arctan(-u11 / u02) of the upsampled grey image's central moments; width and height = the sides of the
    parallelogram, sheared by u11 / u02, that holds 98 % of the grey mass.
+Not confirmed offline: the paper's own text (only the code and its README were readable); which threshold produced
+the released morphometrics tables; and the released values of MNIST's training digit 0 (the reference's
+tests/test_measure.py) could not be reproduced here, its pixels being in a binary file and MNIST not on this machine.
 Units (the reference's README): px^2, px, px, rad, px, px, always in pixels of a 28 x 28 canvas (REFERENCE_SIZE).
 """
 
@@ -189,7 +193,9 @@ def measure(images, workers: int | None = None) -> dict[str, np.ndarray]:
     name in ATTRIBUTES, in UNITS, lengths in pixels of a 28 x 28 canvas at any input size (see measure_one; an image
     with no ink gives NaN where undefined). `images`: see _as_uint8. `workers`: processes (None: min(2, CPUs)); fewer
     than MIN_PER_WORKER digits per worker run in this process. Workers are spawned, not forked (the caller may hold
-    torch's threads), and each digit's numbers depend on that digit only: any `workers` gives identical arrays."""
+    torch's threads), and each digit's numbers depend on that digit only: any `workers` gives identical arrays. A
+    spawned worker imports the caller's main script again: keep its measuring under `if __name__ == "__main__":` and
+    its torch imports inside functions (scripts/morpho_stats.py), or each worker pays seconds for torch."""
     digits = _as_uint8(images)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)

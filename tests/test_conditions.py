@@ -255,3 +255,9 @@ def test_the_command_line_takes_attributes_their_not_and_weights_as_typed():
     assert cfg.attrs.thickness == 4.5 and list(cfg.attrs.slant) == [-0.3, 0.3] and cfg.attrs.area is None
     assert cfg.negative.width == 9 and cfg.weights.label == 2 and cfg.labels == "any"
     assert set(cfg.attrs) == set(ATTRIBUTES) and set(cfg.negative) == set(FIELDS) == set(cfg.weights)
+
+
+def test_the_rows_attributes_are_the_measurements_in_their_order():
+    from guidelab import morpho
+
+    assert morpho.ATTRIBUTES == ATTRIBUTES and FIELDS == ("label", *ATTRIBUTES)

@@ -21,6 +21,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 
 from guidelab import config, dist, rundir, shards
 from guidelab.checkpoint import refuse_overwrite
+from guidelab.conditions import FIELDS
 from guidelab.errors import GuidelabError, one_line
 
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc"}
@@ -228,6 +229,10 @@ def _composition_error(e: Exception, config_name: str, job: list[str]) -> str:
     hint = f"`python {config_name}.py --cfg job` lists every key"
     cause = e.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        block = cause.full_key.split(".")[0]
+        if block in ("attrs", "negative", "weights"):  # a condition field: name the ones there are
+            fields = ", ".join(FIELDS[1:]) + ("" if block == "attrs" else ", and label (the class)")
+            hint = f"{block}.* takes {fields}: guidelab.morpho's measurements"
         return f"unknown key {cause.full_key!r} for {config_name}.py; {hint}"
     if isinstance(cause, ValidationError) and cause.full_key:
         given = next((o for o in job if o.split("=", 1)[0] == cause.full_key), cause.full_key)

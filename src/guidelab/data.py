@@ -99,9 +99,7 @@ class ImageData:
     num_classes: int
     class_names: list[str]
     hflip: bool  # True only for cifar10: the training loop applies random horizontal flips
-    attributes: torch.Tensor | None = (
-        None  # (N, 6) measured (guidelab.attributes) where a network is conditioned on them
-    )
+    attributes: torch.Tensor | None = None  # (N, 6) measured (guidelab.attributes) where a network takes them
 
     @property
     def info(self) -> dict:

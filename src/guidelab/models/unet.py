@@ -177,16 +177,20 @@ class UNet(nn.Module):
         if beta_embed:
             self.beta_embed = TimestepEmbedder(channels, emb_dim)
             zero_module(self.beta_embed.mlp[-1])
+        self._attribute_inputs(attributes, p_field, channels, emb_dim)  # last: a class-only network draws as before
+
+    def _attribute_inputs(self, attributes, p_field: float, channels: int, emb_dim: int) -> None:
+        """One embedding per measured attribute (sinusoidal features -> MLP, as the time step's) and its learned
+        null, and the training set's mean and SD of each (`attr_stats`: set by train_diffusion.py, saved with the
+        weights); nothing for a class-only network."""
         self.attributes = check_attributes(attributes)
         Range(0, 1, "each field's own dropout rate").check("model.p_field", p_field, {})
         self.p_field = p_field
-        if self.attributes:  # built after everything else: a class-only network draws the same weights as before
+        if self.attributes:
+            n = len(self.attributes)
             self.attr_embed = nn.ModuleList(TimestepEmbedder(channels, emb_dim) for _ in self.attributes)
-            self.attr_null = nn.Parameter(torch.zeros(len(self.attributes), emb_dim))  # each attribute's learned null
-            # the training set's mean and SD of each attribute (set by train_diffusion.py, saved with the weights)
-            self.register_buffer(
-                "attr_stats", torch.stack([torch.zeros(len(self.attributes)), torch.ones(len(self.attributes))])
-            )
+            self.attr_null = nn.Parameter(torch.zeros(n, emb_dim))
+            self.register_buffer("attr_stats", torch.stack([torch.zeros(n), torch.ones(n)]))
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """In training mode, the condition dropped to its null (`conditions.drop_fields`): plain labels each with

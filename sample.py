@@ -32,7 +32,7 @@ def sample(cfg, run_dir: Path) -> dict:
     class_names = nets.train_config["data_info"].get("class_names")  # grid row labels
     save_class_grid(drawn.images, drawn.labels, nets.num_classes, run_dir / "grid.png", class_names=class_names)
     row, details = results.fill(cfg, spec, nets, drawn, device)
-    if nets.judges:
+    if nets.judges or row["request"] is not None:  # an attribute request is judged by measurement, with no network
         results.write_metrics(run_dir / "metrics.json", row, details)
     print(
         f"{'kept the finished' if drawn.kept else 'wrote'} {run_dir / 'samples.npz'} and wrote {run_dir / 'grid.png'}"

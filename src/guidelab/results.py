@@ -263,8 +263,11 @@ def write_metrics(path: Path, row: dict, details: dict) -> None:
 
 
 def summary(row: dict) -> str:
-    """The row's headline numbers for the console: fid, is, precision, recall, accuracy where measured."""
-    shown = {k: row[k] for k in ("fid", "is", "precision", "recall", "accuracy") if row[k] is not None}
+    """The row's headline numbers for the console: fid, is, precision, recall, accuracy, and for an attribute request
+    each attribute's MAE and the joint success, where measured."""
+    maes = [f"{a}_mae" for a in ATTRIBUTES]
+    keys = ("fid", "is", "precision", "recall", "accuracy", *maes, "joint_success")
+    shown = {k: row[k] for k in keys if row.get(k) is not None}
     return "".join(f"; {k} {v:.3f}" for k, v in shown.items())
 
 

@@ -43,7 +43,7 @@ IMAGES = {
     "compile_backend": "likewise",
 }
 # The networks whose weights decide the images, keyed by what they were read from (the judges' are not).
-READS = ("ckpt", "classifier_ckpt", "guide_ckpt")
+READS = ("ckpt", "classifier_ckpt", "guide_ckpt", "regressor_ckpt")
 # Every other key of sample.py's config, and why it does not decide the images: a new key must be put in IMAGES or
 # here (tests/test_rundir.py checks that each key is in exactly one place), so that none is left out by oversight.
 NOT_IMAGES = {

@@ -281,3 +281,19 @@ def test_sampling_with_a_unet_of_another_schedule_is_refused_in_one_line(trained
         cwd=tmp_path,
     )
     assert_one_line_error(proc, "the regressor was trained on another noise schedule", "diffusion=")
+
+
+def test_the_regressor_counts_as_a_guide():
+    """Networks.evaluations: its rows and seconds count into classifier_nfe and classifier_seconds (a guide)."""
+    from guidelab.guided import Counted
+    from guidelab.networks import Networks
+
+    net = Networks(Counted(lambda x, t, y: x), None, {})
+    assert net.evaluations() == {"nfe": 0, "classifier_nfe": 0, "classifier_seconds": None}
+    net.regressor = Counted(InkRegressor())
+    net.regressor(torch.zeros(3, 1, 4, 4), torch.zeros(3))
+    net.regressor.tally.seconds = 0.5
+    assert net.evaluations() == {"nfe": 0, "classifier_nfe": 3, "classifier_seconds": 0.5}
+    net.classifier = Counted(lambda x, t: x)
+    net.classifier(torch.zeros(2, 1, 4, 4), torch.zeros(2))
+    assert net.evaluations()["classifier_nfe"] == 5

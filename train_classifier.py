@@ -1,11 +1,13 @@
 """Train a time-conditioned noisy classifier for classifier guidance, a clean classifier (classifier=clean, for
 guidance=cg_x0), or one of the evaluators that judge samples (classifier=evaluator: a ResNet; evaluator_vgg: the
 second opinion; evaluator_adv: the ResNet trained on PGD examples too; evaluator_mixer: an MLP-Mixer, the judge
-of a third family for runs that a ResNet or VGG guides).
+of a third family for runs that a ResNet or VGG guides), or the noisy attribute regressor of CG on attributes
+(classifier=regressor: Morpho-MNIST measurements of x_t, digits only).
 
     python train_classifier.py dataset=cifar10
     python train_classifier.py dataset=cifar10 classifier=evaluator
     python train_classifier.py dataset=cifar10 classifier=evaluator_vgg seed=1
+    python train_classifier.py dataset=mnist classifier=regressor classifier.attributes=[thickness,slant]
 
 The loop (optimizer, EMA, checkpoints, resume, DDP, logging) is guidelab.train's; this script says what is trained.
 """
@@ -15,12 +17,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from guidelab.attributes import check_defined, statistics
 from guidelab.augment import random_affine
 from guidelab.cli import main
+from guidelab.conditions import ATTRIBUTES, columns
 from guidelab.data import ImageData, dataset_shape
+from guidelab.errors import GuidelabError
 from guidelab.models import build_classifier, check_buildable
+from guidelab.models.regressor import T_BUCKETS
 from guidelab.registry import OneOf, Range
-from guidelab.schedules import process
+from guidelab.schedules import process, schedule_signature
 from guidelab.train import Task, load_data, train, validate
 
 
@@ -76,7 +82,10 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
     rotated (classifier.shift, classifier.rotate); with classifier.pgd_eps > 0 the loss is the mean over the batch and
     its PGD examples (Goodfellow et al. 2015, Sec. 5, weight 1/2; a noisy classifier is attacked on x_t, Kawar et al.
     2023); classifier.entropy_weight > 0 adds the entropy constraint (Zheng et al. 2022). Evaluated on the held-out
-    split: accuracy at the middle of each quarter of the noise range, or (clean) on clean images."""
+    split: accuracy at the middle of each quarter of the noise range, or (clean) on clean images. The regressor
+    (classifier.arch=regressor) is `regressor_task`'s."""
+    if cfg.classifier.arch == "regressor":
+        return regressor_task(cfg, data, device)
     diffusion = process(cfg.diffusion).to(device)
     c = cfg.classifier
     noisy, T = bool(c.noisy), diffusion.num_steps
@@ -119,6 +128,95 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
     return Task(network(cfg, data.info["channels"], data.num_classes), loss, evaluate)
 
 
+def regressor_task(cfg, data: ImageData, device: torch.device) -> Task:
+    """The noisy attribute regressor r_phi(x_t, t) (guidelab.models.NoisyRegressor): MSE between its prediction and
+    the measured attributes of x0, both normalised by the training set's mean and SD (stored in the network), on
+    x_t = q_sample(x0, t, eps) with t and eps drawn as the noisy classifier's loss draws them (`Diffusion.noised`: t
+    uniform on the diffusion model's schedule, then eps); entries whose target is NaN (an empty image measures
+    nothing) are left out. Evaluated on the held-out split (`held_out_errors`): the RMSE per attribute in each of the
+    K buckets of t, in raw units, written into the EMA network's (and the online network's) `sigma_t`, so that every
+    checkpoint after an evaluation carries its predictive uncertainty; reported as rmse_<name> (all t),
+    rmse_<name>_t<k> (bucket k; t0 the least noise) and r2_<name>_t0 (R^2 at the least noise)."""
+    diffusion = process(cfg.diffusion).to(device)
+    net = network(cfg, data.info["channels"], data.num_classes)
+    names = net.attributes
+    net.set_statistics(statistics(data.attributes, names), diffusion.num_steps)
+    test = load_data(cfg, "test")
+    test_targets = test.attributes[:, [ATTRIBUTES.index(n) for n in names]]
+
+    def loss(model, x0, y):
+        target = columns(y, names)  # raw units, NaN = not measured
+        t, _, x = diffusion.noised(x0)
+        mean, std = net.attr_stats  # through `model`'s forward (DDP, compile), normalised here
+        pred = (model(x, t).float() - mean) / std
+        measured = ~torch.isnan(target)
+        err = torch.where(measured, pred - (target - mean) / std, 0.0).square()
+        stats = {f"nmse_{n}": err[:, i].sum() / measured[:, i].sum() for i, n in enumerate(names)}  # 0/0 = nan
+        return err.sum() / measured.sum().clamp(min=1), stats
+
+    @torch.no_grad()
+    def evaluate(ema_model, step: int, run_dir: Path) -> dict:
+        sse, count = held_out_errors(ema_model, diffusion, test.images, test_targets, device)
+        rmse = (sse / count).sqrt()
+        for module in (ema_model, net):  # EMA updates copy the online network's buffers into the EMA network's
+            module.sigma_t.copy_(rmse.clamp(min=1e-6).to(module.sigma_t))
+        metrics = {}
+        for i, n in enumerate(names):
+            v = test_targets[:, i].double()
+            v = v[~torch.isnan(v)]  # every measured image is in every bucket once: one total sum of squares
+            metrics[f"rmse_{n}"] = (sse[i].sum() / count[i].sum()).sqrt().item()
+            metrics.update({f"rmse_{n}_t{k}": rmse[i, k].item() for k in range(T_BUCKETS)})
+            metrics[f"r2_{n}_t0"] = (1 - sse[i, 0] / (v - v.mean()).square().sum()).item()
+        return metrics
+
+    return Task(net, loss, evaluate)
+
+
+def held_out_errors(model, diffusion, images, targets, device, batch: int = 500) -> tuple:
+    """(sums of squared errors, counts), each (A, K) float64: every held-out image noised once in each of the K
+    equal buckets of t (t uniform within the bucket, eps standard normal, both from a fixed seed: the same draws at
+    every evaluation), the prediction r_phi(x_t, t) against its target in raw units, NaN targets left out."""
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    T, K = diffusion.num_steps, T_BUCKETS
+    sse = torch.zeros(targets.shape[1], K, dtype=torch.float64)
+    count = torch.zeros_like(sse)
+    for k in range(K):
+        lo, hi = -(-k * T // K), -(-(k + 1) * T // K)  # the integers t with floor(t K / T) = k
+        for start in range(0, len(images), batch):
+            x0, v = images[start : start + batch], targets[start : start + batch].double()
+            t = torch.randint(lo, hi, (len(x0),), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            x = diffusion.q_sample(x0.to(device), t.to(device), noise.to(device))
+            err = (model(x, t.to(device)).double().cpu() - v).square()
+            measured = ~torch.isnan(v)
+            sse[:, k] += torch.where(measured, err, 0.0).sum(0)
+            count[:, k] += measured.sum(0)
+    return sse, count
+
+
+def check_regressor(cfg) -> None:
+    """classifier=regressor: measured attributes exist on the data set (digits), it is noisy, its targets are the
+    images' own (no shift or rotation, which change what is measured), it is trained by MSE (no PGD, no entropy
+    term), and the schedule has a timestep in every bucket of t. Its attribute names are checked by the network."""
+    c = cfg.classifier
+    check_defined(cfg.dataset, f"classifier.attributes=[{','.join(map(str, c.attributes))}]")
+    if not c.noisy:
+        raise GuidelabError("classifier=regressor is trained on x_t at every t: set classifier.noisy=true")
+    for key in ("shift", "rotate", "pgd_eps", "entropy_weight"):
+        if c[key]:
+            raise GuidelabError(
+                f"classifier.{key}={c[key]} does not apply to the regressor (its targets are the measurements of the "
+                f"images as they are, its loss is MSE); set classifier.{key}=0"
+            )
+    d = cfg.diffusion
+    T = int(schedule_signature(d)["num_steps"] if d.schedule == "pretrained" else d.num_steps)  # read, not built
+    if T < T_BUCKETS:
+        raise GuidelabError(
+            f"the regressor's held-out error is kept in {T_BUCKETS} buckets of t: its schedule needs at least "
+            f"{T_BUCKETS} steps, diffusion has {T}"
+        )
+
+
 def check(cfg) -> None:
     """The training options, and the classifier's own arguments (built on the meta device: no memory, no time)."""
     validate(cfg)
@@ -135,6 +233,8 @@ def check(cfg) -> None:
     Range(0, 10, "the entropy constraint's weight eta; 0 = plain cross-entropy").check(
         "classifier.entropy_weight", c.entropy_weight, c
     )
+    if c.arch == "regressor":
+        check_regressor(cfg)
     channels, class_names = dataset_shape(cfg.dataset)  # dataset=folder: its root and class folders, read now
     check_buildable("classifier", cfg.classifier, lambda: network(cfg, channels, len(class_names)))
 

@@ -153,6 +153,7 @@ SLOWEST_FILES = (
     "test_ddp.py",
     "test_resume.py",
     "test_config.py",
+    "test_regressor.py",
     "test_levers.py",
     "test_docs.py",
     "test_folder_data.py",

@@ -170,8 +170,9 @@ def test_build_classifier_from_yaml(path):
     cfg = OmegaConf.load(path)
     assert cfg.name == path.stem and isinstance(cfg.noisy, bool)
     model = build_classifier(cfg, in_channels=1, image_size=28, num_classes=10).eval()
+    outputs = len(cfg.attributes) if cfg.get("arch") == "regressor" else 10  # a regressor: one per attribute
     with torch.no_grad():
-        assert model(torch.randn(2, 1, 28, 28), torch.tensor([0, 0])).shape == (2, 10)
+        assert model(torch.randn(2, 1, 28, 28), torch.tensor([0, 0])).shape == (2, outputs)
 
 
 def test_yaml_configs_present():

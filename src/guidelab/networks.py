@@ -28,6 +28,7 @@ TRAIN_HINT = {
     "clean_classifier": "python train_classifier.py classifier=clean",
     "evaluator": "python train_classifier.py classifier=evaluator (and classifier=evaluator_vgg seed=1 for "
     "the second opinion)",
+    "regressor": "python train_classifier.py dataset=mnist classifier=regressor classifier.attributes=[thickness]",
 }
 NEEDS = {  # what a use accepts, where that is more than one role: any clean classifier guides on x0_hat
     "clean_classifier": "a clean classifier (classifier=clean, or an off-the-shelf ResNet, VGG or MLP-Mixer)"
@@ -36,7 +37,9 @@ ROLE_NAMES = {
     "classifier": "a noisy guidance classifier",
     "clean_classifier": "a clean classifier of the guidance family (UNet encoder)",
     "evaluator": "an evaluator (a clean classifier of another family)",
+    "regressor": "a noisy attribute regressor (classifier=regressor)",
 }
+SAME_SCHEDULE = ("guide", "classifier", "regressor")  # the roles evaluated on the UNet's x_t: its schedule, too
 
 
 def load(path: str | Path, kind: str, device: torch.device):
@@ -100,12 +103,14 @@ def schedule_of(config: dict) -> dict:
 
 def role_of(config: dict) -> str | None:
     """What a run trained: "diffusion", "classifier" (noisy), "clean_classifier" (clean, of the guidance family: the
-    UNet encoder) or "evaluator" (clean, of another family)."""
+    UNet encoder), "evaluator" (clean, of another family) or "regressor" (the noisy attribute regressor)."""
     if "model" in config:
         return "diffusion"
     if "classifier" not in config:
         return None
     c = config["classifier"]
+    if c.get("arch") == "regressor":
+        return "regressor"
     return (
         "classifier"
         if c["noisy"]
@@ -120,14 +125,15 @@ def find_latest(
 ) -> Path:
     """RUN/checkpoints/last.pt of the newest run (by last.pt's time) under `root` whose RUN/.hydra/config.yaml says it
     trained a `role` network (see role_of); with `like` (a diffusion checkpoint's config) only runs on the same dataset
-    and image size (and, for a noisy classifier, schedule); with `unlike` only classifiers of none of those archs."""
+    and image size (and, for a noisy classifier or regressor, schedule); with `unlike` only classifiers of none of
+    those archs."""
     runs = []
     for last in Path(root).glob("**/checkpoints/last.pt"):
         cfg_file = last.parents[1] / ".hydra" / "config.yaml"
         run = OmegaConf.to_container(OmegaConf.load(cfg_file)) if cfg_file.is_file() else {}
         same = like is None or (
             all(like["dataset"][k] in (None, run["dataset"][k]) for k in ("name", "image_size"))
-            and (role != "classifier" or same_schedule(schedule_of(run), schedule_of(like)))
+            and (role not in SAME_SCHEDULE or same_schedule(schedule_of(run), schedule_of(like)))
         )
         other = run.get("classifier", {}).get("arch") not in unlike
         if role_of(run) == role and same and other:
@@ -211,6 +217,7 @@ class Networks:
     classifier_arch: str | None = None  # its family (classifier.arch): no judge may share it
     classifier_metrics: dict = field(default_factory=dict)  # its held-out accuracy (per quarter of t if noisy)
     guide: Counted | None = None
+    regressor: Counted | None = None  # the noisy attribute regressor of CG on attributes (regressor_ckpt)
     judges: list[Judge] = field(default_factory=list)  # the evaluators asked for: the primary first
     paths: dict = field(default_factory=dict)  # config key -> the checkpoint path used (`latest` resolved)
     data_info: dict = field(default_factory=dict)  # the classes sampled: the UNet's, or its partners' if it has none
@@ -222,17 +229,19 @@ class Networks:
         return int(self.data_info.get("num_classes") or 1)
 
     def evaluations(self) -> dict:
-        """Rows evaluated so far: UNet passes (the guide's included) and classifier passes (forward + input grad), and
-        the seconds spent in the classifier's terms."""
+        """Rows evaluated so far: UNet passes (the guide's included) and the guides' passes (forward + input grad: the
+        classifier's and the regressor's), and the seconds spent in the guides' terms (None: no guide)."""
+        guides = [g for g in (self.classifier, self.regressor) if g is not None]
         return {
             "nfe": self.unet.rows + (self.guide.rows if self.guide is not None else 0),
-            "classifier_nfe": self.classifier.rows if self.classifier is not None else 0,
-            "classifier_seconds": self.classifier.seconds if self.classifier is not None else None,
+            "classifier_nfe": sum(g.rows for g in guides),
+            "classifier_seconds": sum(g.seconds for g in guides) if guides else None,
         }
 
 
 def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
-    """The UNet and what the guidance `spec` needs (noisy or clean classifier, guide), plus the evaluators asked for."""
+    """The UNet and what the guidance `spec` needs (noisy or clean classifier, guide), the attribute regressor where
+    `regressor_ckpt` is set, plus the evaluators asked for."""
     needs = spec.needs
     paths = {"ckpt": resolve("ckpt", cfg.ckpt, cfg.runs_root, "diffusion")}
     unet, unet_ckpt = load(paths["ckpt"], "diffusion", device)
@@ -259,6 +268,11 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
             net, cls_ckpt = _partner(paths["classifier_ckpt"], role, unet_ckpt, device)
             nets.classifier, nets.classifier_metrics = Counted(net), cls_ckpt["metrics"]
             nets.classifier_arch = cls_ckpt["config"]["classifier"].get("arch", "unet_encoder")
+    if cfg.get("regressor_ckpt"):
+        paths["regressor_ckpt"] = resolve(
+            "regressor_ckpt", cfg.regressor_ckpt, cfg.runs_root, "regressor", unet_ckpt["config"]
+        )
+        nets.regressor = load_regressor(paths["regressor_ckpt"], unet_ckpt, device)[0]
     nets.judges = _judges(cfg, nets, unet_ckpt, device)
     info = unet_ckpt["config"]["data_info"]
     nets.data_info = dict(unet_ckpt["config"].get("partner_data_info", info) if info["num_classes"] is None else info)
@@ -299,13 +313,13 @@ def _judges(cfg, nets: Networks, unet_ckpt: dict, device: torch.device) -> list[
 
 
 def _partner(path: str, role: str, unet_ckpt: dict, device: torch.device):
-    """A network that works with the UNet (guide, noisy or clean classifier, evaluator), checked: the same data, the
-    same noise schedule (guide, noisy classifier), and the right kind of classifier."""
+    """A network that works with the UNet (guide, noisy or clean classifier, evaluator, regressor), checked: the same
+    data, the same noise schedule (guide, noisy classifier, regressor), and the right kind of classifier."""
     net, ckpt = load(path, "diffusion" if role == "guide" else "classifier", device)
     if unet_ckpt["config"]["data_info"]["num_classes"] is None and ckpt["config"]["data_info"]["num_classes"]:
         unet_ckpt["config"].setdefault("partner_data_info", ckpt["config"]["data_info"])  # the first partner that
         # knows the classes names them for an unconditional diffusers model
-    check_compatible(unet_ckpt, "diffusion checkpoint", ckpt, role, schedule=role in ("guide", "classifier"))
+    check_compatible(unet_ckpt, "diffusion checkpoint", ckpt, role, schedule=role in SAME_SCHEDULE)
     found = role_of(ckpt["config"]) if role != "guide" else role
     if found != role and not (role == "clean_classifier" and found == "evaluator"):  # any clean classifier guides x0
         needs = NEEDS.get(role, ROLE_NAMES[role])
@@ -313,6 +327,14 @@ def _partner(path: str, role: str, unet_ckpt: dict, device: torch.device):
             f"{path} is {ROLE_NAMES[found]}, but this use needs {needs}; train one with `{TRAIN_HINT[role]}`"
         )
     return net, ckpt
+
+
+def load_regressor(path: str | Path, unet_ckpt: dict, device: torch.device) -> tuple[Counted, dict]:
+    """The noisy attribute regressor at `path` (EMA weights with its attr_stats and held-out sigma_t), counted, and its
+    checkpoint; refused in one line unless it is a regressor trained on the UNet's data set, image size and noise
+    schedule (`_partner`: its x_t must be the UNet's)."""
+    net, ckpt = _partner(str(path), "regressor", unet_ckpt, device)
+    return Counted(net), ckpt
 
 
 def resolve(key: str, value: str, root: str, role: str, like: dict | None = None, unlike: tuple[str, ...] = ()) -> str:

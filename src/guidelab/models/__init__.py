@@ -2,7 +2,8 @@
 
 The builders turn a config group (configs/model/*.yaml, configs/classifier/*.yaml; a DictConfig or a
 plain dict) into a network; in_channels, image_size and num_classes come from the dataset. A classifier config names
-its family in `arch` (CLASSIFIERS; checkpoints written before there was a choice are `unet_encoder`).
+its family in `arch` (CLASSIFIERS; checkpoints written before there was a choice are `unet_encoder`; `regressor` is
+the noisy attribute regressor, which takes num_classes as every family does and ignores it).
 """
 
 import inspect
@@ -15,11 +16,13 @@ from guidelab.errors import GuidelabError, one_line
 from guidelab.models.classifier import NoisyClassifier
 from guidelab.models.diffusers_unet import diffusers_layout
 from guidelab.models.evaluator import VGG, MLPMixer, ResNet
+from guidelab.models.regressor import NoisyRegressor
 from guidelab.models.unet import UNet
 
 __all__ = [
     "UNet",
     "NoisyClassifier",
+    "NoisyRegressor",
     "ResNet",
     "VGG",
     "MLPMixer",
@@ -30,7 +33,13 @@ __all__ = [
     "check_buildable",
 ]
 # classifier.arch -> network
-CLASSIFIERS = {"unet_encoder": NoisyClassifier, "resnet": ResNet, "vgg": VGG, "mixer": MLPMixer}
+CLASSIFIERS = {
+    "unet_encoder": NoisyClassifier,
+    "resnet": ResNet,
+    "vgg": VGG,
+    "mixer": MLPMixer,
+    "regressor": NoisyRegressor,  # the noisy attribute regressor of CG on attributes (models/regressor.py)
+}
 RUN_KEYS = {
     "name": "",
     "noisy": False,

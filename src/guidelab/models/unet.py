@@ -98,14 +98,14 @@ class Encoder(nn.Module):
         return self.mid(h, emb), skips
 
 
-def check_attributes(attributes) -> tuple[str, ...]:
-    """model.attributes: names of guidelab.morpho's measurements, each once."""
+def check_attributes(attributes, where: str = "model.attributes") -> tuple[str, ...]:
+    """`where` (model.attributes, classifier.attributes): names of guidelab.morpho's measurements, each once."""
     names = tuple(attributes)
     for name in names:
         if name not in ATTRIBUTES:
-            raise GuidelabError(f"model.attributes: unknown attribute {name!r}; measured ones: {', '.join(ATTRIBUTES)}")
+            raise GuidelabError(f"{where}: unknown attribute {name!r}; measured ones: {', '.join(ATTRIBUTES)}")
     if len(set(names)) < len(names):
-        raise GuidelabError(f"model.attributes lists an attribute twice: {list(names)}; list each once")
+        raise GuidelabError(f"{where} lists an attribute twice: {list(names)}; list each once")
     return names
 
 

@@ -199,9 +199,11 @@ def test_a_field_no_network_reaches_is_refused_in_one_line():
 
 
 class InkRegressor(torch.nn.Module):
-    """Predicts 'thickness' as 3 + the mean pixel value (more ink: thicker), with a fixed sigma."""
+    """Predicts 'thickness' as 3 + the mean pixel value (more ink: thicker), its held-out error 1 at every t."""
 
     attributes = ("thickness",)
+    num_steps = 1000
+    sigma_t = torch.ones(1, 10)
 
     def forward(self, x, t):
         return 3 + x.mean(dim=(1, 2, 3)).unsqueeze(1)

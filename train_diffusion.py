@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+from guidelab import checkpoint
 from guidelab.attributes import check_defined, statistics
 from guidelab.cli import main
 from guidelab.data import ImageData, dataset_shape
@@ -154,6 +156,31 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
         stats = statistics(data.attributes, model.attributes)
         model.attr_stats.copy_(torch.tensor([[stats[n][k] for n in model.attributes] for k in ("mean", "std")]))
     return Task(model, training_loss(cfg, diffusion, model), evaluate)
+
+
+def start_from(model, path: str, cfg) -> None:
+    """train.init_from: a diffusion checkpoint's EMA weights as this run's start (fine-tuning), checked to be of the
+    same data set and noise schedule. Only inputs the checkpoint's network lacks may start fresh: the attribute
+    embeddings of a class-only network fine-tuned with model.attributes (the price of retraining for CFG)."""
+    ckpt = checkpoint.load(path, kind="diffusion")
+    for key in ("dataset", "diffusion"):
+        if ckpt["config"][key] != OmegaConf.to_container(cfg[key], resolve=True):
+            raise GuidelabError(
+                f"train.init_from={path} was trained with another {key} config ({ckpt['config'][key]}); start from a "
+                f"network of this {key}, or match {key}=... to it"
+            )
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["ema"], strict=False)
+    except RuntimeError:
+        missing, unexpected = ["?"], ["(weights of another shape)"]
+    fresh = [k for k in missing if k.startswith("attr_")]
+    if unexpected or len(fresh) < len(missing):
+        differ = ", ".join(sorted(set(missing) - set(fresh)) + list(unexpected))[:200]
+        raise GuidelabError(
+            f"train.init_from={path} does not fit this model (its network differs beyond the attribute inputs: "
+            f"{differ}); use the same model=... and sizes"
+        )
+    print(f"train.init_from: the weights of {path} (step {ckpt['step']}); new: {', '.join(fresh) or 'none'}")
 
 
 def check(cfg) -> None:

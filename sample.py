@@ -11,10 +11,12 @@ an evaluator the results row (guidelab.results) into metrics.json.
 
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from guidelab import dist, drawing, networks, results
 from guidelab.cli import main
+from guidelab.conditions import combinations
 from guidelab.drawing import check  # every value check that needs no network (also run for each job of a sweep)
 from guidelab.images import save_class_grid
 
@@ -30,7 +32,11 @@ def sample(cfg, run_dir: Path) -> dict:
     if drawn is None:  # rank 0 gathered every rank's batches
         return {}
     class_names = nets.train_config["data_info"].get("class_names")  # grid row labels
-    save_class_grid(drawn.images, drawn.labels, nets.num_classes, run_dir / "grid.png", class_names=class_names)
+    rows, count = drawn.labels, nets.num_classes  # one grid row per class, or per condition asked (attributes)
+    if drawn.request[0] is not None and drawn.request[0].dim() == 2:
+        rows, class_names = combinations(drawn.request[0], class_names, nets.num_classes)
+        rows, count = np.array(rows), len(class_names)
+    save_class_grid(drawn.images, rows, count, run_dir / "grid.png", class_names=class_names)
     row, details = results.fill(cfg, spec, nets, drawn, device)
     if nets.judges or row["request"] is not None:  # an attribute request is judged by measurement, with no network
         results.write_metrics(run_dir / "metrics.json", row, details)

@@ -171,3 +171,20 @@ def requested(
     null = num_classes if not_class is None else int(requested_labels(not_class, 1, num_classes, class_names, where))
     away = rows(torch.full((num_samples,), null), {n: torch.full((num_samples,), v[0]) for n, v in values.items()})
     return y, away
+
+
+def combinations(y: torch.Tensor, class_names, null_class: int) -> tuple[list[int], list[str]]:
+    """The distinct conditions of a run in the order first asked, and which one each sample had: (index per sample,
+    a name per condition, e.g. "7 thickness=4.5 slant=-0.3"; "any" for no class). grid.png's rows for a request with
+    attributes."""
+    names, index, seen = [], [], {}
+    for row in y.tolist():
+        key = tuple("nan" if v != v else v for v in row)  # NaN != NaN: compared as text
+        if key not in seen:
+            label = int(row[0])
+            parts = ["any" if label == null_class else str(class_names[label]) if class_names else str(label)]
+            parts += [f"{f}={v:g}" for f, v in zip(FIELDS[1:], row[1:]) if v == v]
+            seen[key] = len(names)
+            names.append(" ".join(parts))
+        index.append(seen[key])
+    return index, names

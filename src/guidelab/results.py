@@ -251,7 +251,7 @@ def attribute_verdict(nets: Networks, drawn: Drawn, device: torch.device) -> tup
         predicted = extract(EvaluatorFeatures(primary.net), drawn.images, device).logits.argmax(1).cpu().numpy()
     cols, details = measured.verdict(drawn.images, y, null, stats, predicted)
     if negative is not None:
-        cols["request"] += " " + " ".join(f"-{f}" for f in asked(negative, null))
+        cols["request"] = " ".join([*cols["request"].split(), *(f"-{f}" for f in asked(negative, null))])
     if "label" not in asked(y, null):
         cols |= dict.fromkeys(("accuracy", "accuracy_2", "accuracy_knn", "disagreement"))
     return cols, details

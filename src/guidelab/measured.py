@@ -17,6 +17,10 @@ from guidelab.conditions import ATTRIBUTES, asked, columns, labels_of
 TOLERANCE = {"area": 15.0, "length": 3.0, "thickness": 0.5, "slant": 0.1, "width": 1.0, "height": 1.0}
 
 
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+
 def slope(requested: np.ndarray, measured: np.ndarray) -> float | None:
     """The least-squares slope of measured against requested values (None where every request is the same)."""
     ok = np.isfinite(measured)
@@ -31,7 +35,8 @@ def verdict(
     """(columns, details) of a conditioned run: images uint8 NHWC, y its condition rows, `stats` the training data's
     attribute statistics (the spread of free attributes is read against their SD; None: not reported), `predicted`
     the primary evaluator's class for each sample (joint success asks the class of it where the label is asked; None:
-    the attributes alone). A sample whose attribute cannot be measured (no ink) misses that attribute."""
+    the attributes alone). A sample whose attribute cannot be measured (no ink) misses that attribute. The details
+    hold, per attribute asked, the mean measured value for each value requested (the report plots them)."""
     from guidelab import morpho
 
     fields = asked(y, null_class)
@@ -46,6 +51,7 @@ def verdict(
         met &= np.nan_to_num(error, nan=np.inf) <= TOLERANCE[name]
         details["tolerance"][name] = TOLERANCE[name]
         details[f"{name}_unmeasured"] = int((~np.isfinite(got)).sum())
+        details[f"{name}_by_request"] = {f"{v:g}": _mean(got[want == v]) for v in np.unique(want)}
     if "label" in fields and predicted is not None:
         met &= predicted == labels_of(y).cpu().numpy()
     cols["joint_success"] = float(met.mean())

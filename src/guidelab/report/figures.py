@@ -3,6 +3,7 @@ samples per series (rows = scales, columns = classes) and the comparison figure 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -49,7 +50,39 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
         written.append(out_dir / name)
-    return written + variant_panels(rows, out_dir)
+    return written + variant_panels(rows, out_dir) + attribute_plots(rows, out_dir)
+
+
+def attribute_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """<attribute>_measured_vs_requested.png for a sweep that asked for attributes: per series, the mean value
+    measured on the samples (guidelab.measured) against each value requested, beside the line measured = requested."""
+    plt, written = _pyplot(), []
+    found = {}
+    for r in rows:
+        path = r["dir"] / "metrics.json" if r.get("dir") else None
+        details = json.loads(path.read_text()).get("attributes", {}) if path and path.is_file() else {}
+        for key, by_request in details.items():
+            if key.endswith("_by_request"):
+                found.setdefault(key.removesuffix("_by_request"), []).append((r, by_request))
+    label = {id(r): name for name, line in series(rows).items() for r in line}
+    for name, entries in found.items():
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        lo = min(float(v) for _, b in entries for v in b)
+        hi = max(float(v) for _, b in entries for v in b)
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--", label="measured = requested")
+        for i, (r, by_request) in enumerate(entries):
+            pts = sorted((float(v), m) for v, m in by_request.items() if m is not None)
+            if not pts:
+                continue
+            ax.plot(*zip(*pts), marker="os^vD<>"[i % 7], label=f"{label.get(id(r), r['guidance'])} s={r['scale']:g}")
+        ax.set(xlabel=f"{name} requested", ylabel=f"{name} measured (guidelab.morpho)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}_measured_vs_requested.png", dpi=120)
+        plt.close(fig)
+        written.append(out_dir / f"{name}_measured_vs_requested.png")
+    return written
 
 
 def _trace(ax, line: list[dict], x: str, y: str, label: str, style: dict) -> None:

@@ -141,3 +141,34 @@ def test_the_judge_reads_a_request_back_by_measurement():
     free = verdict(images, rows(torch.full((4,), 10), {"thickness": asked}), 10, stats)[0]
     assert free["request"] == "thickness" and free["joint_success"] == pytest.approx(0.75)  # no label asked
     assert free["free_spread"] is not None and slope(np.ones(3), np.arange(3.0)) is None
+
+
+def test_a_compositional_split_leaves_one_combination_out(data_root):
+    data = load_dataset("mnist5k", "test", image_size=16)
+    values = attributes.measured(data, {"name": "mnist5k", "image_size": 16, "root": None}, "test")
+    keep, info = attributes.exclude(data, values, "7:thickness>0.8")
+    sevens = data.labels == 7
+    thick = values[:, ATTRIBUTES.index("thickness")]
+    assert info["label"] == 7 and info["attribute"] == "thickness" and info["removed"] == int((~keep).sum())
+    assert (~keep & ~sevens).sum() == 0  # no other class loses a digit
+    assert info["removed"] == pytest.approx(0.2 * sevens.sum().item(), abs=2)
+    assert (thick[~keep] > info["threshold"]).all() and (thick[keep & sevens] <= info["threshold"]).all()
+    assert attributes.exclude(data, values, "7:slant<0.5")[1]["side"] == "<"
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ("7-thickness>0.8", "is not LABEL:ATTRIBUTE>QUANTILE"),
+        ("12:thickness>0.8", "no class '12'"),
+        ("7:colour>0.8", "no attribute 'colour'"),
+        ("7:thickness>1.5", "strictly between 0 and 1"),
+    ],
+)
+def test_a_malformed_split_is_refused_in_one_line(rule, message):
+    line = check_command_line("train_diffusion.py", "experiment=demo", f"exclude='{rule}'")
+    assert message in line, line
+    assert message in check_command_line("train_classifier.py", "experiment=demo", f"exclude='{rule}'")
+    assert "defined on handwritten digits only" in check_command_line(
+        "train_diffusion.py", "experiment=smoke", "exclude='7:thickness>0.8'"
+    )

@@ -10,6 +10,7 @@ data sets are refused.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -68,3 +69,46 @@ def statistics(values: torch.Tensor, names) -> dict[str, dict[str, float]]:
         lo, hi = torch.quantile(v, torch.tensor([0.01, 0.99], dtype=v.dtype)).tolist()
         out[name] = {"mean": v.mean().item(), "std": max(v.std().item(), 1e-6), "lo": lo, "hi": hi}
     return out
+
+
+SPLIT = re.compile(r"^\s*([^:]+?)\s*:\s*(\w+)\s*([<>])\s*([01]?\.?\d*)\s*$")
+
+
+def parse_exclusion(rule: str, class_names) -> tuple[int, str, str, float]:
+    """A compositional split, `LABEL:ATTRIBUTE>Q` or `<Q`: the digits of class LABEL (an index or a class name) whose
+    ATTRIBUTE lies above (below) its Q-quantile within that class, e.g. '7:thickness>0.8', the thickest fifth of the
+    sevens. Returns (class, attribute, side, q); a malformed rule is refused in one line."""
+    found = SPLIT.match(str(rule))
+    example = "e.g. exclude='7:thickness>0.8' (the thickest fifth of the 7s)"
+    if not found:
+        raise GuidelabError(f"exclude={rule!r} is not LABEL:ATTRIBUTE>QUANTILE or <QUANTILE; {example}")
+    label, name, side, q = found.groups()
+    names = list(class_names or [])
+    if label in names:
+        label = names.index(label)
+    elif label.isdigit() and int(label) < len(names):
+        label = int(label)
+    else:
+        raise GuidelabError(f"exclude={rule!r}: no class {label!r}; use a class index or name ({', '.join(names)})")
+    if name not in ATTRIBUTES:
+        raise GuidelabError(f"exclude={rule!r}: no attribute {name!r}; measured ones: {', '.join(ATTRIBUTES)}")
+    try:
+        q = float(q)
+    except ValueError:
+        q = -1.0
+    if not 0 < q < 1:
+        raise GuidelabError(f"exclude={rule!r}: the quantile must lie strictly between 0 and 1; {example}")
+    return label, name, side, q
+
+
+def exclude(data: ImageData, values: torch.Tensor, rule: str) -> tuple[torch.Tensor, dict]:
+    """The rows of a training split that a compositional split keeps (a boolean mask), and what it left out: the
+    class, the attribute, the threshold in its units (the Q-quantile of that attribute within the class) and how many
+    images. Every network of a study trained with the same rule never sees the combination."""
+    label, name, side, q = parse_exclusion(rule, data.class_names)
+    column = values[:, ATTRIBUTES.index(name)].double()
+    mine = (data.labels == label) & ~torch.isnan(column)
+    threshold = torch.quantile(column[mine], q).item()
+    out = mine & ((column > threshold) if side == ">" else (column < threshold))
+    info = {"rule": rule, "label": label, "attribute": name, "side": side, "threshold": threshold}
+    return ~out, info | {"removed": int(out.sum())}

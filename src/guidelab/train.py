@@ -23,9 +23,9 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from guidelab import checkpoint, dist
-from guidelab.attributes import measured, statistics
+from guidelab.attributes import check_defined, exclude, measured, parse_exclusion, statistics
 from guidelab.conditions import ATTRIBUTES, rows
-from guidelab.data import ImageData, load_from_config
+from guidelab.data import ImageData, dataset_shape, load_from_config
 from guidelab.errors import GuidelabError
 from guidelab.log import Logger, require_logger
 from guidelab.pretrained import model_reference, sample_size
@@ -69,8 +69,14 @@ def load_data(cfg, split: str) -> ImageData:
     measured attributes where the network is conditioned on them (`conditioned_on`)."""
     dataset = OmegaConf.to_container(cfg.dataset)
     data = load_from_config(dataset, split, seed=cfg.seed)
-    if conditioned_on(cfg):
+    if conditioned_on(cfg) or (cfg.get("exclude") and split == "train"):
         data.attributes = measured(data, dataset, split)
+    if cfg.get("exclude") and split == "train":  # a compositional split: the same combination left out of every network
+        keep, data.excluded = exclude(data, data.attributes, cfg.exclude)
+        data.images, data.labels, data.attributes = data.images[keep], data.labels[keep], data.attributes[keep]
+        print(f"exclude={cfg.exclude}: left out {data.excluded['removed']} images ({data.excluded})")
+    if not conditioned_on(cfg):
+        data.attributes = None
     return data
 
 
@@ -163,6 +169,9 @@ def validate(cfg) -> None:
     Range(0, open_lo=True).check("train.grad_clip", tc.grad_clip, tc)
     Range(0, 1 - 1e-12, "e.g. train.ema_decay=0.9999").check("train.ema_decay", tc.ema_decay, tc)
     OneOf(("constant", "cosine")).check("train.lr_schedule", tc.lr_schedule, tc)
+    if cfg.get("exclude"):
+        check_defined(cfg.dataset, f"exclude={cfg.exclude}")
+        parse_exclusion(cfg.exclude, dataset_shape(cfg.dataset)[1])
     if "diffusion" in cfg and cfg.diffusion.schedule == "pretrained":  # found and read now, its image size matched
         reference = model_reference(cfg.diffusion)
         schedule_signature(cfg.diffusion)

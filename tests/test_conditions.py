@@ -263,3 +263,20 @@ def test_the_rows_attributes_are_the_measurements_in_their_order():
     from guidelab import morpho
 
     assert morpho.ATTRIBUTES == ATTRIBUTES and FIELDS == ("label", *ATTRIBUTES)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("attrs.thickness=thick", "attrs.thickness='thick' is not a finite number"),
+        ("attrs.slant=[0.1,x]", "attrs.slant='x' is not a finite number"),
+        ("negative.slant=[0.1,0.2]", "negative.slant takes one value"),
+        ("weights.thickness=heavy", "weights.thickness='heavy' is not a finite number"),
+        ("attrs.thickness=nan", "attrs.thickness is nan; give it a finite number"),
+    ],
+)
+def test_a_bad_request_is_refused_before_anything_is_loaded(override, message):
+    from conftest import check_command_line
+
+    line = check_command_line("sample.py", override, "ckpt=missing.pt")
+    assert message in line, line

@@ -188,3 +188,17 @@ def combinations(y: torch.Tensor, class_names, null_class: int) -> tuple[list[in
             names.append(" ".join(parts))
         index.append(seen[key])
     return index, names
+
+
+def check_values(attrs, negative, weights) -> None:
+    """The request's values checked before anything is loaded (every job of a sweep): each attribute asked a finite
+    number or a list of them, each NOT a single one, each weight a finite number (the label's NOT and the labels are
+    checked against the checkpoint's classes when it is read)."""
+    for name, value in (attrs or {}).items():
+        _values(name, value, "attrs")
+    for name, value in (negative or {}).items():
+        if name != "label" and len(_values(name, value, "negative")) > 1:
+            raise GuidelabError(f"negative.{name} takes one value (what to steer away from), e.g. negative.{name}=0.5")
+    for name, value in (weights or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise GuidelabError(f"weights.{name}={value!r} is not a finite number; e.g. weights.{name}=4")

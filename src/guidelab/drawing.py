@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from guidelab import dist, guidance, networks, sampling, shards
-from guidelab.conditions import labels_of, requested
+from guidelab.conditions import check_values, labels_of, requested
 from guidelab.errors import GuidelabError
 from guidelab.guidance import GuidanceSpec
 from guidelab.guided import measured_flops
@@ -54,6 +54,7 @@ def check(cfg) -> GuidanceSpec:
     Range(0, 2**43, "batch b's noise seed, seed * 1000003 + b, must fit torch's 64-bit seed").check(
         "seed", cfg.seed, cfg
     )
+    check_values(*(_given(cfg.get(key)) for key in ("attrs", "negative", "weights")))
     if cfg.ckpt == "latest":  # nothing to find: say so before Hydra makes a run dir
         networks.find_latest(cfg.runs_root, "diffusion")
     for key in ("ckpt", "guide_ckpt"):

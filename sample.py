@@ -35,7 +35,7 @@ def sample(cfg, run_dir: Path) -> dict:
     rows, count = drawn.labels, nets.num_classes  # one grid row per class, or per condition asked (attributes)
     if drawn.request[0] is not None and drawn.request[0].dim() == 2:
         rows, class_names = combinations(drawn.request[0], class_names, nets.num_classes)
-        rows, count = np.array(rows), len(class_names)
+        rows, count = np.array(rows), min(len(class_names), 40)  # the first 40 conditions asked
     save_class_grid(drawn.images, rows, count, run_dir / "grid.png", class_names=class_names)
     row, details = results.fill(cfg, spec, nets, drawn, device)
     if nets.judges or row["request"] is not None:  # an attribute request is judged by measurement, with no network

@@ -37,7 +37,7 @@ def modes_table(out: Path) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, label in REQUESTS.items():
-        for side in ("cfg", "cg"):
+        for side in ("cfg_s1", "cfg", "cg"):
             path = out / f"{key}_{side}" / "results.csv"
             if not path.is_file():
                 continue

@@ -43,6 +43,7 @@ for req in ONE TWO THREE OUTSIDE; do
   eval "R=(\"\${${req}[@]}\")"
   sweep "${req,,}_cfg" guidance=cfg,cfg_composed scale=3 "${ATTRS[@]}" "${R[@]}"
   sweep "${req,,}_cg" guidance=cg scale=3,10 "${GUIDED[@]}" "${R[@]}"
+  sweep "${req,,}_cfg_s1" guidance=cfg scale=1 "${ATTRS[@]}" "${R[@]}"   # the conditional model, unguided
 done
 
 # The price of retraining: thickness asked of the class-only model (the class by its own CFG at s = 3)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_script
 from guidelab import morpho
@@ -14,14 +15,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def attribute_unet(tmp_path_factory):
-    """unet_tiny with model.attributes=[thickness], 400 steps on mnist5k at 16x16 (experiment=attributes)."""
+    """unet_tiny with model.attributes=[thickness], 300 steps on mnist5k at 16x16 (experiment=attributes)."""
     root = tmp_path_factory.mktemp("attribute_unet")
     proc = run_script(
         "train_diffusion.py",
         "experiment=attributes",
         "model=unet_tiny",
         "model.attributes=[thickness]",
-        "train.steps=400",
+        "train.steps=300",
         "train.ckpt_every=0",
         "train.progress=false",
         f"hydra.run.dir={root / 'unet'}",
@@ -55,14 +56,17 @@ def test_a_tiny_network_follows_a_thickness_request(attribute_unet):
     root, ckpt = attribute_unet
     thickness, row = _sample(root, ckpt, "asked", "labels=any", "attrs.thickness=[1.5,4.0]")
     thin, thick = np.nanmean(thickness[0::2]), np.nanmean(thickness[1::2])  # the request alternates 1.5, 4.0
-    assert thick - thin > 1.5, (thin, thick)  # measured 1.27 and 4.19 when written
+    assert thick - thin > 1.5, (thin, thick)  # measured 1.53 and 4.14 when written
     assert row["request"] == "thickness" and row["thickness_slope"] > 0.6
     assert row["thickness_mae"] < 0.8 and row["accuracy"] is None  # no label asked: no class accuracy
 
 
 def test_not_steers_the_measured_thickness_away(attribute_unet):
+    """negative.thickness=1.5 with no other request: eps(x_t, thin) in the null's place pushes the samples' thickness
+    above the training digits' mean (the network's own unguided samples measured 2.91 against the data's 2.73 when
+    written; the NOT run 4.19)."""
     root, ckpt = attribute_unet
-    free, _ = _sample(root, ckpt, "free", "labels=any")
     away, row = _sample(root, ckpt, "away", "labels=any", "negative.thickness=1.5")
-    assert row["request"] == "-thickness"  # nothing asked, thin steered away from
-    assert np.nanmean(away) - np.nanmean(free) > 0.3, (np.nanmean(free), np.nanmean(away))
+    data_mean = torch.load(ckpt, weights_only=True)["config"]["data_info"]["attributes"]["thickness"]["mean"]
+    assert row["request"] == "-thickness" and row["joint_success"] is None  # nothing asked: nothing to meet
+    assert np.nanmean(away) - data_mean > 0.5, (data_mean, np.nanmean(away))

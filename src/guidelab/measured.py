@@ -52,9 +52,10 @@ def verdict(
         details["tolerance"][name] = TOLERANCE[name]
         details[f"{name}_unmeasured"] = int((~np.isfinite(got)).sum())
         details[f"{name}_by_request"] = {f"{v:g}": _mean(got[want == v]) for v in np.unique(want)}
-    if "label" in fields and predicted is not None:
+    judged = [f for f in fields if f != "label"] + (["label"] if "label" in fields and predicted is not None else [])
+    if "label" in judged:
         met &= predicted == labels_of(y).cpu().numpy()
-    cols["joint_success"] = float(met.mean())
+    cols["joint_success"] = float(met.mean()) if judged else None  # nothing asked that can be judged: no success
     free = [a for a in ATTRIBUTES if a not in fields]
     if stats:
         ratios = [np.nanstd(found[a]) / stats[a]["std"] for a in free if a in stats]

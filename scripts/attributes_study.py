@@ -98,8 +98,56 @@ def price_table(out: Path) -> None:
             )
 
 
-def main(out: str) -> None:
+def figure(out: Path, path: Path) -> None:
+    """One sample per digit (columns) for each thickness x slant asked (rows) of the three-condition request, joint CFG
+    (s = 3) beside composed CG (s = 10), labelled: the figure of docs/results.md."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from guidelab.conditions import combinations
+    from guidelab.images import grid
+
+    panels, names = [], []
+    for job in (out / "three_cfg" / "0_cfg_s3.0", out / "three_cg" / "1_cg_s10.0"):
+        images = np.load(job / "samples.npz")["images"]
+        cfg = json.loads((job / "metrics.json").read_text())
+        n = cfg["num_samples"]
+        y = rows_of(job, n)
+        index, conds = combinations(y, None, 10)
+        index = np.array(index)
+        lines = []
+        for c in range(0, len(conds), 10):  # the ten digits of one thickness x slant
+            lines.append(np.stack([images[index == c + d][0] for d in range(10)]))
+            names.append(conds[c].split(" ", 1)[1]) if job.parent.name == "three_cfg" else None
+        panels.append(grid(lines, pad=1, scale=2))
+    img = np.concatenate([panels[0], np.zeros((panels[0].shape[0], 12, 1), np.uint8), panels[1]], axis=1)[..., 0]
+    canvas = Image.new("L", (img.shape[1] + 150, img.shape[0] + 16))
+    canvas.paste(Image.fromarray(img), (150, 16))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    row_h = (img.shape[0] - 2) / len(names)
+    for i, name in enumerate(names):
+        draw.text((4, 16 + 2 + i * row_h + row_h / 2 - 5), name, fill=255, font=font)
+    draw.text((150, 2), "joint CFG, s = 3 (UNet trained on the attributes)", fill=255, font=font)
+    draw.text((150 + panels[0].shape[1] + 12, 2), "composed CG, s = 10 (class-only UNet)", fill=255, font=font)
+    canvas.save(path)
+
+
+def rows_of(job: Path, n: int):
+    """The condition rows a job of the study asked for, from its overrides (the one place a request is read)."""
+    from omegaconf import OmegaConf
+
+    from guidelab.conditions import requested
+    from guidelab.drawing import _given
+
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+    labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels
+    return requested(labels, _given(cfg.attrs), n, 10)[0]
+
+
+def main(out: str, fig: str | None = None) -> None:
     out = Path(out)
+    if fig:
+        figure(out, Path(fig))
     modes_table(out)
     print()
     price_table(out)

@@ -150,9 +150,9 @@ def task(cfg, data: ImageData, device: torch.device) -> Task:
         return {"_image": path}
 
     model = network(cfg, channels, num_classes)
-    if getattr(
-        model, "attributes", ()
-    ):  # the training set's statistics normalise the attributes, saved with the weights
+    if cfg.train.get("init_from"):  # fine-tuning: a checkpoint's weights, the attribute inputs it lacks fresh
+        start_from(model, cfg.train.init_from, cfg)
+    if getattr(model, "attributes", ()):  # the training statistics normalise the attributes, saved with the weights
         stats = statistics(data.attributes, model.attributes)
         model.attr_stats.copy_(torch.tensor([[stats[n][k] for n in model.attributes] for k in ("mean", "std")]))
     return Task(model, training_loss(cfg, diffusion, model), evaluate)

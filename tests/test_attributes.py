@@ -97,6 +97,20 @@ def _class_only_checkpoint(path, cfg):
     return net
 
 
+def test_train_diffusion_starts_from_init_from(tmp_path, data_root):
+    """The training task itself loads train.init_from (the class-only network's weights, the new input's statistics
+    set after), not only the function that does it."""
+    cfg = _train_cfg("model.attributes=[thickness]")
+    old = _class_only_checkpoint(tmp_path / "class_only.pt", cfg)
+    cfg = _train_cfg("model.attributes=[thickness]", f"train.init_from={tmp_path / 'class_only.pt'}")
+    data = load_dataset("mnist5k", "test", image_size=16)
+    data.attributes = attributes.measured(data, {"name": "mnist5k", "image_size": 16, "root": None}, "test")
+    task = _script_module("train_diffusion.py").task(cfg, data, torch.device("cpu"))
+    for k, v in old.state_dict().items():
+        assert torch.equal(task.model.state_dict()[k], v), k
+    assert task.model.attr_stats[0, 0].item() == pytest.approx(data.attributes[:, ATTRIBUTES.index("thickness")].nanmean().item(), abs=1e-4)
+
+
 def test_init_from_starts_a_new_attribute_fresh_and_keeps_every_other_weight(tmp_path):
     start_from = _script_module("train_diffusion.py").start_from
     cfg = _train_cfg("model.attributes=[thickness]")

@@ -90,12 +90,12 @@ def price_table(out: Path) -> None:
         for sweep in sorted(out.glob(f"{prefix}*")):
             tag = sweep.name[len(prefix) :]
             steps = total if tag == "last" else int(tag)
-            (r,) = _rows(sweep / "results.csv")
             seconds = float(timings.get(run, "nan")) * steps / total
-            print(
-                f"| {side} | {steps} | {steps * gflops:.0f} | {seconds:.0f} | {_f(r['joint_success'])} "
-                f"| {_f(r['thickness_mae'])} | {_f(r['accuracy'])} |"
-            )
+            for r in _rows(sweep / "results.csv"):
+                print(
+                    f"| {side}, {r['guidance']} s={_f(r['s'], 0)} | {steps} | {steps * gflops:.0f} | {seconds:.0f} "
+                    f"| {_f(r['joint_success'])} | {_f(r['thickness_mae'])} | {_f(r['accuracy'])} |"
+                )
 
 
 def figure(out: Path, path: Path) -> None:

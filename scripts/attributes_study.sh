@@ -46,16 +46,17 @@ for req in ONE TWO THREE OUTSIDE; do
   sweep "${req,,}_cfg_s1" guidance=cfg scale=1 "${ATTRS[@]}" "${R[@]}"   # the conditional model, unguided
 done
 
-# The price of retraining: thickness asked of the class-only model (the class by its own CFG at s = 3)
+# The price of retraining: thickness asked of the class-only model (the class by its own CFG at s = 3), by fine-tuning
+# it with the new input (CFG at s = 1 and 3) or by a regressor trained on its schedule (CG, weight 10)
 train train_diffusion.py finetune experiment=attributes "model.attributes=[thickness]" \
   train.init_from="$OUT/unet_class/checkpoints/last.pt" train.steps=1000 train.warmup_steps=50 train.lr=1.0e-3 \
   train.ckpt_every=250 train.keep_checkpoints=10
 train train_classifier.py regressor_price experiment=attributes "classifier.attributes=[thickness]" \
   train.ckpt_every=100 train.eval_every=100 train.keep_checkpoints=10
 for step in 0000250 0000500 0000750; do
-  sweep "price_cfg_$step" guidance=cfg scale=3 ckpt="$OUT/finetune/checkpoints/$step.pt" "${JUDGE[@]}" "${TWO[@]}"
+  sweep "price_cfg_$step" guidance=cfg scale=1,3 ckpt="$OUT/finetune/checkpoints/$step.pt" "${JUDGE[@]}" "${TWO[@]}"
 done
-sweep price_cfg_last guidance=cfg scale=3 ckpt="$OUT/finetune/checkpoints/last.pt" "${JUDGE[@]}" "${TWO[@]}"
+sweep price_cfg_last guidance=cfg scale=1,3 ckpt="$OUT/finetune/checkpoints/last.pt" "${JUDGE[@]}" "${TWO[@]}"
 for step in 0000100 0000200 0000300 0000400 0000500 last; do
   sweep "price_cg_$step" guidance=cfg_cg scale=3 guidance.classifier_scale=10 weights.label=0 "${CLASS_ONLY[@]}" \
     "${TWO[@]}" regressor_ckpt="$OUT/regressor_price/checkpoints/$step.pt"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 REQUESTS = {
+    "baseline": "0: label only",
     "one": "1: thickness",
     "two": "2: label + thickness",
     "three": "3: label + thickness + slant",
@@ -37,7 +38,7 @@ def modes_table(out: Path) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, label in REQUESTS.items():
-        for side in ("cfg_s1", "cfg", "cg"):
+        for side in ("class", "attrs") if key == "baseline" else ("cfg_s1", "cfg", "cg"):
             path = out / f"{key}_{side}" / "results.csv"
             if not path.is_file():
                 continue

@@ -46,6 +46,10 @@ for req in ONE TWO THREE OUTSIDE; do
   sweep "${req,,}_cfg_s1" guidance=cfg scale=1 "${ATTRS[@]}" "${R[@]}"   # the conditional model, unguided
 done
 
+# the reference: each UNet asked for the class alone (the FID of the goals is read against the class-only model's)
+sweep baseline_class guidance=cfg scale=1,3 "${CLASS_ONLY[@]}"
+sweep baseline_attrs guidance=cfg scale=1,3 "${ATTRS[@]}"
+
 # The price of retraining: thickness asked of the class-only model (the class by its own CFG at s = 3), by fine-tuning
 # it with the new input (CFG at s = 1 and 3) or by a regressor trained on its schedule (CG, weight 10)
 train train_diffusion.py finetune experiment=attributes "model.attributes=[thickness]" \

@@ -218,6 +218,7 @@ class Networks:
     classifier_metrics: dict = field(default_factory=dict)  # its held-out accuracy (per quarter of t if noisy)
     guide: Counted | None = None
     regressor: Counted | None = None  # the noisy attribute regressor of CG on attributes (regressor_ckpt)
+    regressor_config: dict = field(default_factory=dict)  # its training config (data_info: the data's attributes)
     judges: list[Judge] = field(default_factory=list)  # the evaluators asked for: the primary first
     paths: dict = field(default_factory=dict)  # config key -> the checkpoint path used (`latest` resolved)
     data_info: dict = field(default_factory=dict)  # the classes sampled: the UNet's, or its partners' if it has none
@@ -272,7 +273,8 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
         paths["regressor_ckpt"] = resolve(
             "regressor_ckpt", cfg.regressor_ckpt, cfg.runs_root, "regressor", unet_ckpt["config"]
         )
-        nets.regressor = load_regressor(paths["regressor_ckpt"], unet_ckpt, device)[0]
+        nets.regressor, regressor_ckpt = load_regressor(paths["regressor_ckpt"], unet_ckpt, device)
+        nets.regressor_config = regressor_ckpt["config"]
     nets.judges = _judges(cfg, nets, unet_ckpt, device)
     info = unet_ckpt["config"]["data_info"]
     nets.data_info = dict(unet_ckpt["config"].get("partner_data_info", info) if info["num_classes"] is None else info)

@@ -244,7 +244,7 @@ def attribute_verdict(nets: Networks, drawn: Drawn, device: torch.device) -> tup
     null = nets.num_classes
     stats = nets.train_config["data_info"].get("attributes")
     if stats is None and getattr(nets, "regressor", None) is not None:
-        stats = (getattr(nets, "regressor_config", None) or {}).get("data_info", {}).get("attributes")
+        stats = nets.regressor_config.get("data_info", {}).get("attributes")
     primary = next((j for j in nets.judges if j.primary), None)
     predicted = None
     if primary is not None:

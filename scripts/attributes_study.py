@@ -45,7 +45,8 @@ def modes_table(out: Path) -> None:
             unet = {"class": ", class-only UNet", "attrs": ", attribute UNet"}.get(side, "")
             for r in _rows(path):
                 print(
-                    f"| {label}{unet} | {r['guidance']} | {_f(r['s'], 0)} | {_f(r['nfe'], 0)} | {_f(r['classifier_nfe'], 0)} "
+                    f"| {label}{unet} | {r['guidance']} | {_f(r['s'], 0)} | {_f(r['nfe'], 0)} "
+                    f"| {_f(r['classifier_nfe'], 0)} "
                     f"| {_f(r['gflops_per_sample'])} | {_f(r['seconds_per_sample'], 3)} | {_f(r['thickness_mae'])} "
                     f"| {_f(r['thickness_slope'])} | {_f(r['slant_mae'], 3)} | {_f(r['joint_success'])} "
                     f"| {_f(r['accuracy'])} | {_f(r['accuracy_knn'])} | {_f(r['fid'], 1)} | {_f(r['free_spread'])} |"

@@ -108,7 +108,8 @@ def test_train_diffusion_starts_from_init_from(tmp_path, data_root):
     task = _script_module("train_diffusion.py").task(cfg, data, torch.device("cpu"))
     for k, v in old.state_dict().items():
         assert torch.equal(task.model.state_dict()[k], v), k
-    assert task.model.attr_stats[0, 0].item() == pytest.approx(data.attributes[:, ATTRIBUTES.index("thickness")].nanmean().item(), abs=1e-4)
+    mean = data.attributes[:, ATTRIBUTES.index("thickness")].nanmean().item()
+    assert task.model.attr_stats[0, 0].item() == pytest.approx(mean, abs=1e-4)
 
 
 def test_init_from_starts_a_new_attribute_fresh_and_keeps_every_other_weight(tmp_path):

@@ -43,7 +43,7 @@ def _sample(runs, tmp_path, *overrides):
         (
             "train_diffusion.py",
             "model=unet_huge",
-            ["unknown model 'unet_huge'", "unet16, unet_cifar, unet_small, unet_tiny"],
+            ["unknown model 'unet_huge'", "unet16, unet16_attrs, unet_cifar, unet_small, unet_tiny"],
         ),
         (
             "sample.py",

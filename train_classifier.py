@@ -136,7 +136,10 @@ def regressor_task(cfg, data: ImageData, device: torch.device) -> Task:
     nothing) are left out. Evaluated on the held-out split (`held_out_errors`): the RMSE per attribute in each of the
     K buckets of t, in raw units, written into the EMA network's (and the online network's) `sigma_t`, so that every
     checkpoint after an evaluation carries its predictive uncertainty; reported as rmse_<name> (all t),
-    rmse_<name>_t<k> (bucket k; t0 the least noise) and r2_<name>_t0 (R^2 at the least noise)."""
+    rmse_<name>_t<k> (bucket k; t0 the least noise) and r2_<name>_t0 (R^2 at the least noise). With
+    classifier.noisy=false the clean regressor r_phi(x0) of guidance on x0_hat (cg_x0): trained and evaluated on clean
+    images at t = 0, its one held-out RMSE written into every bucket."""
+    noisy = bool(cfg.classifier.noisy)
     diffusion = process(cfg.diffusion).to(device)
     net = network(cfg, data.info["channels"], data.num_classes)
     names = net.attributes
@@ -146,7 +149,7 @@ def regressor_task(cfg, data: ImageData, device: torch.device) -> Task:
 
     def loss(model, x0, y):
         target = columns(y, names)  # raw units, NaN = not measured
-        t, _, x = diffusion.noised(x0)
+        t, _, x = diffusion.noised(x0) if noisy else (torch.zeros(len(x0), dtype=torch.long, device=x0.device), 0, x0)
         mean, std = net.attr_stats  # through `model`'s forward (DDP, compile), normalised here
         pred = (model(x, t).float() - mean) / std
         measured = ~torch.isnan(target)
@@ -156,7 +159,7 @@ def regressor_task(cfg, data: ImageData, device: torch.device) -> Task:
 
     @torch.no_grad()
     def evaluate(ema_model, step: int, run_dir: Path) -> dict:
-        sse, count = held_out_errors(ema_model, diffusion, test.images, test_targets, device)
+        sse, count = held_out_errors(ema_model, diffusion, test.images, test_targets, device, noisy)
         rmse = (sse / count).sqrt()
         for module in (ema_model, net):  # EMA updates copy the online network's buffers into the EMA network's
             module.sigma_t.copy_(rmse.clamp(min=1e-6).to(module.sigma_t))
@@ -165,43 +168,47 @@ def regressor_task(cfg, data: ImageData, device: torch.device) -> Task:
             v = test_targets[:, i].double()
             v = v[~torch.isnan(v)]  # every measured image is in every bucket once: one total sum of squares
             metrics[f"rmse_{n}"] = (sse[i].sum() / count[i].sum()).sqrt().item()
-            metrics.update({f"rmse_{n}_t{k}": rmse[i, k].item() for k in range(T_BUCKETS)})
+            metrics.update({f"rmse_{n}_t{k}": rmse[i, k].item() for k in range(T_BUCKETS) if noisy})
             metrics[f"r2_{n}_t0"] = (1 - sse[i, 0] / (v - v.mean()).square().sum()).item()
         return metrics
 
     return Task(net, loss, evaluate)
 
 
-def held_out_errors(model, diffusion, images, targets, device, batch: int = 500) -> tuple:
+def held_out_errors(model, diffusion, images, targets, device, noisy: bool = True, batch: int = 500) -> tuple:
     """(sums of squared errors, counts), each (A, K) float64: every held-out image noised once in each of the K
     equal buckets of t (t uniform within the bucket, eps standard normal, both from a fixed seed: the same draws at
-    every evaluation), the prediction r_phi(x_t, t) against its target in raw units, NaN targets left out."""
+    every evaluation), the prediction r_phi(x_t, t) against its target in raw units, NaN targets left out. noisy=False
+    (a clean regressor): the clean images at t = 0, once, the same sums in every bucket."""
     gen = torch.Generator(device="cpu").manual_seed(1234)
     T, K = diffusion.num_steps, T_BUCKETS
     sse = torch.zeros(targets.shape[1], K, dtype=torch.float64)
     count = torch.zeros_like(sse)
-    for k in range(K):
+    for k in range(K if noisy else 1):
         lo, hi = -(-k * T // K), -(-(k + 1) * T // K)  # the integers t with floor(t K / T) = k
         for start in range(0, len(images), batch):
             x0, v = images[start : start + batch], targets[start : start + batch].double()
-            t = torch.randint(lo, hi, (len(x0),), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            x = diffusion.q_sample(x0.to(device), t.to(device), noise.to(device))
+            if noisy:
+                t = torch.randint(lo, hi, (len(x0),), generator=gen)
+                x = diffusion.q_sample(x0.to(device), t.to(device), torch.randn(x0.shape, generator=gen).to(device))
+            else:
+                t, x = torch.zeros(len(x0), dtype=torch.long), x0.to(device)
             err = (model(x, t.to(device)).double().cpu() - v).square()
             measured = ~torch.isnan(v)
             sse[:, k] += torch.where(measured, err, 0.0).sum(0)
             count[:, k] += measured.sum(0)
+    if not noisy:
+        sse, count = sse[:, :1].expand(-1, K).clone(), count[:, :1].expand(-1, K).clone()
     return sse, count
 
 
 def check_regressor(cfg) -> None:
-    """classifier=regressor: measured attributes exist on the data set (digits), it is noisy, its targets are the
-    images' own (no shift or rotation, which change what is measured), it is trained by MSE (no PGD, no entropy
-    term), and the schedule has a timestep in every bucket of t. Its attribute names are checked by the network."""
+    """classifier=regressor: measured attributes exist on the data set (digits), its targets are the images' own (no
+    shift or rotation, which change what is measured), it is trained by MSE (no PGD, no entropy term), and the
+    schedule has a timestep in every bucket of t. Noisy (x_t at every t, for cg) or clean (classifier.noisy=false, on
+    clean images, for cg_x0 on x0_hat). Its attribute names are checked by the network."""
     c = cfg.classifier
     check_defined(cfg.dataset, f"classifier.attributes=[{','.join(map(str, c.attributes))}]")
-    if not c.noisy:
-        raise GuidelabError("classifier=regressor is trained on x_t at every t: set classifier.noisy=true")
     for key in ("shift", "rotate", "pgd_eps", "entropy_weight"):
         if c[key]:
             raise GuidelabError(

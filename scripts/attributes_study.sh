@@ -65,4 +65,23 @@ for step in 0000100 0000200 0000300 0000400 0000500 last; do
   sweep "price_cg_$step" guidance=cfg_cg scale=3 guidance.classifier_scale=10 weights.label=0 "${CLASS_ONLY[@]}" \
     "${TWO[@]}" regressor_ckpt="$OUT/regressor_price/checkpoints/$step.pt"
 done
+
+# Composition the data never showed: the thickest fifth of the 7s (thickness above 3.16 px, their 0.8-quantile) left
+# out of every guided network's training (both UNets, the classifier, the regressor; the judge keeps them). The split
+# networks and the full ones are asked for 7s of thickness 2.5 (seen by both), 3.5 and 4.5 (held out of the split)
+SPLIT=("exclude='7:thickness>0.8'")
+train train_diffusion.py split_attrs experiment=attributes "${SPLIT[@]}"
+train train_diffusion.py split_class experiment=attributes "model.attributes=[]" "${SPLIT[@]}"
+train train_classifier.py split_regressor experiment=attributes "${SPLIT[@]}"
+train train_classifier.py split_classifier experiment=demo train.steps=1200 "${SPLIT[@]}"
+SEVENS=("labels=[7]" "attrs.thickness=[2.5,3.5,4.5]" num_samples=300 eval.num_samples=300)
+SPLIT_GUIDED=(ckpt="$OUT/split_class/checkpoints/last.pt" classifier_ckpt="$OUT/split_classifier/checkpoints/last.pt"
+  regressor_ckpt="$OUT/split_regressor/checkpoints/last.pt" "${JUDGE[@]}")
+for nets in split full; do
+  if [ $nets = split ]; then A=(ckpt="$OUT/split_attrs/checkpoints/last.pt" "${JUDGE[@]}"); G=("${SPLIT_GUIDED[@]}")
+  else A=("${ATTRS[@]}"); G=("${GUIDED[@]}"); fi
+  sweep "sevens_${nets}_cfg" guidance=cfg,cfg_composed scale=3 "${A[@]}" "${SEVENS[@]}"
+  sweep "sevens_${nets}_cfg_s1" guidance=cfg scale=1 "${A[@]}" "${SEVENS[@]}"
+  sweep "sevens_${nets}_cg" guidance=cg scale=3,10 "${G[@]}" "${SEVENS[@]}"
+done
 $PY scripts/attributes_study.py "$OUT"

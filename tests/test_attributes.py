@@ -13,7 +13,7 @@ from guidelab import attributes, morpho
 from guidelab.conditions import ATTRIBUTES, rows
 from guidelab.data import load_dataset
 from guidelab.errors import GuidelabError
-from guidelab.measured import TOLERANCE, slope, verdict
+from guidelab.measured import TOLERANCE, matched_reference, slope, verdict
 from guidelab.models import build_unet
 
 TINY = {
@@ -187,3 +187,49 @@ def test_a_malformed_split_is_refused_in_one_line(rule, message):
     assert "defined on handwritten digits only" in check_command_line(
         "train_diffusion.py", "experiment=smoke", "exclude='7:thickness>0.8'"
     )
+
+
+def test_the_bin_reference_draws_real_digits_of_each_requested_bin():
+    """matched_reference: a real image of the requested class within the tolerance of every attribute asked, each
+    image of a bin once before any is drawn again; -1 where the bin is empty; no class asked: any class."""
+    nan = float("nan")
+    real = np.full((5, len(ATTRIBUTES)), nan)
+    real[:, ATTRIBUTES.index("thickness")] = [2.0, 2.3, 4.0, 2.1, 5.0]
+    labels = np.array([7, 7, 7, 1, 1])
+    y = rows(torch.tensor([7, 7, 7, 7]), {"thickness": torch.tensor([2.2, 2.2, 2.2, 6.0])})
+    index = matched_reference(y, 10, labels, real)
+    assert sorted(index[:2].tolist()) == [0, 1] and index[2] == index[0]  # 2.2 +- 0.5 among the 7s: 0 and 1, not 3
+    assert index[3] == -1  # thickness 6.0 among the 7s: none
+    free = rows(torch.tensor([10, 10]), {"thickness": torch.tensor([5.2, 2.15])})
+    index = matched_reference(free, 10, labels, real)
+    assert index[0] == 4 and index[1] in (0, 1, 3)  # no class asked: any class within 0.5
+
+
+def test_fid_bin_is_lower_against_the_digits_asked_than_against_others(data_root):
+    """bin_fid on real training 7s presented as samples: read against 7s of their own thickness bins it is lower than
+    the same images read as 1s (a random ResNet's features, fixed seed), and it says how many samples found a bin."""
+    from types import SimpleNamespace
+
+    from guidelab.drawing import Drawn
+    from guidelab.images import to_uint8
+    from guidelab.models import build_classifier
+    from guidelab.networks import Judge
+    from guidelab.results import bin_fid
+
+    dataset = {"name": "mnist5k", "image_size": 16, "root": None}
+    data = load_dataset("mnist5k", "train", image_size=16)
+    thick = attributes.measured(data, dataset, "train")[:, ATTRIBUTES.index("thickness")]
+    sevens = torch.nonzero((data.labels == 7) & ~torch.isnan(thick)).flatten()[:200]
+    images = to_uint8(data.images[sevens])
+    asked_value = (thick[sevens] * 2).round() / 2  # each image's own bin, to the half pixel
+    torch.manual_seed(0)
+    net = build_classifier({"arch": "resnet", "channels": 16, "channel_mult": [1, 2], "num_blocks": 1}, 1, 16, 10)
+    judge = Judge(net.eval(), {"classifier": {"name": "random", "arch": "resnet"}}, {}, "random", "")
+    nets = SimpleNamespace(train_config={"dataset": dataset}, num_classes=10, judges=[judge])
+    scores = {}
+    for label in (7, 1):
+        request = (rows(torch.full((len(sevens),), label), {"thickness": asked_value}), None)
+        drawn = Drawn(images, np.full(len(sevens), label), [], 0.0, request=request)
+        scores[label], details = bin_fid(nets, drawn, torch.device("cpu"))
+        assert details["samples"] > 150 and details["split"] == "train", details
+    assert scores[7] < 0.5 * scores[1], scores

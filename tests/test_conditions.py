@@ -245,6 +245,39 @@ def test_composed_cg_sums_the_guides_terms_and_not_subtracts():
     torch.testing.assert_close(weighted(x, t).score, 7.0 * tweedie_bound(up, abar))  # no label asked: no class term
 
 
+def test_cg_x0_composes_the_clean_guides_on_x0_hat_through_the_unet():
+    """cg_x0 on condition rows: with the label alone it is cg_x0 on plain labels; with thickness it adds the clean
+    regressor's Gaussian log-likelihood gradient read on x0_hat(x_t), taken with respect to x_t through the UNet,
+    each term within the Tweedie bound; a NOT subtracts; without a regressor the attribute is refused."""
+    unet, regressor, classifier = RowUNet(), InkRegressor(), LinearClassifier()
+    x, t = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3)) * 0.1, torch.full((2,), 400)
+    abar = PROCESS.abar[t].view(-1, 1, 1, 1).float()
+    plain = make_eps_fn(resolve("cg_x0", 2.0), unet, torch.tensor([1, 1]), classifier, PROCESS)(x, t)
+    label_only = make_eps_fn(resolve("cg_x0", 2.0), unet, rows(torch.tensor([1, 1])), classifier, PROCESS)(x, t)
+    torch.testing.assert_close(label_only.eps, plain.eps)
+    torch.testing.assert_close(label_only.score, plain.score)
+
+    def through_unet(objective):  # grad_{x_t} objective(x0_hat(x_t)), x0_hat from the null prediction (base=uncond)
+        with torch.enable_grad():
+            xg = x.clone().requires_grad_(True)
+            y_null = null_like(rows(torch.tensor([1, 1])), NULL)
+            x0_hat = PROCESS.predict_x0(xg, t, unet(xg, t, y_null))
+            return torch.autograd.grad(objective(x0_hat).sum(), xg)[0]
+
+    zeros = torch.zeros_like(t)
+    thick = through_unet(lambda x0: -0.5 * (5.0 - regressor(x0, zeros)[:, 0]) ** 2)  # sigma_0 = 1
+    label = through_unet(lambda x0: torch.log_softmax(classifier(x0, zeros), -1)[:, 1])
+    y, _ = requested([1], {"thickness": 5.0}, 2, 10)
+    guided = make_eps_fn(resolve("cg_x0", 2.0), unet, y, classifier, PROCESS, regressor=regressor)(x, t)
+    torch.testing.assert_close(guided.score, 2.0 * tweedie_bound(thick, abar) + 2.0 * tweedie_bound(label, abar))
+    assert (guided.score - 2.0 * tweedie_bound(label, abar)).mean() > 0  # the thickness term adds ink
+    y, away = requested("any", {}, 2, 10, negative={"thickness": 5.0})
+    away_only = make_eps_fn(resolve("cg_x0", 3.0), unet, y, classifier, PROCESS, negative=away, regressor=regressor)
+    torch.testing.assert_close(away_only(x, t).score, -3.0 * tweedie_bound(thick, abar))
+    with pytest.raises(GuidelabError, match="guidance=cg_x0 cannot steer thickness.*no guide scores it"):
+        make_eps_fn(resolve("cg_x0", 2.0), unet, requested([1], {"thickness": 5.0}, 2, 10)[0], classifier, PROCESS)
+
+
 def _sample_cfg(*overrides):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(config_name="sample", overrides=list(overrides))

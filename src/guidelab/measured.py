@@ -63,3 +63,32 @@ def verdict(
     cols["request"] = " ".join(fields)
     details["measured_mean"] = {a: float(np.nanmean(found[a])) for a in ATTRIBUTES}
     return cols, details
+
+
+def matched_reference(
+    y: torch.Tensor, null_class: int, real_labels: np.ndarray, real_values: np.ndarray, seed: int = 0
+) -> np.ndarray:
+    """For each sample, the index of a real image of its requested bin, or -1 where the bin holds none: a real image
+    of the requested class (where the label is asked) whose every attribute asked lies within TOLERANCE of the
+    request. The images of a bin are drawn in a fixed random order (`seed`), without replacement while they last,
+    then again in the same order; the reference set of `fid_bin` (the samples' FID against real digits of the same
+    class and attribute bin). real_values (N, len(ATTRIBUTES)) in guidelab.morpho's units, NaN where unmeasured."""
+    fields = asked(y, null_class)
+    names = [f for f in fields if f != "label"]
+    want = columns(y, names).cpu().numpy().astype(np.float64) if names else np.zeros((len(y), 0))
+    labels = labels_of(y).cpu().numpy()
+    real = np.asarray(real_values, dtype=np.float64)[:, [ATTRIBUTES.index(n) for n in names]]
+    rng = np.random.default_rng(seed)
+    out = np.full(len(y), -1, dtype=np.int64)
+    keys = np.concatenate([labels[:, None].astype(np.float64), want], axis=1)
+    for key in np.unique(keys, axis=0):
+        mine = np.flatnonzero((keys == key).all(1))
+        inside = np.ones(len(real), dtype=bool)
+        if "label" in fields:
+            inside &= np.asarray(real_labels) == int(key[0])
+        for i, name in enumerate(names):
+            inside &= np.nan_to_num(np.abs(real[:, i] - key[1 + i]), nan=np.inf) <= TOLERANCE[name]
+        pool = rng.permutation(np.flatnonzero(inside))
+        if len(pool):
+            out[mine] = pool[np.arange(len(mine)) % len(pool)]
+    return out

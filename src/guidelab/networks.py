@@ -29,6 +29,8 @@ TRAIN_HINT = {
     "evaluator": "python train_classifier.py classifier=evaluator (and classifier=evaluator_vgg seed=1 for "
     "the second opinion)",
     "regressor": "python train_classifier.py dataset=mnist classifier=regressor classifier.attributes=[thickness]",
+    "clean_regressor": "python train_classifier.py dataset=mnist classifier=regressor classifier.noisy=false "
+    "classifier.attributes=[thickness]",
 }
 NEEDS = {  # what a use accepts, where that is more than one role: any clean classifier guides on x0_hat
     "clean_classifier": "a clean classifier (classifier=clean, or an off-the-shelf ResNet, VGG or MLP-Mixer)"
@@ -38,6 +40,7 @@ ROLE_NAMES = {
     "clean_classifier": "a clean classifier of the guidance family (UNet encoder)",
     "evaluator": "an evaluator (a clean classifier of another family)",
     "regressor": "a noisy attribute regressor (classifier=regressor)",
+    "clean_regressor": "a clean attribute regressor (classifier=regressor classifier.noisy=false)",
 }
 SAME_SCHEDULE = ("guide", "classifier", "regressor")  # the roles evaluated on the UNet's x_t: its schedule, too
 
@@ -103,14 +106,15 @@ def schedule_of(config: dict) -> dict:
 
 def role_of(config: dict) -> str | None:
     """What a run trained: "diffusion", "classifier" (noisy), "clean_classifier" (clean, of the guidance family: the
-    UNet encoder), "evaluator" (clean, of another family) or "regressor" (the noisy attribute regressor)."""
+    UNet encoder), "evaluator" (clean, of another family), "regressor" (the noisy attribute regressor) or
+    "clean_regressor" (the attribute regressor of clean images, which guides on x0_hat)."""
     if "model" in config:
         return "diffusion"
     if "classifier" not in config:
         return None
     c = config["classifier"]
     if c.get("arch") == "regressor":
-        return "regressor"
+        return "regressor" if c["noisy"] else "clean_regressor"
     return (
         "classifier"
         if c["noisy"]
@@ -217,7 +221,8 @@ class Networks:
     classifier_arch: str | None = None  # its family (classifier.arch): no judge may share it
     classifier_metrics: dict = field(default_factory=dict)  # its held-out accuracy (per quarter of t if noisy)
     guide: Counted | None = None
-    regressor: Counted | None = None  # the noisy attribute regressor of CG on attributes (regressor_ckpt)
+    regressor: Counted | None = None  # the attribute regressor of CG on attributes (regressor_ckpt): noisy for the
+    # guides of x_t, clean for those of x0_hat (cg_x0)
     regressor_config: dict = field(default_factory=dict)  # its training config (data_info: the data's attributes)
     judges: list[Judge] = field(default_factory=list)  # the evaluators asked for: the primary first
     paths: dict = field(default_factory=dict)  # config key -> the checkpoint path used (`latest` resolved)
@@ -270,10 +275,11 @@ def for_sampling(cfg, spec: GuidanceSpec, device: torch.device) -> Networks:
             nets.classifier, nets.classifier_metrics = Counted(net), cls_ckpt["metrics"]
             nets.classifier_arch = cls_ckpt["config"]["classifier"].get("arch", "unet_encoder")
     if cfg.get("regressor_ckpt"):
+        role = "clean_regressor" if "clean_classifier" in needs else "regressor"  # the guide reads x0_hat or x_t
         paths["regressor_ckpt"] = resolve(
-            "regressor_ckpt", cfg.regressor_ckpt, cfg.runs_root, "regressor", unet_ckpt["config"]
+            "regressor_ckpt", cfg.regressor_ckpt, cfg.runs_root, role, unet_ckpt["config"]
         )
-        nets.regressor, regressor_ckpt = load_regressor(paths["regressor_ckpt"], unet_ckpt, device)
+        nets.regressor, regressor_ckpt = load_regressor(paths["regressor_ckpt"], unet_ckpt, device, role)
         nets.regressor_config = regressor_ckpt["config"]
     nets.judges = _judges(cfg, nets, unet_ckpt, device)
     info = unet_ckpt["config"]["data_info"]
@@ -331,11 +337,14 @@ def _partner(path: str, role: str, unet_ckpt: dict, device: torch.device):
     return net, ckpt
 
 
-def load_regressor(path: str | Path, unet_ckpt: dict, device: torch.device) -> tuple[Counted, dict]:
-    """The noisy attribute regressor at `path` (EMA weights with its attr_stats and held-out sigma_t), counted, and its
-    checkpoint; refused in one line unless it is a regressor trained on the UNet's data set, image size and noise
-    schedule (`_partner`: its x_t must be the UNet's)."""
-    net, ckpt = _partner(str(path), "regressor", unet_ckpt, device)
+def load_regressor(
+    path: str | Path, unet_ckpt: dict, device: torch.device, role: str = "regressor"
+) -> tuple[Counted, dict]:
+    """The attribute regressor at `path` (EMA weights with its attr_stats and held-out sigma_t), counted, and its
+    checkpoint; refused in one line unless it is a regressor of the `role` asked (noisy "regressor", or
+    "clean_regressor" for the guides of x0_hat) trained on the UNet's data set and image size, and a noisy one on its
+    noise schedule (`_partner`: its x_t must be the UNet's)."""
+    net, ckpt = _partner(str(path), role, unet_ckpt, device)
     return Counted(net), ckpt
 
 

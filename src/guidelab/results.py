@@ -21,7 +21,7 @@ from guidelab.files import atomic_text
 from guidelab.guidance import GuidanceSpec
 from guidelab.knn import knn_judge
 from guidelab.losses import trained_guidance
-from guidelab.metrics import EvaluatorFeatures, class_accuracy, evaluate_samples, extract
+from guidelab.metrics import EvaluatorFeatures, class_accuracy, evaluate_samples, extract, fid
 from guidelab.networks import Judge, Networks
 
 
@@ -37,6 +37,7 @@ class Column(NamedTuple):
 
 
 # The results row, defined once: adding a column is one line here (plus the code that measures it, in `fill`).
+MIN_BIN = 10  # fewer matched samples than this: no fid_bin (a covariance of fewer points means nothing)
 ROW = (
     Column("guidance", "the guidance mode (guidance=)", md=True),
     Column(
@@ -98,6 +99,14 @@ ROW = (
         "joint_success",
         "share of samples that meet every attribute asked within guidelab.measured.TOLERANCE and, where the label is "
         "asked, are read as it by the primary evaluator",
+        md=True,
+    ),
+    Column(
+        "fid_bin",
+        "FID in the primary evaluator's features against real training digits of each sample's requested class and "
+        "attribute bin (within guidelab.measured.TOLERANCE of every attribute asked; one real image per sample, "
+        f"without replacement while the bin lasts); samples of an empty bin are left out; empty under {MIN_BIN} "
+        "samples",
         md=True,
     ),
     Column(
@@ -231,6 +240,8 @@ def fill(cfg, spec: GuidanceSpec, nets: Networks, drawn: Drawn, device: torch.de
     if drawn.request[0] is not None and drawn.request[0].dim() == 2:  # a conditioned request: read back on the image
         columns_, details["attributes"] = attribute_verdict(nets, drawn, device)
         values |= columns_
+        if cfg.eval.enabled and nets.judges:
+            values["fid_bin"], details["fid_bin"] = bin_fid(nets, drawn, device)
     row = make_row(**values)
     row["gflops_per_sample"] = flops_per_sample(cfg, spec, nets, drawn.request, device) / 1e9
     return row, details
@@ -255,6 +266,29 @@ def attribute_verdict(nets: Networks, drawn: Drawn, device: torch.device) -> tup
     if "label" not in asked(y, null):
         cols |= dict.fromkeys(("accuracy", "accuracy_2", "accuracy_knn", "disagreement"))
     return cols, details
+
+
+def bin_fid(nets: Networks, drawn: Drawn, device: torch.device) -> tuple[float | None, dict]:
+    """The `fid_bin` column and its details: the samples' FID (primary evaluator's features) against a reference set
+    of real training digits matched to the requests one for one (`measured.matched_reference`), the measured
+    attributes of the training split read from the cache that training wrote (guidelab.attributes.measured). How many
+    samples had a bin with real digits, and how many distinct real digits served, go into the details."""
+    from guidelab.attributes import measured as measured_attributes
+    from guidelab.data import load_from_config
+    from guidelab.images import to_uint8
+
+    dataset = nets.train_config["dataset"]
+    data = load_from_config(dataset, "train")
+    values = measured_attributes(data, dataset, "train").numpy()
+    index = measured.matched_reference(drawn.request[0], nets.num_classes, data.labels.numpy(), values)
+    found = index >= 0
+    details = {"samples": int(found.sum()), "distinct_real": len(set(index[found].tolist())), "split": "train"}
+    if found.sum() < MIN_BIN:
+        return None, details
+    judge = EvaluatorFeatures(next(j for j in nets.judges if j.primary).net)
+    fake = extract(judge, drawn.images[found], device).features
+    real = extract(judge, to_uint8(data.images[index[found]]), device).features
+    return fid(real, fake), details
 
 
 def write_metrics(path: Path, row: dict, details: dict) -> None:

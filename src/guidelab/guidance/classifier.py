@@ -16,7 +16,7 @@ import torch
 from guidelab.conditions import asked, columns, keep, labels_of
 from guidelab.diffusion import Diffusion, linear_betas, log_snr
 from guidelab.errors import GuidelabError
-from guidelab.guidance.attributes import regressor_grad
+from guidelab.guidance.attributes import gaussian_log_likelihood, regressor_grad, sigma_at
 from guidelab.guidance.cfg_like import BASE, INTERVAL_TOP, SIGMA
 from guidelab.guidance.core import MODES, Context, in_interval
 from guidelab.guidance.gradients import classifier_grad, entropy_factor, log_p, tweedie_bound
@@ -25,6 +25,7 @@ from guidelab.registry import Range
 
 CLASSIFIER_SCALE = Range(0, math.inf, "the classifier gradient's weight (Dhariwal & Nichol's s; 0 = off)")
 # the traits of the modes guided by a clean classifier on x0_hat, with a base prediction and Dhariwal & Nichol's s
+GUIDES = dict(attributes=True, guides=("classifier", "regressor"))  # the modes that compose guides (`guide_terms`)
 ON_X0 = dict(needs=("clean_classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base")
 
 
@@ -98,26 +99,65 @@ def guide_terms(
     each gradient within `tweedie_bound` (the bound holds for any condition c). NOT subtracts its fields' terms (a
     factor p(n_j | x_t)^(-w_j)). w_i is weights.<field>, else `scale`; with `entropy_scale` the class term's weight is
     multiplied by the classifier's entropy factor. The guides' wall time counts as the classifier's."""
-    abar_t, terms = ctx.abar_t(x, t), []
-    away = asked(ctx.negative, ctx.unet.null_class) if ctx.negative is not None else ()
+
+    def grad_of(name, rows_):
+        if name == "label":
+            return classifier_grad(ctx.classifier, x, t, labels_of(rows_))
+        only = columns(keep(rows_, [name], ctx.unet.null_class), ctx.regressor.attributes)
+        return regressor_grad(ctx.regressor, x, t, only)[0], None
+
     with ctx.timed():
-        for rows_, sign, fields in ((ctx.y, 1, ctx.fields), (ctx.negative, -1, away)):
-            for name in fields:
-                weight = sign * ctx.weight(name, scale)
-                if weight == 0:
-                    continue
-                if name == "label":
-                    grad, logits = classifier_grad(ctx.classifier, x, t, labels_of(rows_))
-                    weight = weight * entropy_factor(logits) if entropy_scale and sign > 0 else weight
-                else:
-                    only = keep(rows_, [name], ctx.unet.null_class)
-                    grad = regressor_grad(ctx.regressor, x, t, columns(only, ctx.regressor.attributes))[0]
-                terms.append(weight * tweedie_bound(grad, abar_t))
+        return composed_score(ctx, ctx.abar_t(x, t), scale, entropy_scale, grad_of)
+
+
+def composed_score(ctx: Context, abar_t, scale: float, entropy_scale: bool, grad_of: Callable) -> torch.Tensor | None:
+    """sum over the fields asked of w_i tweedie_bound(grad log p(c_i | .)), minus the NOT's fields' terms: the
+    product of experts of `guide_terms` (on x_t) and of cg_x0's composed request (on x0_hat). `grad_of(field, rows)`
+    gives (the gradient of that field's log-likelihood for the condition rows, the classifier's logits or None)."""
+    terms = []
+    away = asked(ctx.negative, ctx.unet.null_class) if ctx.negative is not None else ()
+    for rows_, sign, fields in ((ctx.y, 1, ctx.fields), (ctx.negative, -1, away)):
+        for name in fields:
+            weight = sign * ctx.weight(name, scale)
+            if weight == 0:
+                continue
+            grad, logits = grad_of(name, rows_)
+            if name == "label" and entropy_scale and sign > 0:
+                weight = weight * entropy_factor(logits)
+            terms.append(weight * tweedie_bound(grad, abar_t))
     return sum(terms) if terms else None
 
 
+def x0_guide_score(ctx: Context, x: torch.Tensor, t: torch.Tensor, labels, entropy_scale: bool = False) -> tuple:
+    """(eps, score) of cg_x0 for a composed request (condition rows, labels=any, a NOT): the product of experts of
+    `guide_terms` read on the denoised estimate x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps(x_t, labels)) / sqrt(abar_t)
+    by clean guides called at t = 0, the gradients taken with respect to x_t through the UNet (Bansal et al. 2023,
+    Sec. 3.1, forward universal guidance, for any differentiable loss): the clean classifier's log p_phi(y | x0_hat)
+    for the label, and for each attribute the clean regressor's Gaussian log-likelihood log N(v; r_phi(x0_hat),
+    sigma_0^2), sigma_0 its held-out RMSE on clean images (guidance.attributes). One UNet pass with its graph, one
+    backward pass per field (each term is bounded on its own, as in `guide_terms`)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        eps = ctx.unet(x, t, labels)
+        with ctx.timed():
+            x0_hat = ctx.to_x0(x, t, eps)
+            zeros = torch.zeros_like(t)
+
+            def grad_of(name, rows_):
+                if name == "label":
+                    logits = ctx.classifier(x0_hat, zeros)
+                    return torch.autograd.grad(log_p(logits, labels_of(rows_)).sum(), x, retain_graph=True)[0], logits
+                targets = columns(keep(rows_, [name], ctx.unet.null_class), ctx.regressor.attributes)
+                pred = ctx.regressor(x0_hat, zeros).float()
+                sigma = sigma_at(ctx.regressor, zeros).to(pred)
+                ll = gaussian_log_likelihood(pred, targets.to(pred), sigma)
+                return torch.autograd.grad(ll.sum(), x, retain_graph=True)[0], None
+
+            score = composed_score(ctx, ctx.abar_t(x, t).detach(), ctx.scale, entropy_scale, grad_of)
+    return eps.detach(), score if score is None else score.detach()
+
+
 # ---------------------------------------------------------------- the modes
-GUIDES = dict(attributes=True, guides=("classifier", "regressor"))  # the modes that compose guides (`guide_terms`)
 
 
 @MODES.register(needs=("classifier", "diffusion"), scale=CLASSIFIER_SCALE, w=False, base=BASE, uses="base", **GUIDES)
@@ -129,15 +169,20 @@ def _cg(ctx: Context, base: str = "uncond", entropy_scale: bool = False) -> EpsF
     return lambda x, t: Guided(ctx.unet(x, t, labels), classifier_term(ctx, x, t, ctx.scale, entropy_scale))
 
 
-@MODES.register(**ON_X0)
+@MODES.register(**ON_X0, **GUIDES)
 def _cg_x0(ctx: Context, base: str = "uncond", entropy_scale: bool = False) -> EpsFn:
     """eps(x_t, null) (base=uncond) or eps(x_t, y) (base=cond) plus the classifier term s * grad log p_phi(y | x0_hat)
     of a clean classifier on the denoised estimate, through the UNet (`x0_classifier_score`, Bansal et al. 2023's
     forward universal guidance). One UNet pass per step, with its input gradient; at s = 0 a plain pass.
-    entropy_scale=true: s per sample times log(C) / H(p_phi(. | x0_hat)) (Zheng et al. 2022)."""
+    entropy_scale=true: s per sample times log(C) / H(p_phi(. | x0_hat)) (Zheng et al. 2022). A request with
+    attributes, labels=any or a NOT composes the clean guides on x0_hat (`x0_guide_score`: the clean classifier and
+    the clean regressor, regressor_ckpt)."""
     labels = ctx.base_labels(base)
+    composed = ctx.y.dim() == 2 or ctx.negative is not None or ctx.regressor is not None
 
     def eps_fn(x, t):
+        if composed:
+            return Guided(*x0_guide_score(ctx, x, t, labels, entropy_scale))
         if ctx.scale == 0:  # exactly the base model: no gradient
             return Guided(ctx.unet(x, t, labels))
         logits = []

@@ -38,7 +38,7 @@ def modes_table(out: Path) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, label in REQUESTS.items():
-        for side in ("class", "attrs") if key == "baseline" else ("cfg_s1", "cfg", "cg"):
+        for side in ("class", "attrs") if key == "baseline" else ("cfg_s1", "cfg", "cg", "cg_x0"):
             path = out / f"{key}_{side}" / "results.csv"
             if not path.is_file():
                 continue
@@ -101,6 +101,28 @@ def price_table(out: Path) -> None:
                 )
 
 
+def split_table(out: Path) -> None:
+    """The compositional split: joint success (the class by the ResNet, thickness within 0.5 px) and the mean measured
+    thickness per request (7s of thickness 2.5, seen by every network; 3.5 and 4.5, held out of the split networks'
+    data), the networks trained without the thickest fifth of the 7s beside those trained on everything, and fid_bin
+    (the samples against real 7s of their own thickness bin)."""
+    print("| networks | mode | s | joint success 2.5 / 3.5 / 4.5 | measured thickness 2.5 / 3.5 / 4.5 | fid_bin |")
+    print("|---|---|---|---|---|---|")
+    for nets in ("full", "split"):
+        for side in ("cfg_s1", "cfg", "cg"):
+            sweep = out / f"sevens_{nets}_{side}"
+            if not (sweep / "results.csv").is_file():
+                continue
+            for r in _rows(sweep / "results.csv"):
+                found = json.loads((sweep / r["run"] / "metrics.json").read_text())["attributes"]
+                success = found["joint_success_by_request"]
+                asked = ("2.5", "3.5", "4.5")
+                joint = " / ".join(f"{success[f'7 thickness={v}']:.2f}" for v in asked)
+                thick = " / ".join(f"{found['thickness_by_request'][v]:.2f}" for v in asked)
+                what = "trained without thick 7s" if nets == "split" else "trained on everything"
+                print(f"| {what} | {r['guidance']} | {_f(r['s'], 0)} | {joint} | {thick} | {_f(r['fid_bin'], 1)} |")
+
+
 def figure(out: Path, path: Path) -> None:
     """One sample per digit (columns) for each thickness x slant asked (rows) of the three-condition request, joint CFG
     (s = 3) beside composed CG (s = 10), labelled: the figure of docs/results.md."""
@@ -154,6 +176,8 @@ def main(out: str, fig: str | None = None) -> None:
     modes_table(out)
     print()
     price_table(out)
+    print()
+    split_table(out)
     print()
     print(
         "Wall times (timings.txt):",

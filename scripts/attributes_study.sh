@@ -46,6 +46,12 @@ for req in ONE TWO THREE OUTSIDE; do
   sweep "${req,,}_cfg_s1" guidance=cfg scale=1 "${ATTRS[@]}" "${R[@]}"   # the conditional model, unguided
 done
 
+# the clean guides on x0_hat: a clean regressor and a clean classifier, cg_x0 through the class-only UNet
+train train_classifier.py clean_regressor experiment=attributes classifier.noisy=false
+train train_classifier.py clean_classifier experiment=demo classifier=clean
+sweep two_cg_x0 guidance=cg_x0 scale=3,10 ckpt="$OUT/unet_class/checkpoints/last.pt" "${JUDGE[@]}" "${TWO[@]}" \
+  classifier_ckpt="$OUT/clean_classifier/checkpoints/last.pt" regressor_ckpt="$OUT/clean_regressor/checkpoints/last.pt"
+
 # the reference: each UNet asked for the class alone (the FID of the goals is read against the class-only model's)
 sweep baseline_class guidance=cfg scale=1,3 "${CLASS_ONLY[@]}"
 sweep baseline_attrs guidance=cfg scale=1,3 "${ATTRS[@]}"

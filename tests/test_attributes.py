@@ -233,3 +233,15 @@ def test_fid_bin_is_lower_against_the_digits_asked_than_against_others(data_root
         scores[label], details = bin_fid(nets, drawn, torch.device("cpu"))
         assert details["samples"] > 150 and details["split"] == "train", details
     assert scores[7] < 0.5 * scores[1], scores
+
+
+def test_the_judge_reports_joint_success_per_request():
+    """A run that mixes requests (two thickness values) gets joint success per request in its details."""
+    images = np.zeros((4, 16, 16), np.uint8)
+    images[:, 4:12, 7:9] = 255  # a bar about 2 px wide at 16 px: about 3.5 px on the 28 px canvas
+    y = rows(torch.tensor([1, 1, 1, 1]), {"thickness": torch.tensor([3.5, 9.0, 3.5, 9.0])})
+    cols, details = verdict(images, y, 10, None, predicted=np.array([1, 1, 1, 2]))
+    thick = morpho.measure(images[:1])["thickness"][0]
+    assert abs(thick - 3.5) <= TOLERANCE["thickness"], thick  # the bar meets 3.5, never 9
+    assert details["joint_success_by_request"] == {"1 thickness=3.5": 1.0, "1 thickness=9": 0.0}
+    assert cols["joint_success"] == 0.5

@@ -77,16 +77,17 @@ def _answers_in_one_line_or_passes(script: str, choice: tuple[str, ...], key: st
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_key_answers_every_class_of_value_in_one_line(script):
-    """Each key once per class representative of FIXED, cycled over the keys so every key meets several classes."""
+    """Each key once per class representative of FIXED, cycled over the keys so every key meets two classes and every
+    class many keys (three per key took 173 s of the suite for the same reach over the classes)."""
     keys = drawn_keys(script)
     for i, (choice, key) in enumerate(keys):
-        for value in (FIXED[i % len(FIXED)], FIXED[(i + 7) % len(FIXED)], FIXED[(i + 13) % len(FIXED)]):
+        for value in (FIXED[i % len(FIXED)], FIXED[(i + 7) % len(FIXED)]):
             _answers_in_one_line_or_passes(script, choice, key, value)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(data=st.data())
 def test_drawn_values_for_drawn_keys_answer_in_one_line(script, data):
     choice, key = data.draw(st.sampled_from(drawn_keys(script)), label="key")

@@ -40,6 +40,7 @@ def verdict(
     from guidelab import morpho
 
     fields = asked(y, null_class)
+    names = [f for f in fields if f != "label"]
     found = morpho.measure(images[..., 0] if images.ndim == 4 else images)
     cols, details, met = {}, {"tolerance": {}}, np.ones(len(images), dtype=bool)
     for name in (f for f in fields if f != "label"):
@@ -56,6 +57,11 @@ def verdict(
     if "label" in judged:
         met &= predicted == labels_of(y).cpu().numpy()
     cols["joint_success"] = float(met.mean()) if judged else None  # nothing asked that can be judged: no success
+    if judged:  # per distinct request (the class, then each attribute asked): where a run mixes requests
+        values = columns(y, names).tolist() if names else [[] for _ in range(len(y))]
+        label = [str(c) if "label" in fields else "any" for c in labels_of(y).tolist()]
+        keys = np.array([" ".join([c, *(f"{n}={v:g}" for n, v in zip(names, row))]) for c, row in zip(label, values)])
+        details["joint_success_by_request"] = {k: float(met[keys == k].mean()) for k in sorted(set(keys))}
     free = [a for a in ATTRIBUTES if a not in fields]
     if stats:
         ratios = [np.nanstd(found[a]) / stats[a]["std"] for a in free if a in stats]

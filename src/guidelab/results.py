@@ -241,7 +241,7 @@ def fill(cfg, spec: GuidanceSpec, nets: Networks, drawn: Drawn, device: torch.de
         columns_, details["attributes"] = attribute_verdict(nets, drawn, device)
         values |= columns_
         if cfg.eval.enabled and nets.judges:
-            values["fid_bin"], details["fid_bin"] = bin_fid(nets, drawn, device)
+            values["fid_bin"], details["fid_bin_reference"] = bin_fid(nets, drawn, device)
     row = make_row(**values)
     row["gflops_per_sample"] = flops_per_sample(cfg, spec, nets, drawn.request, device) / 1e9
     return row, details
